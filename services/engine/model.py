@@ -1,0 +1,258 @@
+"""Our own forward pass for Llama-family decoders (Llama, Mistral, Qwen2, Qwen3).
+
+Written for what `transformers` modules do not give us: running any subset of
+sublayers (the draft), a paged KV cache, and one pass over a ragged batch of
+sequences. Tokens of all sequences are flattened to `[T, hidden]`, so every
+matrix product runs once per layer for the whole batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from kernels.attention import AttentionBatch, paged_attention, write_kv
+
+log = logging.getLogger(__name__)
+
+
+def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype arithmetic runs in: bfloat16 only where the hardware has it."""
+    if dtype == torch.bfloat16 and device.type == "cpu":
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            log.warning(
+                "this CPU has no native bfloat16 arithmetic: weights are rounded to bfloat16 "
+                "and products run in float32, which is faster here than emulated bfloat16"
+            )
+            return torch.float32
+    return dtype
+
+
+class Linear:
+    """A weight packed once at load for the fastest product the device offers.
+
+    On the CPU, oneDNN's packed layout reads weights faster than `F.linear`, costs
+    about the same for 1 to a few rows, gives each row the same result whatever the
+    number of rows (which keeps drafting exact), and fuses the op that follows.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        self.bias = bias
+        self.weight = weight
+        self.packed = None
+        if weight.device.type == "cpu" and (
+            weight.dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        ):
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+            self.weight = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def silu(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            return F.silu(F.linear(x, self.weight, self.bias))
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "swish", [], "")
+
+    def add(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """`self(x) + other` in one op."""
+        if self.packed is None:
+            return F.linear(x, self.weight, self.bias) + other
+        return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.packed, self.bias, "add")
+
+    def mul(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """`self(x) * other` in one op."""
+        if self.packed is None:
+            return F.linear(x, self.weight, self.bias) * other
+        return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.packed, self.bias, "mul")
+
+
+@dataclass
+class Layer:
+    qkv: Linear  # q and k rows permuted so RoPE is one complex product
+    o: Linear
+    gate: Linear
+    up: Linear
+    down: Linear
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Which sublayers a pass skips. The empty plan is the full model."""
+
+    skip_attn: frozenset[int] = field(default_factory=frozenset)
+    skip_mlp: frozenset[int] = field(default_factory=frozenset)
+
+    @property
+    def first_skipped(self) -> int | None:
+        """Layers before this one compute exactly what the full model does."""
+        skipped = self.skip_attn | self.skip_mlp
+        return min(skipped) if skipped else None
+
+
+FULL = LayerPlan()
+
+
+def normalize(x: torch.Tensor, n_eps: float) -> torch.Tensor:
+    """RMS normalisation up to a factor sqrt(n) and the gain, which are folded into
+    the next product's weights: four cheap ops instead of six."""
+    s = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return x * torch.rsqrt(torch.addcmul(torch.full_like(s, n_eps), s, s))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def interleave_halves(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Reorder each head's rows from (x_0..x_{d/2-1}, y_0..) to (x_0, y_0, x_1, ...), the
+    pairs that rotate together in RoPE. q and k get the same order, so q·k is unchanged."""
+    d = w.shape[0] // heads
+    idx = torch.arange(d).view(2, d // 2).t().flatten()
+    return w.view(heads, d, *w.shape[1:])[:, idx].reshape(w.shape)
+
+
+class Model:
+    """Weights and forward pass; holds no per-request state."""
+
+    def __init__(self, config, tensors: dict[str, torch.Tensor], dtype, device) -> None:
+        c = config
+        self.config = config
+        self.device = torch.device(device)
+        self.dtype = compute_dtype(dtype, self.device)
+        self.num_layers = c.num_hidden_layers
+        self.num_heads = c.num_attention_heads
+        self.num_kv_heads = c.num_key_value_heads
+        self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        self.kv_dim = self.num_kv_heads * self.head_dim
+        self.vocab_size = c.vocab_size
+        self.max_positions = c.max_position_embeddings
+        self.sliding_window = c.sliding_window if _uses_window(c) else None
+        self.scale = self.head_dim**-0.5
+        self.eps = c.rms_norm_eps
+        self.n_eps = c.hidden_size * c.rms_norm_eps
+        self._dtype = dtype
+        self._tensors = tensors
+        # Tied checkpoints may store the shared matrix under either name.
+        embed, head = "model.embed_tokens.weight", "lm_head.weight"
+        self.embed = self._w(embed if embed in tensors else head)
+        self.head_weight = self._w(head if head in tensors else embed, gain="model.norm.weight")
+        self.head = Linear(self.head_weight)
+        self.layers = [self._layer(f"model.layers.{i}.") for i in range(self.num_layers)]
+        self.rope = _rope_table(c, self.head_dim, self.device)
+        del self._tensors
+
+    def _w(self, name: str, gain: str | None = None) -> torch.Tensor:
+        """A weight rounded to the requested dtype first, so that float32 arithmetic on
+        bfloat16 weights computes the bfloat16 model; `gain` is an RMSNorm weight to
+        fold into the columns, with the sqrt(n) that `normalize` leaves out."""
+        w = self._tensors[name].to(self._dtype).float()
+        if gain is not None:
+            g = self._tensors[gain].to(self._dtype).float()
+            w = w * (g * w.shape[-1] ** 0.5)
+        return w.to(device=self.device, dtype=self.dtype).contiguous()
+
+    def _opt(self, name: str) -> torch.Tensor | None:
+        return self._w(name) if name in self._tensors else None
+
+    def _layer(self, p: str) -> Layer:
+        a, m = p + "self_attn.", p + "mlp."
+        attn_gain, mlp_gain = p + "input_layernorm.weight", p + "post_attention_layernorm.weight"
+        H, KV = self.num_heads, self.num_kv_heads
+        q = interleave_halves(self._w(a + "q_proj.weight", attn_gain), H)
+        k = interleave_halves(self._w(a + "k_proj.weight", attn_gain), KV)
+        v = self._w(a + "v_proj.weight", attn_gain)
+        bias = None
+        if a + "q_proj.bias" in self._tensors:
+            qb, kb, vb = (self._w(a + f"{x}_proj.bias") for x in "qkv")
+            bias = torch.cat([interleave_halves(qb, H), interleave_halves(kb, KV), vb])
+        q_norm, k_norm = self._opt(a + "q_norm.weight"), self._opt(a + "k_norm.weight")
+        return Layer(
+            qkv=Linear(torch.cat([q, k, v]), bias),
+            o=Linear(self._w(a + "o_proj.weight")),
+            gate=Linear(self._w(m + "gate_proj.weight", mlp_gain)),
+            up=Linear(self._w(m + "up_proj.weight", mlp_gain)),
+            down=Linear(self._w(m + "down_proj.weight")),
+            q_norm=None if q_norm is None else interleave_halves(q_norm, 1),
+            k_norm=None if k_norm is None else interleave_halves(k_norm, 1),
+        )
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self.embed)
+
+    def run_layers(
+        self,
+        h: torch.Tensor,
+        batch: AttentionBatch,
+        kv_cache: list[torch.Tensor],
+        start: int = 0,
+        end: int | None = None,
+        plan: LayerPlan = FULL,
+    ) -> torch.Tensor:
+        """Run layers [start, end) on hidden states `[T, hidden]`, skipping what `plan` says."""
+        rope = self.rope[batch.positions][:, None]
+        for i in range(start, self.num_layers if end is None else end):
+            layer = self.layers[i]
+            if i not in plan.skip_attn:
+                h = self._attention(layer, h, batch, kv_cache[i], rope)
+            if i not in plan.skip_mlp:
+                x = normalize(h, self.n_eps)
+                h = layer.down.add(layer.up.mul(x, layer.gate.silu(x)), h)
+        return h
+
+    def _attention(self, layer: Layer, h, batch, kv_cache, rope) -> torch.Tensor:
+        T, H, KV, D = h.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = layer.qkv(normalize(h, self.n_eps))
+        qk = qkv[:, : (H + KV) * D].view(T, H + KV, D)
+        if layer.q_norm is not None:
+            qk = torch.cat(
+                (
+                    rms_norm(qk[:, :H], layer.q_norm, self.eps),
+                    rms_norm(qk[:, H:], layer.k_norm, self.eps),
+                ),
+                1,
+            )
+        qk = torch.view_as_real(torch.view_as_complex(qk.view(T, H + KV, D // 2, 2)) * rope)
+        qk = qk.view(T, (H + KV) * D)
+        write_kv(kv_cache, batch, torch.cat((qk[:, H * D :], qkv[:, (H + KV) * D :]), 1))
+        q = qk[:, : H * D].view(T, H, D)
+        return layer.o.add(paged_attention(q, kv_cache, batch, KV, self.scale), h)
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        """The last RMSNorm, its gain folded into the head's weights."""
+        return normalize(h, self.n_eps)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and the full LM head: `[T, vocab]` in float32."""
+        return self.head(normalize(h, self.n_eps)).float()
+
+
+def _uses_window(config) -> bool:
+    window = getattr(config, "sliding_window", None)
+    return bool(window) and getattr(config, "use_sliding_window", True)
+
+
+def _rope_table(config, head_dim: int, device) -> torch.Tensor:
+    """The rotation of every position as complex numbers, with the checkpoint's scaling."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = getattr(config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "dynamic":
+        raise ValueError("dynamic RoPE scaling depends on the sequence length; not supported")
+    if rope_type == "default":
+        base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        scaling = 1.0
+    else:
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+    positions = torch.arange(config.max_position_embeddings, dtype=torch.float)
+    angles = torch.outer(positions, inv_freq.float())
+    return torch.polar(torch.full_like(angles, scaling), angles).to(device)

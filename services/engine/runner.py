@@ -1,0 +1,200 @@
+"""Model passes over a batch of sequences: prefill, draft, verify.
+
+Drafting with a layer plan keeps, for each drafted token, the hidden state at
+the first layer the plan changes. Everything below that layer is exactly what
+the full model computes, so verification starts there instead of at the bottom,
+and the KV entries the draft wrote for those layers stay.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kernels.attention import AttentionBatch
+from services.engine.kv_pool import KVPool
+from services.engine.model import FULL, LayerPlan, Linear, Model
+from services.engine.params import DraftConfig
+from services.engine.sequence import Sequence
+
+
+@dataclass
+class Timing:
+    """Wall time spent in model passes, for benchmarks and the drafting policy."""
+
+    draft_s: float = 0.0
+    draft_passes: int = 0  # one per drafted position, all sequences together
+    verify_s: float = 0.0
+    verify_passes: int = 0
+
+    def reset(self) -> None:
+        self.__init__()
+
+
+@dataclass
+class Drafts:
+    """Proposed tokens per sequence, and where verification may start."""
+
+    tokens: list[list[int]]
+    hidden: list[torch.Tensor] | None = None  # per sequence [k + 1, hidden] at `start_layer`
+    start_layer: int = 0
+
+
+def draft_plan(cfg: DraftConfig, num_layers: int) -> tuple[LayerPlan, int, int]:
+    """The layer plan of a draft, the first layer it changes, and the layer it ends at."""
+    if cfg.mode == "early_exit":
+        return FULL, cfg.exit_layer, cfg.exit_layer
+    plan = LayerPlan(frozenset(cfg.skip_attn), frozenset(cfg.skip_mlp))
+    return plan, plan.first_skipped, num_layers
+
+
+def ngram_proposal(context: list[int], max_len: int, n_min: int, n_max: int) -> list[int]:
+    """Prompt lookup: the continuation of the latest earlier match of the longest suffix."""
+    L = len(context)
+    for n in range(min(n_max, L - 1), n_min - 1, -1):
+        suffix = context[L - n :]
+        for start in range(L - n - 1, -1, -1):
+            if context[start : start + n] == suffix:
+                return context[start + n : start + n + max_len]
+    return []
+
+
+class ModelRunner:
+    def __init__(self, model: Model, pool: KVPool) -> None:
+        self.model = model
+        self.pool = pool
+        self._low_head: tuple[int, Linear] | None = None
+        self.timing = Timing()
+
+    def _batch(self, seqs: list[Sequence], starts: list[int], lengths: list[int]):
+        return AttentionBatch.build(
+            [s.table.blocks for s in seqs],
+            starts,
+            lengths,
+            self.pool.block_size,
+            sliding_window=self.model.sliding_window,
+            device=self.model.device,
+        )
+
+    def _tensor(self, ids: list[int]) -> torch.Tensor:
+        return torch.tensor(ids, dtype=torch.long, device=self.model.device)
+
+    @torch.inference_mode()
+    def prefill(self, seq: Sequence, chunk: int, all_logits: bool = False) -> torch.Tensor:
+        """Write the prompt's KV in chunks; returns the logits after the last prompt token
+        (after every token of the last chunk with `all_logits`)."""
+        n = len(seq.prompt)
+        seq.table.reserve(n)
+        for a in range(seq.table.num_tokens, n, chunk):
+            b = min(n, a + chunk)
+            batch = self._batch([seq], [a], [b - a])
+            h = self.model.embed_tokens(self._tensor(seq.prompt[a:b]))
+            h = self.model.run_layers(h, batch, self.pool.kv)
+        seq.table.commit(n)
+        return self.model.logits(h if all_logits else h[-1:])
+
+    @torch.inference_mode()
+    def draft(self, seqs: list[Sequence], cfg: DraftConfig, max_lens: list[int]) -> Drafts:
+        """Up to `max_lens[i]` tokens for each sequence, from the draft `cfg` describes."""
+        if cfg.mode == "off":
+            return Drafts([[] for _ in seqs])
+        t0 = time.perf_counter()
+        if cfg.mode == "ngram":
+            return Drafts(
+                [
+                    ngram_proposal(s.tokens, m, cfg.ngram_min, cfg.ngram_max) if m else []
+                    for s, m in zip(seqs, max_lens, strict=True)
+                ]
+            )
+        drafts = self._layer_draft(seqs, cfg, max_lens)
+        self.timing.draft_s += time.perf_counter() - t0
+        self.timing.draft_passes += max(map(len, drafts.tokens), default=0)
+        return drafts
+
+    def _layer_draft(self, seqs, cfg: DraftConfig, max_lens: list[int]) -> Drafts:
+        model = self.model
+        plan, first, end = draft_plan(cfg, model.num_layers)
+        head = self._draft_head(seqs, cfg.shortlist)
+        tokens: list[list[int]] = [[] for _ in seqs]
+        hidden: list[list[torch.Tensor]] = [[] for _ in seqs]
+        active = [i for i, m in enumerate(max_lens) if m > 0]
+        while active:
+            group = [seqs[i] for i in active]
+            batch = self._batch(
+                group,
+                [s.table.num_tokens + len(tokens[i]) for i, s in zip(active, group, strict=True)],
+                [1] * len(active),
+            )
+            last = [tokens[i][-1] if tokens[i] else seqs[i].last for i in active]
+            h = model.run_layers(
+                model.embed_tokens(self._tensor(last)), batch, self.pool.kv, 0, first
+            )
+            for j, i in enumerate(active):
+                hidden[i].append(h[j])
+            h = model.run_layers(h, batch, self.pool.kv, first, end, plan)
+            prob, tok = head(h)
+            still = []
+            for j, i in enumerate(active):
+                if prob[j] < cfg.threshold:
+                    continue  # not confident: its token was processed, nothing more to do
+                tokens[i].append(int(tok[j]))
+                if len(tokens[i]) < max_lens[i]:
+                    still.append(i)
+            active = still
+        # The newest drafted token of each sequence still needs the layers below `first`.
+        todo = [i for i in range(len(seqs)) if len(hidden[i]) == len(tokens[i])]
+        if todo:
+            group = [seqs[i] for i in todo]
+            batch = self._batch(
+                group,
+                [s.table.num_tokens + len(tokens[i]) for i, s in zip(todo, group, strict=True)],
+                [1] * len(todo),
+            )
+            last = [tokens[i][-1] if tokens[i] else seqs[i].last for i in todo]
+            h = model.run_layers(
+                model.embed_tokens(self._tensor(last)), batch, self.pool.kv, 0, first
+            )
+            for j, i in enumerate(todo):
+                hidden[i].append(h[j])
+        return Drafts(tokens, [torch.stack(x) for x in hidden], first)
+
+    def _draft_head(self, seqs: list[Sequence], shortlist: int):
+        """A function from hidden states to (top probability, token) under the draft's head:
+        the full vocabulary, or ids below `shortlist` plus those already in the context."""
+        model = self.model
+        if shortlist <= 0 or shortlist >= model.vocab_size:
+            return lambda h: torch.softmax(model.logits(h), -1).max(-1)
+        if self._low_head is None or self._low_head[0] != shortlist:
+            self._low_head = (shortlist, Linear(model.head_weight[:shortlist].contiguous()))
+        low = self._low_head[1]
+        extra = self._tensor(sorted({t for s in seqs for t in s.tokens if t >= shortlist}))
+        extra_w = model.head_weight[extra]
+        ids = torch.cat((torch.arange(shortlist, device=model.device), extra))
+
+        def short(h):
+            x = model.final_norm(h)
+            logits = torch.cat((low(x), F.linear(x, extra_w)), -1).float()
+            prob, idx = torch.softmax(logits, -1).max(-1)
+            return prob, ids[idx]
+
+        return short
+
+    @torch.inference_mode()
+    def verify(self, seqs: list[Sequence], drafts: Drafts) -> list[torch.Tensor]:
+        """Logits `[k + 1, vocab]` after the last token and each drafted token, per sequence."""
+        t0 = time.perf_counter()
+        lengths = [len(t) + 1 for t in drafts.tokens]
+        batch = self._batch(seqs, [s.table.num_tokens for s in seqs], lengths)
+        if drafts.hidden is not None:
+            h = torch.cat(drafts.hidden)
+        else:
+            ids = [t for s, d in zip(seqs, drafts.tokens, strict=True) for t in [s.last, *d]]
+            h = self.model.embed_tokens(self._tensor(ids))
+        h = self.model.run_layers(h, batch, self.pool.kv, drafts.start_layer)
+        logits = list(self.model.logits(h).split(lengths))
+        self.timing.verify_s += time.perf_counter() - t0
+        self.timing.verify_passes += 1
+        return logits

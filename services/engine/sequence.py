@@ -1,0 +1,90 @@
+"""One request's state as it moves through the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from services.engine.kv_pool import BlockTable
+from services.engine.params import SamplingParams
+
+
+@dataclass
+class Stats:
+    steps: int = 0  # full-model passes after the prompt
+    drafted: int = 0
+    accepted: int = 0
+    cached_prompt_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+    drafted_per_position: list[int] = field(default_factory=list)
+
+    def record(self, drafted: int, accepted: int) -> None:
+        self.steps += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        for counts, n in (
+            (self.drafted_per_position, drafted),
+            (self.accepted_per_position, accepted),
+        ):
+            counts.extend([0] * (n - len(counts)))
+            for i in range(n):
+                counts[i] += 1
+
+    def as_dict(self) -> dict:
+        return {
+            "steps": self.steps,
+            "drafted_tokens": self.drafted,
+            "accepted_tokens": self.accepted,
+            "acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
+            "cached_prompt_tokens": self.cached_prompt_tokens,
+        }
+
+
+class Sequence:
+    """Prompt and output tokens, the KV blocks that hold them, and why it finished.
+
+    The KV of every token but the newest is committed in `table`; the newest
+    (`last`) is written by the next pass, which also yields its successor.
+    """
+
+    def __init__(self, seq_id: str, prompt: list[int], params: SamplingParams, table: BlockTable):
+        self.id = seq_id
+        self.prompt = prompt
+        self.output: list[int] = []
+        self.params = params
+        self.table = table
+        self.finish_reason: str | None = None
+        self.stats = Stats()
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    @property
+    def last(self) -> int:
+        return self.output[-1]
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def remaining(self) -> int:
+        return self.params.max_tokens - len(self.output)
+
+    def append(self, tokens: list[int], eos_ids: frozenset[int]) -> None:
+        """Add accepted tokens, stopping at the first end of sequence or the length limit."""
+        stops = set(self.params.stop_token_ids)
+        if not self.params.ignore_eos:
+            stops |= eos_ids
+        for t in tokens:
+            self.output.append(t)
+            if t in stops:
+                self.finish_reason = "stop"
+                return
+            if self.remaining == 0:
+                self.finish_reason = "length"
+                return

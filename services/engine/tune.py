@@ -1,0 +1,203 @@
+"""Search a model's skip set: which sublayers a draft may leave out.
+
+Candidates are scored without generating: the full model first writes a
+reference continuation of a few calibration prompts; a candidate's draft then
+runs teacher-forced over the same tokens in one pass, and its agreement with
+the full model's next-token choices estimates acceptance. With the draft's
+cost (the share of weights it reads) and the measured cost of verification,
+the speculative-decoding speedup model ranks the candidates; the best few are
+then timed in real generation, and the fastest is saved.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from kernels.attention import AttentionBatch
+from services.engine.kv_pool import BlockTable
+from services.engine.model import LayerPlan
+from services.engine.params import DraftConfig, SamplingParams
+
+log = logging.getLogger(__name__)
+
+CALIBRATION = [
+    "Summarise the plot of a detective story in which a lighthouse keeper disappears.",
+    "Write a Python function that merges two sorted lists into one sorted list.",
+    "What are three good habits for staying focused while working from home?",
+    "Explain the difference between a list and a tuple in Python.",
+]
+
+
+@dataclass
+class Score:
+    skip_attn: tuple[int, ...]
+    skip_mlp: tuple[int, ...]
+    agreement: float  # share of positions where the draft picks the full model's token
+    cost: float  # draft step time relative to a full step
+    max_draft: int
+    speedup: float  # predicted tokens per unit time against plain decoding
+
+
+def expected_speedup(alpha: float, cost: float, verify: list[float]) -> tuple[float, int]:
+    """Best (speedup, k): k drafts accepted one after another with probability alpha each
+    yield (1 - alpha^(k+1)) / (1 - alpha) tokens for k * cost + verify[k] time."""
+    best = (1.0, 0)
+    for k in range(1, len(verify)):
+        tokens = k + 1 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+        best = max(best, (tokens / (k * cost + verify[k]), k))
+    return best
+
+
+class Tuner:
+    def __init__(self, engine, max_tokens: int) -> None:
+        self.engine = engine
+        self.model = engine.model
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        outs = engine.generate(CALIBRATION, params, "off", chat=True)
+        self.sequences = [
+            (engine.encode(p, chat=True), o.token_ids) for p, o in zip(CALIBRATION, outs, strict=True)
+        ]
+        self.sizes = self._sublayer_sizes()
+        self.verify = self._verify_costs(max_k=8)
+
+    def _sublayer_sizes(self) -> dict[str, float]:
+        """Bytes each sublayer reads, relative to the whole model with its head."""
+        m = self.model
+        hidden = m.embed.shape[1]
+        attn = hidden * (m.num_heads * m.head_dim + 2 * m.kv_dim) + m.num_heads * m.head_dim * hidden
+        inter = m.config.intermediate_size
+        mlp = 3 * hidden * inter
+        head = m.vocab_size * hidden
+        total = m.num_layers * (attn + mlp) + head
+        return {"attn": attn / total, "mlp": mlp / total, "head": head / total}
+
+    @torch.inference_mode()
+    def _verify_costs(self, max_k: int) -> list[float]:
+        """Time of a full pass over k + 1 tokens relative to one token, for k = 0..max_k."""
+        times = []
+        for k in range(max_k + 1):
+            times.append(min(self._time_pass(k + 1) for _ in range(3)))
+        return [t / times[0] for t in times]
+
+    def _time_pass(self, n: int) -> float:
+        m, table = self.model, BlockTable(self.engine.pool)
+        try:
+            table.reserve(n)
+            batch = AttentionBatch.build([table.blocks], [0], [n], self.engine.pool.block_size)
+            tokens = torch.arange(n)
+            t0 = time.perf_counter()
+            m.logits(m.run_layers(m.embed_tokens(tokens), batch, self.engine.pool.kv))
+            return time.perf_counter() - t0
+        finally:
+            table.free()
+
+    @torch.inference_mode()
+    def agreement(self, plan: LayerPlan) -> float:
+        """Teacher-forced: how often the draft's next token equals the full model's."""
+        m, pool = self.model, self.engine.pool
+        hits = total = 0
+        for prompt, output in self.sequences:
+            tokens = prompt + output
+            table = BlockTable(pool)
+            try:
+                table.reserve(len(tokens))
+                batch = AttentionBatch.build([table.blocks], [0], [len(tokens)], pool.block_size)
+                h = m.run_layers(m.embed_tokens(torch.tensor(tokens)), batch, pool.kv, plan=plan)
+                guess = m.logits(h[len(prompt) - 1 : -1]).argmax(-1)
+            finally:
+                table.free()
+            hits += int((guess == torch.tensor(output)).sum())
+            total += len(output)
+        return hits / total
+
+    def score(self, skip_attn: set[int], skip_mlp: set[int]) -> Score:
+        plan = LayerPlan(frozenset(skip_attn), frozenset(skip_mlp))
+        alpha = self.agreement(plan)
+        s = self.sizes
+        cost = 1 - len(skip_attn) * s["attn"] - len(skip_mlp) * s["mlp"]
+        speedup, k = expected_speedup(alpha, cost, self.verify)
+        return Score(tuple(sorted(skip_attn)), tuple(sorted(skip_mlp)), alpha, cost, k, speedup)
+
+    def search(self, budget_s: float, per_round: int = 12) -> list[Score]:
+        """Greedy: add, one at a time, the sublayer whose skipping most raises the predicted
+        speedup, among `per_round` sublayers drawn at random each round."""
+        L = self.model.num_layers
+        rng = random.Random(0)
+        deadline = time.monotonic() + budget_s
+        attn: set[int] = set()
+        mlp: set[int] = set()
+        best: list[Score] = []
+        while time.monotonic() < deadline:
+            round_best = None
+            left = [("attn", i) for i in range(L) if i not in attn]
+            left += [("mlp", i) for i in range(L) if i not in mlp]
+            for kind, i in rng.sample(left, min(per_round, len(left))):
+                chosen = attn if kind == "attn" else mlp
+                if time.monotonic() > deadline:
+                    break
+                chosen.add(i)
+                sc = self.score(attn, mlp)
+                chosen.discard(i)
+                if round_best is None or sc.speedup > round_best[0].speedup:
+                    round_best = (sc, kind, i)
+            if round_best is None or (best and round_best[0].speedup < 0.9 * best[0].speedup):
+                break
+            sc, kind, i = round_best
+            (attn if kind == "attn" else mlp).add(i)
+            best.append(sc)
+            best.sort(key=lambda x: -x.speedup)
+            print(
+                f"tune: skip {len(attn)} attn + {len(mlp)} mlp: agreement {sc.agreement:.2f}, "
+                f"cost {sc.cost:.2f}, k={sc.max_draft}, predicted x{sc.speedup:.2f}",
+                file=sys.stderr,
+                flush=True,
+            )
+        return best
+
+    def measure(self, cfg: DraftConfig) -> float:
+        """Real tokens per second of generating the calibration prompts with `cfg`."""
+        params = SamplingParams(max_tokens=len(self.sequences[0][1]), ignore_eos=True)
+        t0 = time.perf_counter()
+        outs = self.engine.generate(CALIBRATION, params, cfg, chat=True)
+        return sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t0)
+
+
+def tune(engine, out: str | Path | None = None, budget_s: float = 600.0, max_tokens: int = 48):
+    """Search, time the best candidates, and save the winner as the model's profile."""
+    from services.engine.engine import profile_path
+
+    tuner = Tuner(engine, max_tokens)
+    candidates = tuner.search(budget_s)[:3]
+    measured = [("off", tuner.measure(DraftConfig(mode="off")), None)]
+    for sc in candidates:
+        cfg = DraftConfig(mode="skip", skip_attn=sc.skip_attn, skip_mlp=sc.skip_mlp,
+                          max_draft=max(1, sc.max_draft))
+        measured.append(("skip", tuner.measure(cfg), (cfg, sc)))
+        print(f"tune: measured {measured[-1][1]:.1f} tok/s (off: {measured[0][1]:.1f})",
+              file=sys.stderr, flush=True)
+    _, tps, winner = max(measured[1:], key=lambda m: m[1])
+    cfg, sc = winner
+    path = Path(out) if out else profile_path(engine.model_path)
+    record = {
+        "draft": {k: v for k, v in asdict(cfg).items() if k != "extra"},
+        "evidence": {
+            "agreement": sc.agreement,
+            "draft_cost": sc.cost,
+            "predicted_speedup": sc.speedup,
+            "measured_tokens_per_s": tps,
+            "off_tokens_per_s": measured[0][1],
+            "verify_cost": tuner.verify,
+            "dtype": str(engine.model.dtype),
+        },
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
