@@ -19,7 +19,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def _draft_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--draft", default=None, help="off | skip | early_exit | ngram (default: profile)")
+    p.add_argument(
+        "--draft", default=None, help="off | skip | early_exit | ngram (default: profile)"
+    )
     p.add_argument("--max-draft", type=int, default=None, help="most tokens drafted per step")
     p.add_argument("--exit-layer", type=int, default=None, help="layer count for early_exit")
 
@@ -68,14 +70,25 @@ def cmd_generate(args) -> int:
     out = engine.generate([args.prompt], params, _draft(args, engine), chat=args.chat)[0]
     elapsed = time.perf_counter() - t0
     if args.json:
-        print(json.dumps({"text": out.text, "token_ids": out.token_ids,
-                          "finish_reason": out.finish_reason, "stats": out.stats}))
+        print(
+            json.dumps(
+                {
+                    "text": out.text,
+                    "token_ids": out.token_ids,
+                    "finish_reason": out.finish_reason,
+                    "stats": out.stats,
+                }
+            )
+        )
     else:
         print(out.text)
         s = out.stats
-        print(f"[{len(out.token_ids)} tokens in {elapsed:.2f} s, "
-              f"{len(out.token_ids) / elapsed:.1f} tok/s; finish: {out.finish_reason}; "
-              f"drafted {s['drafted_tokens']}, accepted {s['accepted_tokens']}]", file=sys.stderr)
+        print(
+            f"[{len(out.token_ids)} tokens in {elapsed:.2f} s, "
+            f"{len(out.token_ids) / elapsed:.1f} tok/s; finish: {out.finish_reason}; "
+            f"drafted {s['drafted_tokens']}, accepted {s['accepted_tokens']}]",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -132,8 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     if args.command == "bench":
         return cmd_bench(args, rest)
     if rest:

@@ -16,6 +16,7 @@ from services.engine.kv_pool import BlockTable, KVPool
 from services.engine.model import Model
 from services.engine.params import DraftConfig, SamplingParams
 from services.engine.runner import ModelRunner
+from services.engine.sampler import accept_greedy, accept_sampled, probabilities, sample
 from services.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,8 @@ class Engine:
         if len(prompt) + params.max_tokens > limit:
             raise ValueError(
                 f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                f"model's context of {limit} tokens; lower max_tokens to at most {limit - len(prompt)}"
+                f"model's context of {limit} tokens; "
+                f"lower max_tokens to at most {limit - len(prompt)}"
             )
 
     def generate(
@@ -155,8 +157,6 @@ class Engine:
         if not prompts:
             raise ValueError("no prompts given")
         params = params or SamplingParams()
-        if not params.greedy:
-            raise ValueError("sampling (temperature > 0) is not available yet; use temperature=0")
         cfg = DraftConfig.parse(draft, self.default_draft)
         cfg.check_layers(self.model.num_layers)
         encoded = [self.encode(p, chat) for p in prompts]
@@ -177,7 +177,7 @@ class Engine:
         try:
             for seq in seqs:
                 logits = self.runner.prefill(seq, self.prefill_chunk)
-                seq.append([int(logits[-1].argmax())], self.eos_ids)
+                seq.append([self._first_token(seq, logits[-1])], self.eos_ids)
             running = [s for s in seqs if not s.finished]
             while running:
                 self.step(running, cfg)
@@ -197,18 +197,23 @@ class Engine:
             s.table.reserve(s.num_tokens + max(r, 0))
         drafts = self.runner.draft(seqs, cfg, [max(r, 0) for r in room])
         logits = self.runner.verify(seqs, drafts)
-        for seq, proposed, lg in zip(seqs, drafts.tokens, logits, strict=True):
-            self._accept(seq, proposed, lg)
+        for i, seq in enumerate(seqs):
+            proposed = drafts.tokens[i]
+            if seq.params.greedy:
+                n, nxt = accept_greedy(proposed, logits[i])
+            else:
+                q = drafts.probs[i] if drafts.probs is not None else None
+                p = probabilities(logits[i], seq.params)
+                n, nxt = accept_sampled(proposed, q, p, seq.generator)
+            seq.table.commit(seq.table.num_tokens + n + 1)
+            seq.stats.record(len(proposed), n)
+            seq.append(proposed[:n] + [nxt], self.eos_ids)
 
-    def _accept(self, seq: Sequence, proposed: list[int], logits: torch.Tensor) -> None:
-        """Greedy acceptance: keep drafted tokens while they are the model's own choice."""
-        targets = logits.argmax(-1).tolist()
-        n = 0
-        while n < len(proposed) and proposed[n] == targets[n]:
-            n += 1
-        seq.table.commit(seq.table.num_tokens + n + 1)
-        seq.stats.record(len(proposed), n)
-        seq.append(proposed[:n] + [targets[n]], self.eos_ids)
+    @staticmethod
+    def _first_token(seq: Sequence, logits: torch.Tensor) -> int:
+        if seq.params.greedy:
+            return int(logits.argmax())
+        return sample(probabilities(logits, seq.params), seq.generator)
 
     def _completion(self, seq: Sequence) -> Completion:
         return Completion(

@@ -21,13 +21,13 @@ log = logging.getLogger(__name__)
 
 def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype arithmetic runs in: bfloat16 only where the hardware has it."""
-    if dtype == torch.bfloat16 and device.type == "cpu":
-        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            log.warning(
-                "this CPU has no native bfloat16 arithmetic: weights are rounded to bfloat16 "
-                "and products run in float32, which is faster here than emulated bfloat16"
-            )
-            return torch.float32
+    native = device.type != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if dtype == torch.bfloat16 and not native:
+        log.warning(
+            "this CPU has no native bfloat16 arithmetic: weights are rounded to bfloat16 "
+            "and products run in float32, which is faster here than emulated bfloat16"
+        )
+        return torch.float32
     return dtype
 
 

@@ -18,6 +18,7 @@ from kernels.attention import AttentionBatch
 from services.engine.kv_pool import KVPool
 from services.engine.model import FULL, LayerPlan, Linear, Model
 from services.engine.params import DraftConfig
+from services.engine.sampler import probabilities, sample
 from services.engine.sequence import Sequence
 
 
@@ -41,6 +42,9 @@ class Drafts:
     tokens: list[list[int]]
     hidden: list[torch.Tensor] | None = None  # per sequence [k + 1, hidden] at `start_layer`
     start_layer: int = 0
+    # Per sampling sequence, the `[k, vocab]` distributions its tokens were drawn from;
+    # None for greedy sequences and for n-gram proposals (certain, a point mass).
+    probs: list[torch.Tensor | None] | None = None
 
 
 def draft_plan(cfg: DraftConfig, num_layers: int) -> tuple[LayerPlan, int, int]:
@@ -120,53 +124,51 @@ class ModelRunner:
         head = self._draft_head(seqs, cfg.shortlist)
         tokens: list[list[int]] = [[] for _ in seqs]
         hidden: list[list[torch.Tensor]] = [[] for _ in seqs]
+        probs: list[list[torch.Tensor]] = [[] for _ in seqs]
         active = [i for i, m in enumerate(max_lens) if m > 0]
         while active:
-            group = [seqs[i] for i in active]
-            batch = self._batch(
-                group,
-                [s.table.num_tokens + len(tokens[i]) for i, s in zip(active, group, strict=True)],
-                [1] * len(active),
-            )
-            last = [tokens[i][-1] if tokens[i] else seqs[i].last for i in active]
-            h = model.run_layers(
-                model.embed_tokens(self._tensor(last)), batch, self.pool.kv, 0, first
-            )
+            still = []
+            h, batch = self._newest_below(seqs, tokens, active, first)
             for j, i in enumerate(active):
                 hidden[i].append(h[j])
             h = model.run_layers(h, batch, self.pool.kv, first, end, plan)
-            prob, tok = head(h)
-            still = []
-            for j, i in enumerate(active):
-                if prob[j] < cfg.threshold:
+            for j, (tok, conf, q) in enumerate(self._pick(head(h), [seqs[i] for i in active])):
+                i = active[j]
+                if conf < cfg.threshold:
                     continue  # not confident: its token was processed, nothing more to do
-                tokens[i].append(int(tok[j]))
+                tokens[i].append(tok)
+                if q is not None:
+                    probs[i].append(q)
                 if len(tokens[i]) < max_lens[i]:
                     still.append(i)
             active = still
         # The newest drafted token of each sequence still needs the layers below `first`.
         todo = [i for i in range(len(seqs)) if len(hidden[i]) == len(tokens[i])]
         if todo:
-            group = [seqs[i] for i in todo]
-            batch = self._batch(
-                group,
-                [s.table.num_tokens + len(tokens[i]) for i, s in zip(todo, group, strict=True)],
-                [1] * len(todo),
-            )
-            last = [tokens[i][-1] if tokens[i] else seqs[i].last for i in todo]
-            h = model.run_layers(
-                model.embed_tokens(self._tensor(last)), batch, self.pool.kv, 0, first
-            )
+            h, _ = self._newest_below(seqs, tokens, todo, first)
             for j, i in enumerate(todo):
                 hidden[i].append(h[j])
-        return Drafts(tokens, [torch.stack(x) for x in hidden], first)
+        q = [torch.stack(p) if p else None for p in probs]
+        return Drafts(tokens, [torch.stack(x) for x in hidden], first, q)
+
+    def _newest_below(self, seqs, tokens, which: list[int], first: int):
+        """Run the newest token of sequences `which` (the last drafted one, else the last
+        accepted one) through the layers below `first`; returns the hidden states and the
+        attention batch of that pass."""
+        group = [seqs[i] for i in which]
+        starts = [seqs[i].table.num_tokens + len(tokens[i]) for i in which]
+        batch = self._batch(group, starts, [1] * len(which))
+        newest = [tokens[i][-1] if tokens[i] else seqs[i].last for i in which]
+        h = self.model.embed_tokens(self._tensor(newest))
+        return self.model.run_layers(h, batch, self.pool.kv, 0, first), batch
 
     def _draft_head(self, seqs: list[Sequence], shortlist: int):
-        """A function from hidden states to (top probability, token) under the draft's head:
-        the full vocabulary, or ids below `shortlist` plus those already in the context."""
+        """A function from hidden states to (logits, the token id of each logit column)
+        under the draft's head: the full vocabulary (ids None), or ids below `shortlist`
+        plus those already in the context."""
         model = self.model
         if shortlist <= 0 or shortlist >= model.vocab_size:
-            return lambda h: torch.softmax(model.logits(h), -1).max(-1)
+            return lambda h: (model.logits(h), None)
         if self._low_head is None or self._low_head[0] != shortlist:
             self._low_head = (shortlist, Linear(model.head_weight[:shortlist].contiguous()))
         low = self._low_head[1]
@@ -176,11 +178,28 @@ class ModelRunner:
 
         def short(h):
             x = model.final_norm(h)
-            logits = torch.cat((low(x), F.linear(x, extra_w)), -1).float()
-            prob, idx = torch.softmax(logits, -1).max(-1)
-            return prob, ids[idx]
+            return torch.cat((low(x), F.linear(x, extra_w)), -1).float(), ids
 
         return short
+
+    def _pick(self, head_out, seqs: list[Sequence]):
+        """Per sequence: (drafted token, draft confidence, full-vocabulary distribution it was
+        sampled from, or None when greedy)."""
+        logits, ids = head_out
+        greedy = torch.softmax(logits, -1).max(-1)
+        picks = []
+        for j, seq in enumerate(seqs):
+            if seq.params.greedy:
+                tok = int(greedy.indices[j])
+                picks.append((tok if ids is None else int(ids[tok]), float(greedy.values[j]), None))
+                continue
+            q = probabilities(logits[j], seq.params)
+            col = sample(q, seq.generator)
+            if ids is not None:
+                q = torch.zeros(self.model.vocab_size, device=q.device).index_copy_(0, ids, q)
+                col = int(ids[col])
+            picks.append((col, float(q.max()), q))
+        return picks
 
     @torch.inference_mode()
     def verify(self, seqs: list[Sequence], drafts: Drafts) -> list[torch.Tensor]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from services.engine.kv_pool import BlockTable
 from services.engine.params import SamplingParams
 
@@ -54,6 +56,12 @@ class Sequence:
         self.table = table
         self.finish_reason: str | None = None
         self.stats = Stats()
+        self.generator: torch.Generator | None = None
+        if not params.greedy:
+            self.generator = torch.Generator()
+            self.generator.manual_seed(
+                params.seed if params.seed is not None else torch.seed() % (1 << 63)
+            )
 
     @property
     def tokens(self) -> list[int]:

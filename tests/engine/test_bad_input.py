@@ -44,8 +44,9 @@ def draft_errors(num_layers):
         (DraftConfig(mode="skip", skip_mlp=(-1,)), "layers"),
         (DraftConfig(mode="skip"), "at least one"),
         (
-            DraftConfig(mode="skip", skip_attn=tuple(range(num_layers)),
-                        skip_mlp=tuple(range(num_layers))),
+            DraftConfig(
+                mode="skip", skip_attn=tuple(range(num_layers)), skip_mlp=tuple(range(num_layers))
+            ),
             "every sublayer",
         ),
         (DraftConfig(mode="early_exit", exit_layer=num_layers), "exit_layer"),

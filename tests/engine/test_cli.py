@@ -8,13 +8,27 @@ import sys
 
 
 def selfspec(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "services.cli", *args],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_generate_json():
-    r = selfspec("generate", "--model", "default", "--dtype", "float32", "--prompt",
-                 "What is 2 + 2?", "--chat", "--max-tokens", "8", "--draft", "skip", "--json")
+    r = selfspec(
+        "generate",
+        "--model",
+        "default",
+        "--dtype",
+        "float32",
+        "--prompt",
+        "What is 2 + 2?",
+        "--chat",
+        "--max-tokens",
+        "8",
+        "--draft",
+        "skip",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert set(out) == {"text", "token_ids", "finish_reason", "stats"}

@@ -11,8 +11,9 @@ from services.engine.kv_pool import BlockTable, KVPool, OutOfBlocks
 
 
 def make_pool(num_blocks: int = 64, block_size: int = 4) -> KVPool:
-    return KVPool(num_layers=2, kv_dim=8, num_blocks=num_blocks, block_size=block_size,
-                  dtype=torch.float32)
+    return KVPool(
+        num_layers=2, kv_dim=8, num_blocks=num_blocks, block_size=block_size, dtype=torch.float32
+    )
 
 
 @pytest.mark.parametrize("seed", range(20))

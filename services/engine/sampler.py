@@ -1,0 +1,81 @@
+"""Turning logits into tokens, and deciding which drafted tokens to keep.
+
+Greedy acceptance keeps a drafted token while it is the target's argmax.
+Speculative (rejection) sampling keeps drafted token d with probability
+min(1, p(d) / q(d)) and, at the first rejection, samples from the normalised
+positive part of p - q; every emitted token is then distributed exactly as the
+target model's own sampling would give (Leviathan et al., Chen et al., 2023).
+Draft and target go through the same temperature, top-k and top-p processing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from services.engine.params import SamplingParams
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Rows of `logits` to sampling distributions after temperature, top-k and top-p."""
+    logits = logits.float() / params.temperature
+    if 0 < params.top_k < logits.shape[-1]:
+        kth = logits.topk(params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass
+        # before it already does.
+        drop = sorted_p.cumsum(-1) - sorted_p >= params.top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def accept_greedy(proposed: list[int], target_logits: torch.Tensor) -> tuple[int, int]:
+    """(number of drafted tokens kept, the token after them)."""
+    targets = target_logits.argmax(-1).tolist()
+    n = 0
+    while n < len(proposed) and proposed[n] == targets[n]:
+        n += 1
+    return n, targets[n]
+
+
+def accept_sampled(
+    proposed: list[int],
+    draft_probs: torch.Tensor | None,
+    target_probs: torch.Tensor,
+    generator: torch.Generator | None,
+) -> tuple[int, int]:
+    """Speculative sampling over `[k + 1, vocab]` target distributions.
+
+    `draft_probs` is `[k, vocab]`, the distributions the drafted tokens were sampled
+    from; None means each drafted token was proposed with certainty (n-gram lookup),
+    a point mass at the token.
+    """
+    k = len(proposed)
+    for i, token in enumerate(proposed):
+        p = target_probs[i]
+        if draft_probs is None:
+            q = torch.zeros_like(p)
+            q[token] = 1.0
+        else:
+            q = draft_probs[i]
+        u = torch.rand((), generator=generator, device=p.device)
+        if q[token] > 0 and u * q[token] < p[token]:  # accept with probability min(1, p/q)
+            continue
+        return i, int(torch.multinomial(residual(p, q), 1, generator=generator))
+    return k, int(torch.multinomial(target_probs[k], 1, generator=generator))
+
+
+def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Where to sample after a rejection: the normalised positive part of p - q."""
+    r = (p - q).clamp_min(0)
+    total = r.sum()
+    # p == q (up to rounding) never rejects in theory; fall back to p itself.
+    return r / total if total > 0 else p
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    return int(torch.multinomial(probs, 1, generator=generator))
