@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import json
 import logging
+import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from services.engine import checkpoint
-from services.engine.kv_pool import BlockTable, KVPool
+from services.engine.kv_pool import KVPool
 from services.engine.model import Model
 from services.engine.params import DraftConfig, SamplingParams
 from services.engine.runner import ModelRunner
 from services.engine.sampler import accept_greedy, accept_sampled, probabilities, sample
+from services.engine.scheduler import Request, Scheduler
 from services.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -54,6 +59,7 @@ class Engine:
         kv_cache_bytes: int = 1 << 30,
         block_size: int = 16,
         prefill_chunk: int = 512,
+        max_waiting: int = 256,
         draft: DraftConfig | None = None,
     ) -> None:
         self.model = model
@@ -77,6 +83,11 @@ class Engine:
             eos.append(tokenizer.eos_token_id)
         self.eos_ids = frozenset(e for e in eos if e is not None)
         self._ids = itertools.count()
+        self.scheduler = Scheduler(self.pool, max_waiting=max_waiting, prefill_chunk=prefill_chunk)
+        self._step_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
 
     @classmethod
     def from_pretrained(
@@ -143,6 +154,32 @@ class Engine:
                 f"lower max_tokens to at most {limit - len(prompt)}"
             )
 
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        draft: DraftConfig | str | dict | None = None,
+        *,
+        chat: bool = False,
+        request_id: str | None = None,
+        session_id: str | None = None,
+        on_update: Callable[[Sequence, bool], None] | None = None,
+    ) -> Sequence:
+        """Validate and queue one request; `on_update(seq, finished)` runs on the engine's
+        thread after every step that changes it. Raises ValueError or QueueFull."""
+        params = params or SamplingParams()
+        cfg = DraftConfig.parse(draft, self.default_draft)
+        cfg.check_layers(self.model.num_layers)
+        ids = self.encode(prompt, chat)
+        self._check_fits(ids, params)
+        need = min(len(ids) + params.max_tokens + cfg.max_draft + 1, self.model.max_positions)
+        request = Request(
+            request_id or f"req-{next(self._ids)}", ids, params, cfg, session_id, on_update
+        )
+        seq = self.scheduler.add(request, need)
+        self._wake.set()
+        return seq
+
     def generate(
         self,
         prompts: list[str | list[int]] | str,
@@ -150,42 +187,177 @@ class Engine:
         draft: DraftConfig | str | dict | None = None,
         *,
         chat: bool = False,
+        session_id: str | None = None,
     ) -> list[Completion]:
-        """One completion per prompt, all decoded together as one batch."""
+        """One completion per prompt; prompts are batched together as the pool allows."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if not prompts:
             raise ValueError("no prompts given")
-        params = params or SamplingParams()
-        cfg = DraftConfig.parse(draft, self.default_draft)
-        cfg.check_layers(self.model.num_layers)
-        encoded = [self.encode(p, chat) for p in prompts]
-        for ids in encoded:
-            self._check_fits(ids, params)
-        need = sum(
-            self.pool.blocks_for(len(p) + params.max_tokens + cfg.max_draft + 1) for p in encoded
-        )
-        if need > self.pool.num_free:
-            raise ValueError(
-                f"these prompts need {need} KV blocks and the pool has {self.pool.num_free} free; "
-                "send fewer or shorter prompts, or give the engine a larger kv_cache_bytes"
-            )
-        seqs = [
-            Sequence(f"gen-{next(self._ids)}", ids, params, BlockTable(self.pool))
-            for ids in encoded
-        ]
+        done = threading.Event()
+        seqs: list[Sequence] = []
+        added = []
         try:
-            for seq in seqs:
-                logits = self.runner.prefill(seq, self.prefill_chunk)
-                seq.append([self._first_token(seq, logits[-1])], self.eos_ids)
-            running = [s for s in seqs if not s.finished]
-            while running:
-                self.step(running, cfg)
-                running = [s for s in running if not s.finished]
-        finally:
-            for seq in seqs:
-                seq.table.free()
+            for p in prompts:
+                seq = self.add_request(
+                    p,
+                    params,
+                    draft,
+                    chat=chat,
+                    session_id=session_id,
+                    on_update=lambda s, finished: finished and _all_done(seqs, len(prompts), done),
+                )
+                seqs.append(seq)
+                added.append(seq)
+        except Exception:
+            for seq in added:
+                self.abort(seq.id)
+            if self._thread is None:
+                while self.scheduler.has_work:
+                    self.step_once()
+            raise
+        _all_done(seqs, len(prompts), done)
+        if self._thread is None:
+            while not done.is_set():
+                self.step_once()
+        else:
+            done.wait()
         return [self._completion(s) for s in seqs]
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; it ends, and its blocks are freed, at the next step boundary."""
+        self.scheduler.abort(request_id)
+        self._wake.set()
+
+    # -- the loop ------------------------------------------------------------------
+
+    def step_once(self) -> None:
+        """One iteration: drop cancelled requests, admit, prefill a chunk, decode a step."""
+        with self._step_lock:
+            sch = self.scheduler
+            for request, seq in sch.reap_aborted():
+                self._done(request, seq)
+            sch.admit()
+            if sch.prefilling:
+                self._prefill_next()
+            groups: dict[DraftConfig, list[Sequence]] = {}
+            for request, seq in sch.running:
+                groups.setdefault(request.draft, []).append(seq)
+            for cfg, seqs in groups.items():
+                self.step(seqs, cfg)
+            still = []
+            for request, seq in sch.running:
+                self._check_stop(seq)
+                if seq.finished:
+                    self._done(request, seq)
+                else:
+                    still.append((request, seq))
+                    _notify(request, seq, False)
+            sch.running[:] = still
+
+    def _prefill_next(self) -> None:
+        request, seq = self.scheduler.prefilling[0]
+        logits = self.runner.prefill(seq, self.prefill_chunk)
+        if logits is None:
+            return
+        self.scheduler.prefilling.pop(0)
+        seq.append([self._first_token(seq, logits[-1])], self.eos_ids)
+        self._check_stop(seq)
+        if seq.finished:
+            self._done(request, seq)
+        else:
+            self.scheduler.running.append((request, seq))
+            _notify(request, seq, False)
+
+    def _done(self, request, seq: Sequence) -> None:
+        self.scheduler.finish(request, seq)
+        _notify(request, seq, True)
+
+    def _check_stop(self, seq: Sequence) -> None:
+        """Stop strings may span tokens: look for them in the decoded text."""
+        if not seq.params.stop or seq.text_end is not None:
+            return
+        text = self.tokenizer.decode(seq.output, skip_special_tokens=True)
+        hits = [i for i in (text.find(s) for s in seq.params.stop) if i >= 0]
+        if hits:
+            seq.text_end = min(hits)
+            seq.finish_reason = "stop"
+
+    def start(self) -> None:
+        """Run the loop in a background thread, for servers (see `submit`)."""
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="selfspec-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self) -> None:
+        if self._thread is not None:
+            self._stopping = True
+            self._wake.set()
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            if not self.scheduler.has_work:
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            try:
+                self.step_once()
+            except Exception:  # never let one bad step kill the server's engine
+                log.exception("engine step failed; failing the running requests")
+                self._fail_all()
+
+    def _fail_all(self) -> None:
+        sch = self.scheduler
+        for queue in (sch.prefilling, sch.running):
+            for request, seq in queue:
+                seq.finish_reason = "error"
+                self._done(request, seq)
+            queue.clear()
+
+    async def submit(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        draft: DraftConfig | str | dict | None = None,
+        *,
+        chat: bool = False,
+        request_id: str | None = None,
+        session_id: str | None = None,
+    ) -> AsyncIterator[Delta]:
+        """Stream a request's output as deltas; the loop runs on the engine's thread, so the
+        caller's event loop never blocks. Breaking out of the iteration cancels it."""
+        self.start()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Delta] = asyncio.Queue()
+        stream = _DeltaStream(self.tokenizer)
+
+        def on_update(seq: Sequence, finished: bool) -> None:
+            delta = stream.delta(seq, finished)
+            if delta is not None:
+                with contextlib.suppress(RuntimeError):  # the caller's loop has closed
+                    loop.call_soon_threadsafe(queue.put_nowait, delta)
+
+        seq = self.add_request(
+            prompt,
+            params,
+            draft,
+            chat=chat,
+            request_id=request_id,
+            session_id=session_id,
+            on_update=on_update,
+        )
+        finished = False
+        try:
+            while not finished:
+                delta = await queue.get()
+                finished = delta.finish_reason is not None
+                yield delta
+        finally:
+            if not finished:
+                self.abort(seq.id)
 
     def step(self, seqs: list[Sequence], cfg: DraftConfig) -> None:
         """Draft for every sequence, verify all drafts in one pass, accept what agrees."""
@@ -216,9 +388,62 @@ class Engine:
         return sample(probabilities(logits, seq.params), seq.generator)
 
     def _completion(self, seq: Sequence) -> Completion:
+        text = self.tokenizer.decode(seq.output, skip_special_tokens=True)
         return Completion(
             token_ids=list(seq.output),
-            text=self.tokenizer.decode(seq.output, skip_special_tokens=True),
+            text=text[: seq.text_end],
             finish_reason=seq.finish_reason or "length",
             stats=seq.stats.as_dict(),
         )
+
+
+@dataclass
+class Delta:
+    """What a request produced since its last delta."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    stats: dict
+
+
+class _DeltaStream:
+    """Turns a sequence's growing output into deltas of tokens and text. Text ending in
+    an incomplete UTF-8 character is held back until the character is complete."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.sent_tokens = 0
+        self.sent_text = ""
+
+    def delta(self, seq: Sequence, finished: bool) -> Delta | None:
+        text = self.tokenizer.decode(seq.output, skip_special_tokens=True)[: seq.text_end]
+        if not finished and text.endswith("\ufffd"):
+            text = self.sent_text
+        new_tokens = seq.output[self.sent_tokens :]
+        if not new_tokens and not finished and text == self.sent_text:
+            return None
+        delta = Delta(
+            seq.id,
+            new_tokens,
+            text[len(self.sent_text) :],
+            seq.finish_reason if finished else None,
+            seq.stats.as_dict(),
+        )
+        self.sent_tokens, self.sent_text = len(seq.output), text
+        return delta
+
+
+def _notify(request: Request, seq: Sequence, finished: bool) -> None:
+    """Tell a request's owner; a failing callback never takes the engine down."""
+    if request.on_update is not None:
+        try:
+            request.on_update(seq, finished)
+        except Exception:
+            log.exception("update callback of request %s failed", request.request_id)
+
+
+def _all_done(seqs: list[Sequence], expected: int, done: threading.Event) -> None:
+    if len(seqs) == expected and all(s.finished for s in seqs):
+        done.set()

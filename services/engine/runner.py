@@ -87,17 +87,20 @@ class ModelRunner:
         return torch.tensor(ids, dtype=torch.long, device=self.model.device)
 
     @torch.inference_mode()
-    def prefill(self, seq: Sequence, chunk: int, all_logits: bool = False) -> torch.Tensor:
-        """Write the prompt's KV in chunks; returns the logits after the last prompt token
-        (after every token of the last chunk with `all_logits`)."""
+    def prefill(self, seq: Sequence, chunk: int, all_logits: bool = False) -> torch.Tensor | None:
+        """Write the KV of the prompt's next `chunk` uncached tokens. When that completes the
+        prompt, returns the logits after its last token (after every token of the chunk
+        with `all_logits`); otherwise None."""
         n = len(seq.prompt)
-        seq.table.reserve(n)
-        for a in range(seq.table.num_tokens, n, chunk):
-            b = min(n, a + chunk)
-            batch = self._batch([seq], [a], [b - a])
-            h = self.model.embed_tokens(self._tensor(seq.prompt[a:b]))
-            h = self.model.run_layers(h, batch, self.pool.kv)
-        seq.table.commit(n)
+        a = seq.table.num_tokens
+        b = min(n, a + chunk)
+        seq.table.reserve(b)
+        batch = self._batch([seq], [a], [b - a])
+        h = self.model.embed_tokens(self._tensor(seq.prompt[a:b]))
+        h = self.model.run_layers(h, batch, self.pool.kv)
+        seq.table.commit(b)
+        if b < n:
+            return None
         return self.model.logits(h if all_logits else h[-1:])
 
     @torch.inference_mode()
@@ -107,13 +110,14 @@ class ModelRunner:
             return Drafts([[] for _ in seqs])
         t0 = time.perf_counter()
         if cfg.mode == "ngram":
-            return Drafts(
+            drafts = Drafts(
                 [
                     ngram_proposal(s.tokens, m, cfg.ngram_min, cfg.ngram_max) if m else []
                     for s, m in zip(seqs, max_lens, strict=True)
                 ]
             )
-        drafts = self._layer_draft(seqs, cfg, max_lens)
+        else:
+            drafts = self._layer_draft(seqs, cfg, max_lens)
         self.timing.draft_s += time.perf_counter() - t0
         self.timing.draft_passes += max(map(len, drafts.tokens), default=0)
         return drafts

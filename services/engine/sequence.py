@@ -56,6 +56,8 @@ class Sequence:
         self.table = table
         self.finish_reason: str | None = None
         self.stats = Stats()
+        self.need = 0  # tokens of KV this sequence may ever hold, reserved at admission
+        self.text_end: int | None = None  # where a stop string begins in the output text
         self.generator: torch.Generator | None = None
         if not params.greedy:
             self.generator = torch.Generator()

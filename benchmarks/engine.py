@@ -1,0 +1,529 @@
+"""Engine benchmark: our drafting modes against transformers, side by side, in one run.
+
+Every system decodes the same chat-formatted prompts greedily to exactly
+`--max-tokens` new tokens (`ignore_eos` for the engine, `min_new_tokens` for
+transformers). For each system and batch size we report tokens per second end to
+end (prefill included), per prompt kind and overall; for our drafting modes also
+acceptance, tokens per verification, the cost of a draft step and whether the
+output equals `off` token for token. The plain decode step is set against the
+time the machine needs to read the weights once.
+
+    python -m benchmarks.engine --limit 1 --max-tokens 16 --batch-sizes 1,2
+    selfspec bench engine --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from services.engine import DraftConfig, Engine, SamplingParams
+
+HF_SYSTEMS = ("hf_generate", "hf_early_exit")
+ENGINE_SYSTEMS = ("off", "skip", "early_exit", "ngram")
+SYSTEMS = HF_SYSTEMS + ENGINE_SYSTEMS
+DEFAULT_PROMPTS = Path(__file__).with_name("prompts.jsonl")
+WARMUP_PROMPT = "Say hello."
+WARMUP_TOKENS = 4
+BANDWIDTH_BYTES = 1 << 30
+HF_BATCH_LIMIT = "transformers' assisted generation supports batch size 1 only"
+NOTES = {
+    "tok_s": "generated tokens / wall time of generate() calls, prefill included",
+    "by_kind": "only groups whose prompts are all of that kind; null for mixed groups",
+    "tokens_per_verify": "(accepted + steps) / steps: tokens per full-model verification pass",
+    "draft_step_cost": "(draft_s / draft_passes) / (verify_s / verify_passes of off), same batch",
+    "agreement_with_off": "common prefix with off / off tokens before off's first EOS "
+    "(transformers' min_new_tokens forbids EOS, the engine's ignore_eos does not)",
+    "hf_dtype": "transformers runs in --dtype as a user would run it (on a CPU without native "
+    "bfloat16 that is its emulated bfloat16 path); the engine rounds weights to --dtype and "
+    "computes in its compute dtype",
+}
+
+Output = tuple[list[int], dict | None]  # token ids, engine stats (None for transformers)
+Generate = Callable[[list[list[int]], int], list[Output]]
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    kind: str
+    ids: list[int]  # chat-formatted token ids, the same for every system
+
+
+@dataclass
+class Group:
+    kinds: frozenset[str]
+    tokens: int
+    seconds: float
+
+
+@dataclass
+class Run:
+    """One system at one batch size: outputs, engine stats, wall time per group."""
+
+    system: str
+    batch_size: int
+    outputs: list[list[int]] = field(default_factory=list)
+    stats: list[dict] = field(default_factory=list)
+    groups: list[Group] = field(default_factory=list)
+    timing: dict[str, float] = field(default_factory=dict)
+
+
+# -- arguments and inputs ---------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="selfspec bench engine", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="default")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--batch-sizes", type=int_list, default=[1, 8])
+    p.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS)
+    p.add_argument("--limit", type=int, default=None, help="first N prompts of each kind")
+    p.add_argument("--systems", type=system_list, default=list(SYSTEMS))
+    p.add_argument("--exit-layer", type=int, default=None, help="default: 3/4 of the layers")
+    args = p.parse_args(argv)
+    if args.max_tokens < 1 or (args.limit is not None and args.limit < 1):
+        p.error("--max-tokens and --limit must be at least 1")
+    return args
+
+
+def int_list(text: str) -> list[int]:
+    values = [int(x) for x in text.split(",") if x.strip()]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("expected positive integers like 1,8")
+    return sorted(set(values))
+
+
+def system_list(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = sorted(set(names) - set(SYSTEMS))
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"systems are {', '.join(SYSTEMS)}; got {unknown}")
+    return [s for s in SYSTEMS if s in names]
+
+
+def load_prompts(path: Path, engine: Engine, limit: int | None) -> list[Prompt]:
+    """The prompts in file order, at most `limit` of each kind, chat-formatted once."""
+    prompts: list[Prompt] = []
+    per_kind: dict[str, int] = {}
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        kind = row["kind"]
+        if limit is not None and per_kind.get(kind, 0) >= limit:
+            continue
+        per_kind[kind] = per_kind.get(kind, 0) + 1
+        ids = engine.encode(row["messages"][0]["content"], chat=True)
+        prompts.append(Prompt(row["id"], kind, ids))
+    return prompts
+
+
+def chunks(prompts: list[Prompt], size: int) -> Iterator[list[Prompt]]:
+    for i in range(0, len(prompts), size):
+        yield prompts[i : i + size]
+
+
+# -- the systems --------------------------------------------------------------------
+
+
+def draft_configs(engine: Engine, exit_layer: int) -> dict[str, DraftConfig]:
+    k = engine.default_draft.max_draft
+    configs = {
+        "off": DraftConfig(mode="off"),
+        "skip": engine.default_draft,
+        "early_exit": DraftConfig(mode="early_exit", exit_layer=exit_layer, max_draft=k),
+        "ngram": DraftConfig(mode="ngram", max_draft=k),
+    }
+    for cfg in configs.values():
+        cfg.check_layers(engine.model.num_layers)
+    return configs
+
+
+def engine_generator(engine: Engine, draft: DraftConfig) -> Generate:
+    def generate(group: list[list[int]], n: int) -> list[Output]:
+        params = SamplingParams(max_tokens=n, ignore_eos=True)
+        return [(o.token_ids, o.stats) for o in engine.generate(group, params, draft=draft)]
+
+    return generate
+
+
+def load_hf(engine: Engine, dtype: str):
+    """transformers' model and a left-padding tokenizer for the engine's checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(engine.model_path, dtype=getattr(torch, dtype))
+    model = model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(engine.model_path)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def hf_generator(model, tokenizer, early_exit: int | None) -> Generate:
+    extra = {} if early_exit is None else {"assistant_early_exit": early_exit}
+
+    def generate(group: list[list[int]], n: int) -> list[Output]:
+        batch = tokenizer.pad({"input_ids": group}, return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(
+                **batch,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                **extra,
+            )
+        return [(row.tolist(), None) for row in out[:, batch["input_ids"].shape[1] :]]
+
+    return generate
+
+
+# -- timing -------------------------------------------------------------------------
+
+
+def run_system(
+    name: str,
+    generate: Generate,
+    prompts: list[Prompt],
+    batch_size: int,
+    max_tokens: int,
+    engine: Engine,
+    progress: Progress,
+) -> Run:
+    """Warm up on a short prompt, then time every group of `batch_size` prompts."""
+    warmup = engine.encode(WARMUP_PROMPT, chat=True)
+    generate([warmup] * batch_size, WARMUP_TOKENS)
+    engine.runner.timing.reset()
+    run = Run(name, batch_size)
+    for group in chunks(prompts, batch_size):
+        t0 = time.perf_counter()
+        outs = generate([p.ids for p in group], max_tokens)
+        seconds = time.perf_counter() - t0
+        tokens = sum(len(ids) for ids, _ in outs)
+        run.outputs += [ids for ids, _ in outs]
+        run.stats += [stats for _, stats in outs if stats is not None]
+        run.groups.append(Group(frozenset(p.kind for p in group), tokens, seconds))
+        label = "+".join(dict.fromkeys(p.kind for p in group))
+        progress(f"{name} b={batch_size} {label}: {tokens / seconds:.1f} tok/s")
+    if name in ENGINE_SYSTEMS:
+        run.timing = asdict(engine.runner.timing)
+    return run
+
+
+def throughput(groups: list[Group]) -> dict:
+    tokens = sum(g.tokens for g in groups)
+    seconds = sum(g.seconds for g in groups)
+    return {"tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds if seconds else None}
+
+
+def per_kind(groups: list[Group], kinds: list[str]) -> dict[str, dict | None]:
+    out: dict[str, dict | None] = {}
+    for kind in kinds:
+        alone = [g for g in groups if g.kinds == {kind}]
+        out[kind] = throughput(alone) if alone else None
+    return out
+
+
+# -- statistics ---------------------------------------------------------------------
+
+
+def agreement(outputs: list[list[int]], reference: list[list[int]], stop: frozenset) -> float:
+    """Share of the reference's tokens before its first EOS reproduced as a common prefix."""
+    matched = total = 0
+    for out, ref in zip(outputs, reference, strict=True):
+        end = next((i for i, t in enumerate(ref) if t in stop), len(ref))
+        n = 0
+        while n < min(end, len(out)) and out[n] == ref[n]:
+            n += 1
+        matched, total = matched + n, total + end
+    return matched / total if total else 1.0
+
+
+def draft_stats(run: Run, off: Run | None) -> dict:
+    drafted = sum(s["drafted_tokens"] for s in run.stats)
+    accepted = sum(s["accepted_tokens"] for s in run.stats)
+    steps = sum(s["steps"] for s in run.stats)
+    t = run.timing
+    draft_step = t["draft_s"] / t["draft_passes"] if t["draft_passes"] else None
+    full_step = off.timing["verify_s"] / off.timing["verify_passes"] if off else None
+    return {
+        "acceptance_rate": accepted / drafted if drafted else None,
+        "tokens_per_verify": (accepted + steps) / steps if steps else None,
+        "draft_step_ms": draft_step * 1e3 if draft_step else None,
+        "draft_step_cost": draft_step / full_step if draft_step and full_step else None,
+    }
+
+
+def summarize(run: Run, off: Run | None, kinds: list[str], stop: frozenset) -> dict:
+    result = {**throughput(run.groups), "by_kind": per_kind(run.groups, kinds)}
+    if run.timing:
+        t = run.timing
+        result["timing"] = t
+        result["verify_step_ms"] = 1e3 * t["verify_s"] / t["verify_passes"]
+    if run.system not in ("off", *HF_SYSTEMS):
+        result.update(draft_stats(run, off))
+    if off is not None and run is not off:
+        result["identical_to_off"] = run.outputs == off.outputs
+        result["agreement_with_off"] = agreement(run.outputs, off.outputs, stop)
+    return result
+
+
+# -- the machine --------------------------------------------------------------------
+
+
+def memory_bandwidth(repeats: int = 5) -> float:
+    """Bytes per second read by summing a 1 GiB float32 tensor, best of `repeats`."""
+    x = torch.ones(BANDWIDTH_BYTES // 4, dtype=torch.float32)
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum().item()
+        best = min(best, time.perf_counter() - t0)
+    return BANDWIDTH_BYTES / best
+
+
+def cpu_model() -> str:
+    info = Path("/proc/cpuinfo")
+    if info.is_file():
+        for line in info.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict:
+    import transformers
+
+    return {
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "load_average_start": os.getloadavg(),
+    }
+
+
+def roofline(bandwidth: float, weight_bytes: int, results: dict) -> dict:
+    """How far the plain decode step at batch 1 is from reading every weight once."""
+    bound_ms = 1e3 * weight_bytes / bandwidth
+    step_ms = results.get("1", {}).get("off", {}).get("verify_step_ms")
+    return {
+        "memory_bandwidth_gb_s": bandwidth / 1e9,
+        "weight_bytes": weight_bytes,
+        "weight_read_bound_ms": bound_ms,
+        "decode_step_ms_b1": step_ms,
+        "decode_step_over_bound": step_ms / bound_ms if step_ms else None,
+    }
+
+
+def headline(results: dict, kinds: list[str]) -> dict | None:
+    """Our fastest system at batch 1 against transformers' generate, overall and per kind."""
+    b1 = results.get("1", {})
+    ours = [s for s in ENGINE_SYSTEMS if s in b1]
+    if "hf_generate" not in b1 or not ours:
+        return None
+    best = max(ours, key=lambda s: b1[s]["tok_s"])
+    hf = b1["hf_generate"]
+
+    def ratio(a: dict | None, b: dict | None) -> float | None:
+        return a["tok_s"] / b["tok_s"] if a and b and a["tok_s"] and b["tok_s"] else None
+
+    return {
+        "best_mode": best,
+        "best_tok_s": b1[best]["tok_s"],
+        "hf_generate_tok_s": hf["tok_s"],
+        "speedup_vs_hf_generate": ratio(b1[best], hf),
+        "speedup_by_kind": {k: ratio(b1[best]["by_kind"][k], hf["by_kind"][k]) for k in kinds},
+    }
+
+
+# -- the chart ----------------------------------------------------------------------
+
+
+def bars(ax, categories: list[str], series: dict[str, list[float | None]], title: str) -> None:
+    width = 0.8 / max(len(series), 1)
+    for i, (name, values) in enumerate(series.items()):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(categories))]
+        heights = [v if v is not None else 0.0 for v in values]
+        drawn = ax.bar(xs, heights, width, label=name)
+        labels = [f"{v:.1f}" if v is not None else "n/a" for v in values]
+        ax.bar_label(drawn, labels=labels, fontsize=7, padding=2)
+    ax.set_xticks(range(len(categories)), categories)
+    ax.set_ylabel("tokens / s")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.margins(y=0.12)
+
+
+def kind_tok_s(result: dict, kind: str) -> float | None:
+    part = (result.get("by_kind") or {}).get(kind)
+    return part["tok_s"] if part else None
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results, cfg = report["results"], report["config"]
+    systems, kinds = cfg["systems"], cfg["kinds"]
+    batches = [str(b) for b in cfg["batch_sizes"]]
+    kind_batch = batches[0]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 5.5))
+    by_batch = {f"batch {b}": [results[b][s].get("tok_s") for s in systems] for b in batches}
+    bars(left, systems, by_batch, "all prompts")
+    by_kind = {s: [kind_tok_s(results[kind_batch][s], k) for k in kinds] for s in systems}
+    bars(right, kinds, by_kind, f"per prompt kind, batch {kind_batch}")
+    fig.suptitle(
+        f"{cfg['model_name']}, {cfg['dtype']} (compute {cfg['compute_dtype']}), "
+        f"{cfg['max_tokens']} new tokens - {report['machine']['cpu']}, "
+        f"{report['machine']['torch_threads']} threads",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -- putting it together ------------------------------------------------------------
+
+
+def make_progress(total: int) -> Progress:
+    start, done = time.perf_counter(), [0]
+
+    def progress(message: str) -> None:
+        done[0] += 1
+        elapsed = time.perf_counter() - start
+        print(f"[{done[0]}/{total}] {message} ({elapsed:.0f} s)", file=sys.stderr, flush=True)
+
+    return progress
+
+
+def generators(engine: Engine, args: argparse.Namespace, exit_layer: int) -> dict[str, Generate]:
+    drafts = draft_configs(engine, exit_layer)
+    gens = {s: engine_generator(engine, drafts[s]) for s in ENGINE_SYSTEMS}
+    if set(args.systems) & set(HF_SYSTEMS):
+        model, tokenizer = load_hf(engine, args.dtype)
+        gens["hf_generate"] = hf_generator(model, tokenizer, None)
+        gens["hf_early_exit"] = hf_generator(model, tokenizer, exit_layer)
+    return {s: gens[s] for s in args.systems}
+
+
+def runs_for(system: str, batch_size: int) -> bool:
+    return not (system == "hf_early_exit" and batch_size > 1)
+
+
+def run_all(engine, args, prompts, gens: dict[str, Generate]) -> dict[str, dict]:
+    """Every system at every batch size; `off` first so the others compare with it."""
+    order = sorted(gens, key=lambda s: s != "off")
+    total = sum(
+        math.ceil(len(prompts) / b) for s in order for b in args.batch_sizes if runs_for(s, b)
+    )
+    progress = make_progress(total)
+    kinds = list(dict.fromkeys(p.kind for p in prompts))
+    results: dict[str, dict] = {}
+    for b in args.batch_sizes:
+        off, row = None, {}
+        for system in order:
+            if not runs_for(system, b):
+                row[system] = {"skipped": HF_BATCH_LIMIT}
+                continue
+            run = run_system(system, gens[system], prompts, b, args.max_tokens, engine, progress)
+            off = run if system == "off" else off
+            row[system] = summarize(run, off, kinds, engine.eos_ids)
+        results[str(b)] = {s: row[s] for s in args.systems}
+    return results
+
+
+def hf_weight_bytes(engine: Engine) -> int:
+    """Parameters of the checkpoint (tied matrices once) in the engine's compute dtype."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(engine.model.config)
+    count = sum(p.numel() for p in model.parameters())
+    return count * torch.empty((), dtype=engine.model.dtype).element_size()
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    machine = machine_info()
+    print("measuring memory bandwidth", file=sys.stderr, flush=True)
+    bandwidth = memory_bandwidth()
+    engine = Engine.from_pretrained(args.model, dtype=args.dtype)
+    exit_layer = args.exit_layer
+    if exit_layer is None:
+        exit_layer = engine.model.num_layers * 3 // 4
+    prompts = load_prompts(args.prompts, engine, args.limit)
+    gens = generators(engine, args, exit_layer)
+    results = run_all(engine, args, prompts, gens)
+    kinds = list(dict.fromkeys(p.kind for p in prompts))
+    machine["load_average_end"] = os.getloadavg()
+    report = {
+        "config": {
+            "model": args.model,
+            "model_name": engine.model_path.name,
+            "dtype": args.dtype,
+            "compute_dtype": str(engine.model.dtype).removeprefix("torch."),
+            "max_tokens": args.max_tokens,
+            "batch_sizes": args.batch_sizes,
+            "systems": args.systems,
+            "exit_layer": exit_layer,
+            "prompts": str(args.prompts),
+            "num_prompts": len(prompts),
+            "kinds": kinds,
+            "drafts": {s: draft_dict(c) for s, c in draft_configs(engine, exit_layer).items()},
+        },
+        "machine": machine,
+        "roofline": roofline(bandwidth, hf_weight_bytes(engine), results),
+        "headline": headline(results, kinds),
+        "results": results,
+        "notes": NOTES,
+    }
+    write(report, args.out)
+    return 0
+
+
+def draft_dict(cfg: DraftConfig) -> dict:
+    return {k: v for k, v in asdict(cfg).items() if k != "extra"}
+
+
+def write(report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "engine.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, out / "engine.png")
+    head = report["headline"]
+    if head:
+        print(
+            f"best mode {head['best_mode']}: {head['best_tok_s']:.1f} tok/s, "
+            f"{head['speedup_vs_hf_generate']:.2f}x transformers' generate at batch 1",
+            file=sys.stderr,
+        )
+    print(f"wrote {out / 'engine.json'} and {out / 'engine.png'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
