@@ -19,7 +19,8 @@ from services.engine import checkpoint
 from services.engine.kv_pool import KVPool
 from services.engine.model import Model
 from services.engine.params import DraftConfig, SamplingParams
-from services.engine.runner import ModelRunner
+from services.engine.policy import Telemetry, best_length
+from services.engine.runner import ModelRunner, ngram_proposal
 from services.engine.sampler import accept_greedy, accept_sampled, probabilities, sample
 from services.engine.scheduler import Request, Scheduler
 from services.engine.sequence import Sequence
@@ -77,6 +78,8 @@ class Engine:
         self.runner = ModelRunner(model, self.pool)
         self.default_draft = draft or self._load_profile()
         self.default_draft.check_layers(model.num_layers)
+        self.telemetry = Telemetry()
+        self._draft_cost_prior = 0.6  # a layer draft's cost before it is measured
         eos = model.config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         if tokenizer.eos_token_id is not None:
@@ -114,10 +117,11 @@ class Engine:
     def _load_profile(self) -> DraftConfig:
         path = profile_path(self.model_path)
         if path.is_file():
-            return DraftConfig(**json.loads(path.read_text())["draft"])
-        # No tuned profile: skip the MLP of every other layer in the upper half.
-        n = self.model.num_layers
-        return DraftConfig(mode="skip", skip_mlp=tuple(range(n // 2, n, 2)))
+            fields = json.loads(path.read_text())["draft"]
+        else:  # no tuned profile: skip the attention of every other middle layer
+            n = self.model.num_layers
+            fields = {"skip_attn": tuple(range(n // 4, 3 * n // 4, 2))}
+        return DraftConfig(**{**fields, "mode": "auto"})
 
     # -- requests ---------------------------------------------------------------
 
@@ -362,12 +366,18 @@ class Engine:
     def step(self, seqs: list[Sequence], cfg: DraftConfig) -> None:
         """Draft for every sequence, verify all drafts in one pass, accept what agrees."""
         room = [
-            min(cfg.max_draft, s.remaining - 1, self.model.max_positions - s.num_tokens)
+            max(0, min(cfg.max_draft, s.remaining - 1, self.model.max_positions - s.num_tokens))
             for s in seqs
         ]
         for s, r in zip(seqs, room, strict=True):
-            s.table.reserve(s.num_tokens + max(r, 0))
-        drafts = self.runner.draft(seqs, cfg, [max(r, 0) for r in room])
+            s.table.reserve(s.num_tokens + r)
+        if cfg.mode == "auto":
+            plans = [
+                self._choose(seq, cfg, r, len(seqs)) for seq, r in zip(seqs, room, strict=True)
+            ]
+        else:
+            plans = [(cfg.mode, r) for r in room]
+        drafts = self.runner.draft_mixed(seqs, cfg, plans)
         logits = self.runner.verify(seqs, drafts)
         for i, seq in enumerate(seqs):
             proposed = drafts.tokens[i]
@@ -379,7 +389,27 @@ class Engine:
                 n, nxt = accept_sampled(proposed, q, p, seq.generator)
             seq.table.commit(seq.table.num_tokens + n + 1)
             seq.stats.record(len(proposed), n)
+            self.telemetry.record(plans[i][0], len(seqs), len(proposed), n)
+            if proposed:
+                seq.acceptance(plans[i][0]).update(len(proposed), n)
             seq.append(proposed[:n] + [nxt], self.eos_ids)
+
+    def _choose(self, seq: Sequence, cfg: DraftConfig, room: int, batch: int) -> tuple[str, int]:
+        """The auto policy: the mode and draft length with the best expected speedup."""
+        best = (1.0, "off", 0)
+        if room == 0:
+            return "off", 0
+        candidates = [("ngram", 0.0)]
+        if cfg.layer_mode is not None:
+            candidates.append((cfg.layer_mode, self._draft_cost_prior))
+        for mode, prior in candidates:
+            if mode == "ngram" and not ngram_proposal(seq.tokens, 1, cfg.ngram_min, cfg.ngram_max):
+                continue
+            acc = seq.acceptance(mode)
+            draft_cost, token_cost = self.runner.costs.relative(mode, batch, prior)
+            gain, k = best_length([acc.rate(i) for i in range(room)], draft_cost, token_cost)
+            best = max(best, (gain, mode, k))
+        return best[1], best[2]
 
     @staticmethod
     def _first_token(seq: Sequence, logits: torch.Tensor) -> int:

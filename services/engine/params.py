@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-DRAFT_MODES = ("off", "skip", "early_exit", "ngram")
+DRAFT_MODES = ("off", "skip", "early_exit", "ngram", "auto")
 MAX_DRAFT_TOKENS = 16
 
 
@@ -83,6 +83,18 @@ class DraftConfig:
             raise ValueError(f"shortlist must be >= 0, got {self.shortlist}")
         if not 1 <= self.ngram_min <= self.ngram_max <= 16:
             raise ValueError("ngram sizes need 1 <= ngram_min <= ngram_max <= 16")
+
+    @property
+    def layer_mode(self) -> str | None:
+        """The layer draft this config runs, if any: `auto` uses what its fields describe."""
+        if self.mode in ("skip", "early_exit"):
+            return self.mode
+        if self.mode == "auto":
+            if self.skip_attn or self.skip_mlp:
+                return "skip"
+            if self.exit_layer is not None:
+                return "early_exit"
+        return None
 
     def check_layers(self, num_layers: int) -> None:
         """Refuse layer numbers the model does not have, and skipping everything."""

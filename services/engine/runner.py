@@ -18,6 +18,7 @@ from kernels.attention import AttentionBatch
 from services.engine.kv_pool import KVPool
 from services.engine.model import FULL, LayerPlan, Linear, Model
 from services.engine.params import DraftConfig
+from services.engine.policy import Costs
 from services.engine.sampler import probabilities, sample
 from services.engine.sequence import Sequence
 
@@ -49,7 +50,7 @@ class Drafts:
 
 def draft_plan(cfg: DraftConfig, num_layers: int) -> tuple[LayerPlan, int, int]:
     """The layer plan of a draft, the first layer it changes, and the layer it ends at."""
-    if cfg.mode == "early_exit":
+    if cfg.layer_mode == "early_exit":
         return FULL, cfg.exit_layer, cfg.exit_layer
     plan = LayerPlan(frozenset(cfg.skip_attn), frozenset(cfg.skip_mlp))
     return plan, plan.first_skipped, num_layers
@@ -72,6 +73,7 @@ class ModelRunner:
         self.pool = pool
         self._low_head: tuple[int, Linear] | None = None
         self.timing = Timing()
+        self.costs = Costs()
 
     def _batch(self, seqs: list[Sequence], starts: list[int], lengths: list[int]):
         return AttentionBatch.build(
@@ -106,21 +108,32 @@ class ModelRunner:
     @torch.inference_mode()
     def draft(self, seqs: list[Sequence], cfg: DraftConfig, max_lens: list[int]) -> Drafts:
         """Up to `max_lens[i]` tokens for each sequence, from the draft `cfg` describes."""
-        if cfg.mode == "off":
-            return Drafts([[] for _ in seqs])
+        return self.draft_mixed(seqs, cfg, [(cfg.mode, m) for m in max_lens])
+
+    @torch.inference_mode()
+    def draft_mixed(self, seqs: list[Sequence], cfg: DraftConfig, plans: list[tuple[str, int]]):
+        """Draft each sequence in its own mode (`off`, `ngram`, or the layer draft of `cfg`),
+        at most the given number of tokens; one verification then serves them all."""
+        tokens: list[list[int]] = [[] for _ in seqs]
+        for i, (mode, k) in enumerate(plans):
+            if mode == "ngram" and k > 0:
+                tokens[i] = ngram_proposal(seqs[i].tokens, k, cfg.ngram_min, cfg.ngram_max)
+        layered = [i for i, (mode, k) in enumerate(plans) if mode in ("skip", "early_exit") and k]
+        if not layered:
+            return Drafts(tokens)
         t0 = time.perf_counter()
-        if cfg.mode == "ngram":
-            drafts = Drafts(
-                [
-                    ngram_proposal(s.tokens, m, cfg.ngram_min, cfg.ngram_max) if m else []
-                    for s, m in zip(seqs, max_lens, strict=True)
-                ]
-            )
-        else:
-            drafts = self._layer_draft(seqs, cfg, max_lens)
-        self.timing.draft_s += time.perf_counter() - t0
-        self.timing.draft_passes += max(map(len, drafts.tokens), default=0)
-        return drafts
+        part = self._layer_draft([seqs[i] for i in layered], cfg, [plans[i][1] for i in layered])
+        passes = max(map(len, part.tokens), default=0)
+        elapsed = time.perf_counter() - t0
+        self.timing.draft_s += elapsed
+        self.timing.draft_passes += passes
+        if passes:
+            self.costs.observe_draft(cfg.layer_mode, len(layered), elapsed / passes)
+        hidden: list[torch.Tensor | None] = [None] * len(seqs)
+        probs: list[torch.Tensor | None] = [None] * len(seqs)
+        for j, i in enumerate(layered):
+            tokens[i], hidden[i], probs[i] = part.tokens[j], part.hidden[j], part.probs[j]
+        return Drafts(tokens, hidden, part.start_layer, probs)
 
     def _layer_draft(self, seqs, cfg: DraftConfig, max_lens: list[int]) -> Drafts:
         model = self.model
@@ -211,13 +224,25 @@ class ModelRunner:
         t0 = time.perf_counter()
         lengths = [len(t) + 1 for t in drafts.tokens]
         batch = self._batch(seqs, [s.table.num_tokens for s in seqs], lengths)
-        if drafts.hidden is not None:
-            h = torch.cat(drafts.hidden)
-        else:
-            ids = [t for s, d in zip(seqs, drafts.tokens, strict=True) for t in [s.last, *d]]
-            h = self.model.embed_tokens(self._tensor(ids))
+        hidden = drafts.hidden or [None] * len(seqs)
+        missing = [i for i, h in enumerate(hidden) if h is None]
+        if missing:  # sequences whose draft kept no hidden states start at the bottom
+            group = [seqs[i] for i in missing]
+            ids = [t for i in missing for t in [seqs[i].last, *drafts.tokens[i]]]
+            sub = self._batch(
+                group, [s.table.num_tokens for s in group], [lengths[i] for i in missing]
+            )
+            h = self.model.run_layers(
+                self.model.embed_tokens(self._tensor(ids)), sub, self.pool.kv, 0, drafts.start_layer
+            )
+            hidden = list(hidden)
+            for i, part in zip(missing, h.split([lengths[i] for i in missing]), strict=True):
+                hidden[i] = part
+        h = torch.cat(hidden)
         h = self.model.run_layers(h, batch, self.pool.kv, drafts.start_layer)
         logits = list(self.model.logits(h).split(lengths))
-        self.timing.verify_s += time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        self.timing.verify_s += elapsed
         self.timing.verify_passes += 1
+        self.costs.observe_verify(len(seqs), sum(lengths), elapsed)
         return logits

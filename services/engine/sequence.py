@@ -8,6 +8,7 @@ import torch
 
 from services.engine.kv_pool import BlockTable
 from services.engine.params import SamplingParams
+from services.engine.policy import PRIOR_ACCEPT, Acceptance
 
 
 @dataclass
@@ -58,12 +59,19 @@ class Sequence:
         self.stats = Stats()
         self.need = 0  # tokens of KV this sequence may ever hold, reserved at admission
         self.text_end: int | None = None  # where a stop string begins in the output text
+        self._acceptance: dict[str, Acceptance] = {}
         self.generator: torch.Generator | None = None
         if not params.greedy:
             self.generator = torch.Generator()
             self.generator.manual_seed(
                 params.seed if params.seed is not None else torch.seed() % (1 << 63)
             )
+
+    def acceptance(self, mode: str) -> Acceptance:
+        """This sequence's running acceptance per draft position in `mode`."""
+        if mode not in self._acceptance:
+            self._acceptance[mode] = Acceptance(PRIOR_ACCEPT.get(mode, (1.0, 2.0)))
+        return self._acceptance[mode]
 
     @property
     def tokens(self) -> list[int]:

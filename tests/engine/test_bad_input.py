@@ -75,12 +75,12 @@ def test_engine_refuses_bad_requests_and_keeps_no_blocks(engine):
 
 
 def test_a_request_that_can_never_fit_is_refused_and_a_big_batch_waits(engine):
-    small = Engine(engine.model, engine.tokenizer, engine.model_path, kv_cache_bytes=4 << 20)
+    small = Engine(engine.model, engine.tokenizer, engine.model_path, kv_cache_bytes=6 << 20)
     capacity = small.pool.num_blocks * small.pool.block_size
     with pytest.raises(ValueError, match="lower max_tokens"):
         small.generate(["hello"], SamplingParams(max_tokens=capacity))
-    outs = small.generate([[1, 2, 3]] * 24, SamplingParams(max_tokens=40, ignore_eos=True), "off")
-    assert len({tuple(o.token_ids) for o in outs}) == 1 and len(outs[0].token_ids) == 40
+    outs = small.generate([[1, 2, 3]] * 8, SamplingParams(max_tokens=20, ignore_eos=True), "off")
+    assert len({tuple(o.token_ids) for o in outs}) == 1 and len(outs[0].token_ids) == 20
     assert small.pool.num_free == small.pool.num_blocks
 
 

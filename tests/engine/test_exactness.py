@@ -26,6 +26,7 @@ def modes(num_layers: int) -> list[DraftConfig]:
         DraftConfig(mode="skip", skip_attn=(0,), max_draft=3, shortlist=256, threshold=0.3),
         DraftConfig(mode="early_exit", exit_layer=num_layers // 2, max_draft=5),
         DraftConfig(mode="ngram", max_draft=4),
+        DraftConfig(mode="auto", skip_attn=(1,), skip_mlp=(last // 2,), max_draft=4),
     ]
 
 
