@@ -22,7 +22,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -30,7 +30,7 @@ import torch
 from services.engine import DraftConfig, Engine, SamplingParams
 
 HF_SYSTEMS = ("hf_generate", "hf_early_exit")
-ENGINE_SYSTEMS = ("off", "skip", "early_exit", "ngram")
+ENGINE_SYSTEMS = ("off", "skip", "early_exit", "ngram", "auto")
 SYSTEMS = HF_SYSTEMS + ENGINE_SYSTEMS
 DEFAULT_PROMPTS = Path(__file__).with_name("prompts.jsonl")
 WARMUP_PROMPT = "Say hello."
@@ -144,9 +144,10 @@ def draft_configs(engine: Engine, exit_layer: int) -> dict[str, DraftConfig]:
     k = engine.default_draft.max_draft
     configs = {
         "off": DraftConfig(mode="off"),
-        "skip": engine.default_draft,
+        "skip": replace(engine.default_draft, mode="skip"),
         "early_exit": DraftConfig(mode="early_exit", exit_layer=exit_layer, max_draft=k),
         "ngram": DraftConfig(mode="ngram", max_draft=k),
+        "auto": replace(engine.default_draft, mode="auto"),
     }
     for cfg in configs.values():
         cfg.check_layers(engine.model.num_layers)

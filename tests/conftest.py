@@ -19,6 +19,12 @@ def engine() -> Engine:
     return Engine.from_pretrained("default", dtype="float32")
 
 
+@pytest.fixture(scope="session")
+def bf16_engine() -> Engine:
+    """The default model in bfloat16, as served."""
+    return Engine.from_pretrained("default", dtype="bfloat16")
+
+
 TINY = {
     "llama": ("LlamaConfig", {}),
     "llama3_rope": (

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from kernels import cpu_linear
 from kernels.attention import AttentionBatch, paged_attention, write_kv
 
 log = logging.getLogger(__name__)
@@ -21,52 +22,74 @@ log = logging.getLogger(__name__)
 
 def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype arithmetic runs in: bfloat16 only where the hardware has it."""
-    native = device.type != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    if dtype == torch.bfloat16 and not native:
-        log.warning(
-            "this CPU has no native bfloat16 arithmetic: weights are rounded to bfloat16 "
-            "and products run in float32, which is faster here than emulated bfloat16"
+    if dtype == torch.bfloat16 and not native_bf16(device):
+        log.info(
+            "this CPU has no native bfloat16 arithmetic: weights stay bfloat16, activations "
+            "and accumulation are float32"
         )
         return torch.float32
     return dtype
 
 
-class Linear:
-    """A weight packed once at load for the fastest product the device offers.
+def native_bf16(device: torch.device) -> bool:
+    return device.type != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
-    On the CPU, oneDNN's packed layout reads weights faster than `F.linear`, costs
-    about the same for 1 to a few rows, gives each row the same result whatever the
-    number of rows (which keeps drafting exact), and fuses the op that follows.
+
+class Linear:
+    """A weight prepared once at load for the fastest product the device offers.
+
+    On the CPU: float32 (or bfloat16 where the CPU has it) goes to oneDNN's packed
+    layout, which reads weights faster than `F.linear`, costs about the same for 1 to a
+    few rows and fuses the op that follows; bfloat16 on CPUs without native bfloat16
+    goes to our AVX2 kernel, which reads each bfloat16 weight once for all rows. Both
+    give each row the same result whatever the number of rows, which keeps drafting
+    exact.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         self.bias = bias
         self.weight = weight
         self.packed = None
-        if weight.device.type == "cpu" and (
-            weight.dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        self.bf16_kernel = False
+        if weight.device.type != "cpu":
+            return
+        if weight.dtype == torch.bfloat16 and not native_bf16(weight.device):
+            self.bf16_kernel = cpu_linear.available()
+            if not self.bf16_kernel:  # no compiler here: emulated bfloat16 is far slower
+                self.weight = weight.float()
+                self.bias = None if bias is None else bias.float()
+        if self.weight.dtype == torch.float32 or (
+            self.weight.dtype == torch.bfloat16 and native_bf16(weight.device)
         ):
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, None)
             self.weight = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bf16_kernel:
+            return cpu_linear.linear_bf16(x, self.weight, self.bias)
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def silu(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bf16_kernel:
+            return cpu_linear.linear_bf16_silu(x, self.weight, self.bias)
         if self.packed is None:
             return F.silu(F.linear(x, self.weight, self.bias))
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "swish", [], "")
 
     def add(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         """`self(x) + other` in one op."""
+        if self.bf16_kernel:
+            return cpu_linear.linear_bf16_add(x, self.weight, other, self.bias)
         if self.packed is None:
             return F.linear(x, self.weight, self.bias) + other
         return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.packed, self.bias, "add")
 
     def mul(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         """`self(x) * other` in one op."""
+        if self.bf16_kernel:
+            return cpu_linear.linear_bf16_mul(x, self.weight, other, self.bias)
         if self.packed is None:
             return F.linear(x, self.weight, self.bias) * other
         return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.packed, self.bias, "mul")
@@ -74,6 +97,8 @@ class Linear:
 
 @dataclass
 class Layer:
+    attn_gain: torch.Tensor | None  # RMSNorm gains, None when folded into the weights
+    mlp_gain: torch.Tensor | None
     qkv: Linear  # q and k rows permuted so RoPE is one complex product
     o: Linear
     gate: Linear
@@ -140,27 +165,43 @@ class Model:
         self.n_eps = c.hidden_size * c.rms_norm_eps
         self._dtype = dtype
         self._tensors = tensors
+        # Matrices stay in the requested dtype where a kernel multiplies them as they are;
+        # otherwise they are rounded to it, then held in the compute dtype with the RMSNorm
+        # gains folded in (exact in float32, and one op fewer per norm).
+        kernel = dtype != self.dtype and self.device.type == "cpu" and cpu_linear.available()
+        self.store_dtype = dtype if kernel else self.dtype
+        self.fold = not kernel
         # Tied checkpoints may store the shared matrix under either name.
         embed, head = "model.embed_tokens.weight", "lm_head.weight"
         self.embed = self._w(embed if embed in tensors else head)
         self.head_weight = self._w(head if head in tensors else embed, gain="model.norm.weight")
+        self.final_gain = self._gain("model.norm.weight")
         self.head = Linear(self.head_weight)
         self.layers = [self._layer(f"model.layers.{i}.") for i in range(self.num_layers)]
         self.rope = _rope_table(c, self.head_dim, self.device)
         del self._tensors
 
     def _w(self, name: str, gain: str | None = None) -> torch.Tensor:
-        """A weight rounded to the requested dtype first, so that float32 arithmetic on
-        bfloat16 weights computes the bfloat16 model; `gain` is an RMSNorm weight to
-        fold into the columns, with the sqrt(n) that `normalize` leaves out."""
-        w = self._tensors[name].to(self._dtype).float()
-        if gain is not None:
-            g = self._tensors[gain].to(self._dtype).float()
-            w = w * (g * w.shape[-1] ** 0.5)
-        return w.to(device=self.device, dtype=self.dtype).contiguous()
+        """A matrix rounded to the requested dtype first, so that float32 arithmetic on
+        bfloat16 weights computes the bfloat16 model; `gain` is the RMSNorm before it,
+        folded into the columns when `fold`."""
+        w = self._tensors[name].to(self._dtype)
+        if gain is not None and self.fold:
+            w = w.float() * self._gain(gain, force=True)
+        return w.to(device=self.device, dtype=self.store_dtype).contiguous()
 
-    def _opt(self, name: str) -> torch.Tensor | None:
-        return self._w(name) if name in self._tensors else None
+    def _gain(self, name: str, force: bool = False) -> torch.Tensor | None:
+        """An RMSNorm gain with the sqrt(n) that `normalize` leaves out, unless folded."""
+        if self.fold and not force:
+            return None
+        g = self._tensors[name].to(self._dtype).float()
+        return (g * g.shape[-1] ** 0.5).to(self.device)
+
+    def _vector(self, name: str) -> torch.Tensor | None:
+        """Biases and q/k norms: small, kept in the compute dtype."""
+        if name not in self._tensors:
+            return None
+        return self._tensors[name].to(self._dtype).to(device=self.device, dtype=self.dtype)
 
     def _layer(self, p: str) -> Layer:
         a, m = p + "self_attn.", p + "mlp."
@@ -171,10 +212,12 @@ class Model:
         v = self._w(a + "v_proj.weight", attn_gain)
         bias = None
         if a + "q_proj.bias" in self._tensors:
-            qb, kb, vb = (self._w(a + f"{x}_proj.bias") for x in "qkv")
+            qb, kb, vb = (self._vector(a + f"{x}_proj.bias") for x in "qkv")
             bias = torch.cat([interleave_halves(qb, H), interleave_halves(kb, KV), vb])
-        q_norm, k_norm = self._opt(a + "q_norm.weight"), self._opt(a + "k_norm.weight")
+        q_norm, k_norm = self._vector(a + "q_norm.weight"), self._vector(a + "k_norm.weight")
         return Layer(
+            attn_gain=self._gain(attn_gain),
+            mlp_gain=self._gain(mlp_gain),
             qkv=Linear(torch.cat([q, k, v]), bias),
             o=Linear(self._w(a + "o_proj.weight")),
             gate=Linear(self._w(m + "gate_proj.weight", mlp_gain)),
@@ -185,7 +228,11 @@ class Model:
         )
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.embedding(tokens, self.embed)
+        return F.embedding(tokens, self.embed).to(self.dtype)
+
+    def _norm(self, h: torch.Tensor, gain: torch.Tensor | None) -> torch.Tensor:
+        x = normalize(h, self.n_eps)
+        return x if gain is None else x * gain
 
     def run_layers(
         self,
@@ -203,13 +250,13 @@ class Model:
             if i not in plan.skip_attn:
                 h = self._attention(layer, h, batch, kv_cache[i], rope)
             if i not in plan.skip_mlp:
-                x = normalize(h, self.n_eps)
+                x = self._norm(h, layer.mlp_gain)
                 h = layer.down.add(layer.up.mul(x, layer.gate.silu(x)), h)
         return h
 
     def _attention(self, layer: Layer, h, batch, kv_cache, rope) -> torch.Tensor:
         T, H, KV, D = h.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = layer.qkv(normalize(h, self.n_eps))
+        qkv = layer.qkv(self._norm(h, layer.attn_gain))
         qk = qkv[:, : (H + KV) * D].view(T, H + KV, D)
         if layer.q_norm is not None:
             qk = torch.cat(
@@ -226,12 +273,12 @@ class Model:
         return layer.o.add(paged_attention(q, kv_cache, batch, KV, self.scale), h)
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
-        """The last RMSNorm, its gain folded into the head's weights."""
-        return normalize(h, self.n_eps)
+        """The last RMSNorm (its gain may be folded into the head's weights)."""
+        return self._norm(h, self.final_gain)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and the full LM head: `[T, vocab]` in float32."""
-        return self.head(normalize(h, self.n_eps)).float()
+        return self.head(self.final_norm(h)).float()
 
 
 def _uses_window(config) -> bool:

@@ -195,7 +195,7 @@ class ModelRunner:
 
         def short(h):
             x = model.final_norm(h)
-            return torch.cat((low(x), F.linear(x, extra_w)), -1).float(), ids
+            return torch.cat((low(x), F.linear(x, extra_w.to(x.dtype))), -1).float(), ids
 
         return short
 

@@ -115,9 +115,10 @@ class Tuner:
             table.free()
 
     @torch.inference_mode()
-    def agreement(self, plan: LayerPlan) -> float:
+    def agreement(self, plan: LayerPlan, shortlist: int = 0) -> float:
         """Teacher-forced, all calibration sequences in one pass: how often the draft's
-        next token equals the full model's."""
+        next token equals the full model's (with a head over `shortlist` ids plus the
+        ids of the sequence, when given)."""
         m, pool = self.model, self.engine.pool
         tables = [BlockTable(pool) for _ in self.sequences]
         try:
@@ -129,11 +130,37 @@ class Tuner:
             )
             tokens = torch.tensor([t for p, o in self.sequences for t in p + o])
             h = m.run_layers(m.embed_tokens(tokens), batch, pool.kv, plan=plan)
-            guess = m.logits(h[self.rows]).argmax(-1)
+            logits = m.logits(h[self.rows])
+            if shortlist:
+                logits = logits.masked_fill(~self._allowed(shortlist), float("-inf"))
+            guess = logits.argmax(-1)
         finally:
             for table in tables:
                 table.free()
         return float((guess == self.targets).float().mean())
+
+    def _allowed(self, shortlist: int) -> torch.Tensor:
+        """[rows, vocab]: which ids a shortlisted draft head can pick at each scored row."""
+        allowed = torch.zeros(len(self.rows), self.model.vocab_size, dtype=torch.bool)
+        allowed[:, :shortlist] = True
+        row = 0
+        for prompt, output in self.sequences:
+            ids = torch.tensor(prompt + output)
+            allowed[row : row + len(output), ids] = True  # the context, a slight superset
+            row += len(output)
+        return allowed
+
+    def with_shortlist(self, sc: Score) -> tuple[Score, int]:
+        """The best of no shortlist and a few shortlist sizes for a scored skip set."""
+        plan = LayerPlan(frozenset(sc.skip_attn), frozenset(sc.skip_mlp))
+        best, size = sc, 0
+        for s in (4096, 8192, 16384):
+            alpha = self.agreement(plan, s)
+            cost = sc.cost - self.sizes["head"] * (1 - s / self.model.vocab_size)
+            speedup, k = expected_speedup(alpha, cost, self.verify)
+            if speedup > best.speedup:
+                best, size = Score(sc.skip_attn, sc.skip_mlp, alpha, cost, k, speedup), s
+        return best, size
 
     def score(self, skip_attn: set[int], skip_mlp: set[int]) -> Score:
         plan = LayerPlan(frozenset(skip_attn), frozenset(skip_mlp))
@@ -195,11 +222,13 @@ def tune(engine, out: str | Path | None = None, budget_s: float = 600.0, max_tok
     candidates = tuner.search(budget_s)[:3]
     measured = [("off", tuner.measure(DraftConfig(mode="off")), None)]
     for sc in candidates:
+        sc, shortlist = tuner.with_shortlist(sc)
         cfg = DraftConfig(
             mode="skip",
             skip_attn=sc.skip_attn,
             skip_mlp=sc.skip_mlp,
             max_draft=max(1, sc.max_draft),
+            shortlist=shortlist,
         )
         measured.append(("skip", tuner.measure(cfg), (cfg, sc)))
         print(

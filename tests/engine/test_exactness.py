@@ -63,3 +63,16 @@ def test_tiny_architectures(tiny, batch):
         outs = eng.generate(prompts, params, cfg)
         assert [o.token_ids for o in outs] == alone, (kind, cfg)
     assert eng.pool.num_free == eng.pool.num_blocks
+
+
+def test_bfloat16_drafting_equals_off(bf16_engine):
+    """bfloat16 weights through the engine's kernels: each row of a product is computed the
+    same whatever the number of rows, so drafting stays exact here too."""
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    alone = [bf16_engine.generate([p], params, "off", chat=True)[0].token_ids for p in PROMPTS]
+    for cfg in modes(bf16_engine.model.num_layers):
+        outs = bf16_engine.generate(PROMPTS, params, cfg, chat=True)
+        assert [o.token_ids for o in outs] == alone, cfg
+        [one] = bf16_engine.generate([PROMPTS[0]], params, cfg, chat=True)
+        assert one.token_ids == alone[0], cfg
+    assert bf16_engine.pool.num_free == bf16_engine.pool.num_blocks
