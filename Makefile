@@ -42,6 +42,7 @@ test: setup lint
 
 bench: setup
 	$(BIN)/selfspec bench engine --model default --out benchmarks/results
+	$(BIN)/selfspec bench sweep --model default --out benchmarks/results
 
 tune: setup
 	$(BIN)/selfspec tune --model default

@@ -458,13 +458,16 @@ def run_all(engine, args, prompts, gens: dict[str, Generate]) -> dict[str, dict]
 
 
 def hf_weight_bytes(engine: Engine) -> int:
-    """Parameters of the checkpoint (tied matrices once) in the engine's compute dtype."""
+    """Bytes one decode step must read: every parameter once in the dtype the engine stores
+    its matrices in, less an untied embedding table, of which a step reads one row."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(engine.model.config)
     count = sum(p.numel() for p in model.parameters())
-    return count * torch.empty((), dtype=engine.model.dtype).element_size()
+    if not engine.model.config.tie_word_embeddings:
+        count -= model.get_input_embeddings().weight.numel()
+    return count * torch.empty((), dtype=engine.model.store_dtype).element_size()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -104,10 +104,9 @@ def cmd_tune(args) -> int:
 def cmd_bench(args, rest: list[str]) -> int:
     if args.suite == "engine":
         from benchmarks.engine import main
-
-        return main(rest)
-    print(f"unknown benchmark {args.suite!r}; available: engine", file=sys.stderr)
-    return 2
+    else:
+        from benchmarks.sweep import main
+    return main(rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,7 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("bench", help="run a benchmark; options after the name go to it")
-    p.add_argument("suite", choices=["engine"])
+    p.add_argument(
+        "suite",
+        choices=["engine", "sweep"],
+        help="engine: systems side by side; sweep: auto against off across batch sizes",
+    )
     p.set_defaults(func=None)
     return parser
 

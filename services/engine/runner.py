@@ -11,8 +11,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from numpy.lib.stride_tricks import sliding_window_view
 
 from kernels.attention import AttentionBatch
 from services.engine.kv_pool import KVPool
@@ -41,7 +43,8 @@ class Drafts:
     """Proposed tokens per sequence, and where verification may start."""
 
     tokens: list[list[int]]
-    hidden: list[torch.Tensor] | None = None  # per sequence [k + 1, hidden] at `start_layer`
+    # Per sequence `[k + 1, hidden]` at `start_layer`; None where the draft kept none.
+    hidden: list[torch.Tensor | None] | None = None
     start_layer: int = 0
     # Per sampling sequence, the `[k, vocab]` distributions its tokens were drawn from;
     # None for greedy sequences and for n-gram proposals (certain, a point mass).
@@ -58,12 +61,14 @@ def draft_plan(cfg: DraftConfig, num_layers: int) -> tuple[LayerPlan, int, int]:
 
 def ngram_proposal(context: list[int], max_len: int, n_min: int, n_max: int) -> list[int]:
     """Prompt lookup: the continuation of the latest earlier match of the longest suffix."""
-    L = len(context)
+    ctx = np.asarray(context)
+    L = len(ctx)
     for n in range(min(n_max, L - 1), n_min - 1, -1):
-        suffix = context[L - n :]
-        for start in range(L - n - 1, -1, -1):
-            if context[start : start + n] == suffix:
-                return context[start + n : start + n + max_len]
+        windows = sliding_window_view(ctx[: L - 1], n)  # every n-gram that has a successor
+        hits = np.flatnonzero((windows == ctx[L - n :]).all(axis=1))
+        if len(hits):
+            start = int(hits[-1]) + n
+            return context[start : start + max_len]
     return []
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -17,20 +17,11 @@ class Stats:
     drafted: int = 0
     accepted: int = 0
     cached_prompt_tokens: int = 0
-    accepted_per_position: list[int] = field(default_factory=list)
-    drafted_per_position: list[int] = field(default_factory=list)
 
     def record(self, drafted: int, accepted: int) -> None:
         self.steps += 1
         self.drafted += drafted
         self.accepted += accepted
-        for counts, n in (
-            (self.drafted_per_position, drafted),
-            (self.accepted_per_position, accepted),
-        ):
-            counts.extend([0] * (n - len(counts)))
-            for i in range(n):
-                counts[i] += 1
 
     def as_dict(self) -> dict:
         return {
