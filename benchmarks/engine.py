@@ -512,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def draft_dict(cfg: DraftConfig) -> dict:
-    return {k: v for k, v in asdict(cfg).items() if k != "extra"}
+    return asdict(cfg)
 
 
 def write(report: dict, out: Path) -> None:

@@ -76,6 +76,7 @@ class Engine:
             device=model.device,
         )
         self.runner = ModelRunner(model, self.pool)
+        self.auto_layer_draft = True
         self.default_draft = draft or self._load_profile()
         self.default_draft.check_layers(model.num_layers)
         self.telemetry = Telemetry()
@@ -117,7 +118,11 @@ class Engine:
     def _load_profile(self) -> DraftConfig:
         path = profile_path(self.model_path)
         if path.is_file():
-            fields = json.loads(path.read_text())["draft"]
+            profile = json.loads(path.read_text())
+            fields, evidence = profile["draft"], profile.get("evidence", {})
+            # `auto` leaves the layer draft out where tuning measured it slower than none.
+            measured = evidence.get("measured_tokens_per_s", 1.0)
+            self.auto_layer_draft = measured > evidence.get("off_tokens_per_s", 0.0)
         else:  # no tuned profile: skip the attention of every other middle layer
             n = self.model.num_layers
             fields = {"skip_attn": tuple(range(n // 4, 3 * n // 4, 2))}
@@ -400,7 +405,7 @@ class Engine:
         if room == 0:
             return "off", 0
         candidates = [("ngram", 0.0)]
-        if cfg.layer_mode is not None:
+        if cfg.layer_mode is not None and self.auto_layer_draft:
             candidates.append((cfg.layer_mode, self._draft_cost_prior))
         for mode, prior in candidates:
             if mode == "ngram" and not ngram_proposal(seq.tokens, 1, cfg.ngram_min, cfg.ngram_max):

@@ -64,34 +64,40 @@ class Linear:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, None)
             self.weight = None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bf16_kernel:
+    def _plain(self, x: torch.Tensor) -> torch.Tensor:
+        """`F.linear`, widening bfloat16 weights: for prefill, where many rows make the
+        product compute-bound and MKL's float32 GEMM beats a kernel made for few rows."""
+        w = self.weight.float() if self.bf16_kernel else self.weight
+        return F.linear(x, w, self.bias)
+
+    def __call__(self, x: torch.Tensor, bulk: bool = False) -> torch.Tensor:
+        if self.bf16_kernel and not bulk:
             return cpu_linear.linear_bf16(x, self.weight, self.bias)
         if self.packed is None:
-            return F.linear(x, self.weight, self.bias)
+            return self._plain(x)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
-    def silu(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bf16_kernel:
+    def silu(self, x: torch.Tensor, bulk: bool = False) -> torch.Tensor:
+        if self.bf16_kernel and not bulk:
             return cpu_linear.linear_bf16_silu(x, self.weight, self.bias)
         if self.packed is None:
-            return F.silu(F.linear(x, self.weight, self.bias))
+            return F.silu(self._plain(x))
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "swish", [], "")
 
-    def add(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    def add(self, x: torch.Tensor, other: torch.Tensor, bulk: bool = False) -> torch.Tensor:
         """`self(x) + other` in one op."""
-        if self.bf16_kernel:
+        if self.bf16_kernel and not bulk:
             return cpu_linear.linear_bf16_add(x, self.weight, other, self.bias)
         if self.packed is None:
-            return F.linear(x, self.weight, self.bias) + other
+            return self._plain(x) + other
         return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.packed, self.bias, "add")
 
-    def mul(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    def mul(self, x: torch.Tensor, other: torch.Tensor, bulk: bool = False) -> torch.Tensor:
         """`self(x) * other` in one op."""
-        if self.bf16_kernel:
+        if self.bf16_kernel and not bulk:
             return cpu_linear.linear_bf16_mul(x, self.weight, other, self.bias)
         if self.packed is None:
-            return F.linear(x, self.weight, self.bias) * other
+            return self._plain(x) * other
         return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.packed, self.bias, "mul")
 
 
@@ -242,21 +248,24 @@ class Model:
         start: int = 0,
         end: int | None = None,
         plan: LayerPlan = FULL,
+        bulk: bool = False,
     ) -> torch.Tensor:
-        """Run layers [start, end) on hidden states `[T, hidden]`, skipping what `plan` says."""
+        """Run layers [start, end) on hidden states `[T, hidden]`, skipping what `plan` says.
+        `bulk`: many tokens at once (prefill), where throughput matters more than the
+        few-row kernels."""
         rope = self.rope[batch.positions][:, None]
         for i in range(start, self.num_layers if end is None else end):
             layer = self.layers[i]
             if i not in plan.skip_attn:
-                h = self._attention(layer, h, batch, kv_cache[i], rope)
+                h = self._attention(layer, h, batch, kv_cache[i], rope, bulk)
             if i not in plan.skip_mlp:
                 x = self._norm(h, layer.mlp_gain)
-                h = layer.down.add(layer.up.mul(x, layer.gate.silu(x)), h)
+                h = layer.down.add(layer.up.mul(x, layer.gate.silu(x, bulk), bulk), h, bulk)
         return h
 
-    def _attention(self, layer: Layer, h, batch, kv_cache, rope) -> torch.Tensor:
+    def _attention(self, layer: Layer, h, batch, kv_cache, rope, bulk: bool) -> torch.Tensor:
         T, H, KV, D = h.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = layer.qkv(self._norm(h, layer.attn_gain))
+        qkv = layer.qkv(self._norm(h, layer.attn_gain), bulk)
         qk = qkv[:, : (H + KV) * D].view(T, H + KV, D)
         if layer.q_norm is not None:
             qk = torch.cat(
@@ -270,7 +279,7 @@ class Model:
         qk = qk.view(T, (H + KV) * D)
         write_kv(kv_cache, batch, torch.cat((qk[:, H * D :], qkv[:, (H + KV) * D :]), 1))
         q = qk[:, : H * D].view(T, H, D)
-        return layer.o.add(paged_attention(q, kv_cache, batch, KV, self.scale), h)
+        return layer.o.add(paged_attention(q, kv_cache, batch, KV, self.scale), h, bulk)
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         """The last RMSNorm (its gain may be folded into the head's weights)."""

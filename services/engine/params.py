@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 DRAFT_MODES = ("off", "skip", "early_exit", "ngram", "auto")
 MAX_DRAFT_TOKENS = 16
@@ -64,7 +64,6 @@ class DraftConfig:
     shortlist: int = 0
     ngram_max: int = 4
     ngram_min: int = 1
-    extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "skip_attn", tuple(sorted(set(self.skip_attn))))
@@ -122,12 +121,10 @@ class DraftConfig:
         if isinstance(value, DraftConfig):
             return value
         if isinstance(value, str):
-            fields = {**default.__dict__, "mode": value}
-            fields.pop("extra")
-            return cls(**fields)
+            return replace(default, mode=value)
         if isinstance(value, dict):
             unknown = set(value) - set(cls.__dataclass_fields__)
             if unknown:
                 raise ValueError(f"unknown draft settings: {', '.join(sorted(unknown))}")
-            return cls(**{**{k: v for k, v in default.__dict__.items() if k != "extra"}, **value})
+            return replace(default, **value)
         raise ValueError(f"draft must be a DraftConfig, a mode name or a dict, not {type(value)}")

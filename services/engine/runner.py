@@ -24,6 +24,8 @@ from services.engine.policy import Costs
 from services.engine.sampler import probabilities, sample
 from services.engine.sequence import Sequence
 
+BULK_TOKENS = 64  # prefill chunks longer than this take the many-row products
+
 
 @dataclass
 class Timing:
@@ -104,7 +106,7 @@ class ModelRunner:
         seq.table.reserve(b)
         batch = self._batch([seq], [a], [b - a])
         h = self.model.embed_tokens(self._tensor(seq.prompt[a:b]))
-        h = self.model.run_layers(h, batch, self.pool.kv)
+        h = self.model.run_layers(h, batch, self.pool.kv, bulk=b - a > BULK_TOKENS)
         seq.table.commit(b)
         if b < n:
             return None

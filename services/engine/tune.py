@@ -240,15 +240,17 @@ def tune(engine, out: str | Path | None = None, budget_s: float = 600.0, max_tok
     cfg, sc = winner
     path = Path(out) if out else profile_path(engine.model_path)
     record = {
-        "draft": {k: v for k, v in asdict(cfg).items() if k != "extra"},
+        # auto picks each step's length itself; the tuned skip length is kept as evidence.
+        "draft": {**asdict(cfg), "max_draft": max(4, cfg.max_draft)},
         "evidence": {
             "agreement": sc.agreement,
             "draft_cost": sc.cost,
             "predicted_speedup": sc.speedup,
+            "skip_max_draft": cfg.max_draft,
             "measured_tokens_per_s": tps,
             "off_tokens_per_s": measured[0][1],
             "verify_cost": tuner.verify,
-            "dtype": str(engine.model.dtype),
+            "weights_dtype": str(engine.model.store_dtype).removeprefix("torch."),
         },
     }
     path.parent.mkdir(parents=True, exist_ok=True)
