@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup run test lint format bench tune clean
+.PHONY: setup run test lint format bench tune stubs clean
 
 setup: $(STAMP)
 	@command -v redis-server >/dev/null || { echo "installing redis-server"; \
@@ -43,6 +43,10 @@ test: setup lint
 bench: setup
 	$(BIN)/selfspec bench engine --model default --out benchmarks/results
 	$(BIN)/selfspec bench sweep --model default --out benchmarks/results
+
+# Regenerate the gRPC stubs in services/gen/ after editing protos/ (a test fails when stale).
+stubs: $(STAMP)
+	$(BIN)/python -m services.common.stubs
 
 tune: setup
 	$(BIN)/selfspec tune --model default

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -101,12 +102,23 @@ def cmd_tune(args) -> int:
     return 0
 
 
-def cmd_bench(args, rest: list[str]) -> int:
-    if args.suite == "engine":
-        from benchmarks.engine import main
-    else:
-        from benchmarks.sweep import main
-    return main(rest)
+# Commands whose options their own module parses: `selfspec NAME ...` calls `main(argv)`.
+DELEGATED = {
+    "serve": ("services.serve.local", "run the whole fleet on this machine"),
+    "gateway": ("services.gateway.main", "run the gRPC gateway"),
+    "client": ("services.gateway.client", "send one request to a gateway"),
+    "controller": ("services.controller.main", "run the fleet controller"),
+}
+BENCHMARKS = {
+    "engine": ("benchmarks.engine", "systems side by side on prompts"),
+    "sweep": ("benchmarks.sweep", "auto against off across batch sizes"),
+    "kernels": ("benchmarks.kernels", "GPU kernels against the weight-read bound"),
+    "serve": ("benchmarks.serve", "load through the gateway against the engine direct"),
+}
+
+
+def _delegate(module: str, argv: list[str]) -> int:
+    return importlib.import_module(module).main(argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,13 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=48)
     p.set_defaults(func=cmd_tune)
 
+    for name, (_, summary) in DELEGATED.items():
+        sub.add_parser(name, help=summary, add_help=False)
     p = sub.add_parser("bench", help="run a benchmark; options after the name go to it")
     p.add_argument(
         "suite",
-        choices=["engine", "sweep"],
-        help="engine: systems side by side; sweep: auto against off across batch sizes",
+        choices=list(BENCHMARKS),
+        help="; ".join(f"{k}: {v[1]}" for k, v in BENCHMARKS.items()),
     )
-    p.set_defaults(func=None)
     return parser
 
 
@@ -153,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     if args.command == "bench":
-        return cmd_bench(args, rest)
+        return _delegate(BENCHMARKS[args.suite][0], rest)
+    if args.command in DELEGATED:
+        return _delegate(DELEGATED[args.command][0], rest)
     if rest:
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
     try:

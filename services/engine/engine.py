@@ -238,6 +238,21 @@ class Engine:
         self.scheduler.abort(request_id)
         self._wake.set()
 
+    def stats(self) -> dict:
+        """A snapshot of the engine's load and KV cache, for health checks and metrics."""
+        sch, pool = self.scheduler, self.pool
+        session_blocks = sum(len(c.table.blocks) for c in sch.sessions.values())
+        return {
+            "waiting": len(sch.waiting),
+            "prefilling": len(sch.prefilling),
+            "running": len(sch.running),
+            "kv_blocks_total": pool.num_blocks,
+            "kv_blocks_free": pool.num_free,
+            "kv_blocks_sessions": session_blocks,
+            "kv_blocks_in_use": pool.num_blocks - pool.num_free - session_blocks,
+            "sessions": len(sch.sessions),
+        }
+
     # -- the loop ------------------------------------------------------------------
 
     def step_once(self) -> None:
