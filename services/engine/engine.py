@@ -130,17 +130,17 @@ class Engine:
 
     # -- requests ---------------------------------------------------------------
 
-    def encode(self, prompt: str | list[int], chat: bool = False) -> list[int]:
+    def encode(self, prompt: str | list[int] | list[dict], chat: bool = False) -> list[int]:
+        """Token ids of a prompt: text (wrapped as one user turn when `chat`), token ids, or
+        chat messages (`{"role", "content"}` dicts, formatted with the chat template)."""
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty")
             if chat:
-                ids = self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-                )
-                ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-            else:
-                ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+                return self.encode([{"role": "user", "content": prompt}])
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        elif prompt and all(isinstance(m, dict) for m in prompt):
+            ids = self._apply_chat_template(prompt)
         else:
             ids = list(prompt)
         if not ids:
@@ -151,6 +151,19 @@ class Engine:
                 f"token ids must be integers in [0, {self.model.vocab_size}); got {bad[:5]}"
             )
         return ids
+
+    def _apply_chat_template(self, messages: list[dict]) -> list[int]:
+        for i, m in enumerate(messages):
+            if set(m) != {"role", "content"} or not all(isinstance(v, str) for v in m.values()):
+                raise ValueError(f"messages[{i}] must have string 'role' and 'content' only")
+            if m["role"] not in ("system", "user", "assistant"):
+                raise ValueError(
+                    f"messages[{i}].role must be system, user or assistant, not {m['role']!r}"
+                )
+        ids = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True
+        )
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
     def _check_fits(self, prompt: list[int], params: SamplingParams) -> None:
         limit = self.model.max_positions
@@ -165,7 +178,7 @@ class Engine:
 
     def add_request(
         self,
-        prompt: str | list[int],
+        prompt: str | list[int] | list[dict],
         params: SamplingParams | None = None,
         draft: DraftConfig | str | dict | None = None,
         *,
@@ -343,7 +356,7 @@ class Engine:
 
     async def submit(
         self,
-        prompt: str | list[int],
+        prompt: str | list[int] | list[dict],
         params: SamplingParams | None = None,
         draft: DraftConfig | str | dict | None = None,
         *,
