@@ -46,7 +46,9 @@ def generate(out: Path = GEN) -> list[Path]:
 
 
 def _rewrite(code: str) -> str:
-    return re.sub(r"^from (selfspec\.\S+) import", rf"from {PACKAGE}.\1 import", code, flags=re.M)
+    """Imports, and the module name that messages pickle by, point into `services.gen`."""
+    code = re.sub(r"^from (selfspec\.\S+) import", rf"from {PACKAGE}.\1 import", code, flags=re.M)
+    return re.sub(r"'(selfspec\.[\w.]+_pb2)'", rf"'{PACKAGE}.\1'", code)
 
 
 def main() -> int:

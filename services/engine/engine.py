@@ -9,17 +9,19 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 
+from kernels.attention import AttentionBatch
 from services.engine import checkpoint
-from services.engine.kv_pool import KVPool
-from services.engine.model import Model
+from services.engine.kv_pool import BlockTable, KVPool, OutOfBlocks
+from services.engine.model import LayerPlan, Model
 from services.engine.params import DraftConfig, SamplingParams
-from services.engine.policy import Telemetry, best_length
+from services.engine.policy import Telemetry, best_length, bucket
 from services.engine.runner import ModelRunner, ngram_proposal
 from services.engine.sampler import accept_greedy, accept_sampled, probabilities, sample
 from services.engine.scheduler import Request, Scheduler
@@ -246,10 +248,12 @@ class Engine:
             done.wait()
         return [self._completion(s) for s in seqs]
 
-    def abort(self, request_id: str) -> None:
-        """Cancel a request; it ends, and its blocks are freed, at the next step boundary."""
-        self.scheduler.abort(request_id)
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request; it ends, and its blocks are freed, at the next step boundary.
+        Returns False when no request with this id is queued or running."""
+        found = self.scheduler.abort(request_id)
         self._wake.set()
+        return found
 
     def stats(self) -> dict:
         """A snapshot of the engine's load and KV cache, for health checks and metrics."""
@@ -281,7 +285,7 @@ class Engine:
             for request, seq in sch.running:
                 groups.setdefault(request.draft, []).append(seq)
             for cfg, seqs in groups.items():
-                self.step(seqs, cfg)
+                self.step(seqs, self._bucket_draft(cfg, len(seqs)))
             still = []
             for request, seq in sch.running:
                 self._check_stop(seq)
@@ -326,6 +330,11 @@ class Engine:
             self._stopping = False
             self._thread = threading.Thread(target=self._loop, name="selfspec-engine", daemon=True)
             self._thread.start()
+
+    @property
+    def serving(self) -> bool:
+        """Whether the background loop (see `start`) is running."""
+        return self._thread is not None and self._thread.is_alive()
 
     def shutdown(self) -> None:
         if self._thread is not None:
@@ -458,6 +467,100 @@ class Engine:
             finish_reason=seq.finish_reason or "length",
             stats=seq.stats.as_dict(),
         )
+
+    # -- fleet configuration: hooks for services.common.fleet ---------------------------
+    # A fleet link applies the controller's versioned configs here, between steps, and
+    # scores candidate skip sets in spare moments. With no link nothing below changes
+    # what the engine does.
+
+    config_version: int = 0  # the fleet config applied last; 0: none
+    _bucket_drafts: Mapping[int, DraftConfig] = MappingProxyType({})
+
+    def apply_draft(
+        self,
+        cfg: DraftConfig,
+        version: int,
+        by_bucket: Mapping[int, DraftConfig] | None = None,
+    ) -> None:
+        """Make `cfg` the default drafting of new requests, with per-batch-bucket variants
+        for steps at those batch sizes; running requests keep theirs. Waits for the step
+        in progress, so it applies between steps."""
+        for c in (cfg, *(by_bucket or {}).values()):
+            c.check_layers(self.model.num_layers)
+            if c.max_draft > cfg.max_draft:
+                raise ValueError("a bucket may not draft more than the base config")
+        with self._step_lock:
+            self.default_draft = cfg
+            self._bucket_drafts = MappingProxyType(dict(by_bucket or {}))
+            # The fleet measured that the layer draft pays when it asks `auto` to use one.
+            if cfg.mode == "auto" and cfg.layer_mode is not None:
+                self.auto_layer_draft = True
+            self.config_version = version
+
+    def _bucket_draft(self, cfg: DraftConfig, batch: int) -> DraftConfig:
+        """The fleet's variant of the default config for this batch size, if any."""
+        if not self._bucket_drafts or cfg is not self.default_draft:
+            return cfg
+        return self._bucket_drafts.get(bucket(batch), cfg)
+
+    def sublayer_sizes(self) -> dict[str, float]:
+        """Bytes each sublayer reads, relative to the whole model with its head."""
+        m = self.model
+        hidden = m.embed.shape[1]
+        attn = (
+            hidden * (m.num_heads * m.head_dim + 2 * m.kv_dim) + m.num_heads * m.head_dim * hidden
+        )
+        mlp = 3 * hidden * m.config.intermediate_size
+        head = m.vocab_size * hidden
+        total = m.num_layers * (attn + mlp) + head
+        return {"attn": attn / total, "mlp": mlp / total, "head": head / total}
+
+    @torch.inference_mode()
+    def full_choices(self, tokens: list[list[int]]) -> list[torch.Tensor] | None:
+        """The full model's next-token choice after every token of each sequence, in one
+        pass between steps; None when the KV pool has no room to spare."""
+        h = self._forced_pass(tokens, LayerPlan())
+        return None if h is None else [x.argmax(-1) for x in h]
+
+    @torch.inference_mode()
+    def agreement(
+        self, tokens: list[list[int]], targets: list[torch.Tensor], start: list[int], plan
+    ) -> tuple[int, int] | None:
+        """Teacher-forced: (positions where the draft `plan` picks the full model's token,
+        positions scored), over each sequence from `start[i]` on; None when no room."""
+        h = self._forced_pass(tokens, plan)
+        if h is None:
+            return None
+        rows = list(zip(h, targets, start, strict=True))
+        hits = sum(int((x.argmax(-1)[s:] == t[s:]).sum()) for x, t, s in rows)
+        return hits, sum(len(t) - s for _, t, s in rows)
+
+    def _forced_pass(self, tokens: list[list[int]], plan) -> list[torch.Tensor] | None:
+        """Logits after every token, under `plan`, in blocks borrowed from the pool."""
+        m, pool = self.model, self.pool
+        with self._step_lock:
+            tables: list[BlockTable] = []
+            try:
+                for seq in tokens:
+                    tables.append(BlockTable(pool))
+                    tables[-1].reserve(len(seq))
+                lengths = [len(t) for t in tokens]
+                batch = AttentionBatch.build(
+                    [t.blocks for t in tables],
+                    [0] * len(tables),
+                    lengths,
+                    pool.block_size,
+                    sliding_window=m.sliding_window,
+                    device=m.device,
+                )
+                ids = torch.tensor([t for seq in tokens for t in seq], device=m.device)
+                h = m.run_layers(m.embed_tokens(ids), batch, pool.kv, plan=plan)
+                return list(m.logits(h).split(lengths))
+            except OutOfBlocks:
+                return None
+            finally:
+                for table in tables:
+                    table.free()
 
 
 @dataclass

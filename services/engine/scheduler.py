@@ -79,10 +79,13 @@ class Scheduler:
             self.waiting.append((request, seq))
         return seq
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str) -> bool:
+        """Mark a request for removal at the next step; False if no such request lives."""
         with self.lock:
             if request_id in self._live:
                 self._aborted.add(request_id)
+                return True
+            return False
 
     @property
     def has_work(self) -> bool:

@@ -17,6 +17,7 @@ class Stats:
     drafted: int = 0
     accepted: int = 0
     cached_prompt_tokens: int = 0
+    prompt_tokens: int = 0
 
     def record(self, drafted: int, accepted: int) -> None:
         self.steps += 1
@@ -30,6 +31,7 @@ class Stats:
             "accepted_tokens": self.accepted,
             "acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
             "cached_prompt_tokens": self.cached_prompt_tokens,
+            "prompt_tokens": self.prompt_tokens,
         }
 
 
@@ -47,7 +49,7 @@ class Sequence:
         self.params = params
         self.table = table
         self.finish_reason: str | None = None
-        self.stats = Stats()
+        self.stats = Stats(prompt_tokens=len(prompt))
         self.need = 0  # tokens of KV this sequence may ever hold, reserved at admission
         self.text_end: int | None = None  # where a stop string begins in the output text
         self._acceptance: dict[str, Acceptance] = {}

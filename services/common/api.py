@@ -1,0 +1,149 @@
+"""Between the public API's messages and the engine's parameters.
+
+The gateway validates with these functions before a request costs anything; the
+engine replica converts with the same ones, so both sides agree on every field.
+Errors are `ValueError`s whose message names the field.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+
+from google.protobuf import json_format
+
+from services.engine.params import DraftConfig, SamplingParams
+from services.gen.selfspec.v1 import generation_pb2 as pb
+
+MAX_PROMPT_CHARS = 1 << 20  # text, summed over messages
+MAX_PROMPT_TOKEN_IDS = 1 << 17
+MAX_MESSAGES = 1024
+MAX_ID_CHARS = 256  # request and session ids
+
+FINISH_REASONS = {
+    "stop": pb.FINISH_REASON_STOP,
+    "length": pb.FINISH_REASON_LENGTH,
+    "abort": pb.FINISH_REASON_ABORT,
+}
+_INT_DRAFT_FIELDS = {"max_draft", "shortlist", "ngram_max", "ngram_min", "exit_layer"}
+_LIST_DRAFT_FIELDS = {"skip_attn", "skip_mlp"}
+
+
+def validate(req: pb.GenerateRequest) -> None:
+    """Everything that can be checked without the model; raises ValueError."""
+    for name in ("request_id", "session_id"):
+        if len(getattr(req, name)) > MAX_ID_CHARS:
+            raise ValueError(f"{name} is longer than {MAX_ID_CHARS} characters")
+    prompt(req)
+    sampling_params(req)
+    draft_override(req)
+
+
+def prompt(req: pb.GenerateRequest) -> str | list[int] | list[dict]:
+    """The prompt, in the form `Engine.add_request` takes."""
+    kind = req.WhichOneof("input")
+    if kind is None:
+        raise ValueError("one of prompt, prompt_token_ids or messages is required")
+    if kind == "prompt":
+        _check_chars("prompt", len(req.prompt))
+        if not req.prompt:
+            raise ValueError("prompt is empty")
+        return req.prompt
+    if kind == "prompt_token_ids":
+        ids = list(req.prompt_token_ids.ids)
+        if not ids:
+            raise ValueError("prompt_token_ids is empty")
+        if len(ids) > MAX_PROMPT_TOKEN_IDS:
+            raise ValueError(f"prompt_token_ids has more than {MAX_PROMPT_TOKEN_IDS} ids")
+        return ids
+    messages = req.messages.messages
+    if not messages:
+        raise ValueError("messages is empty")
+    if len(messages) > MAX_MESSAGES:
+        raise ValueError(f"messages has more than {MAX_MESSAGES} entries")
+    _check_chars("messages", sum(len(m.content) for m in messages))
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+def _check_chars(field: str, n: int) -> None:
+    if n > MAX_PROMPT_CHARS:
+        raise ValueError(f"{field} has {n} characters; the limit is {MAX_PROMPT_CHARS}")
+
+
+def sampling_params(req: pb.GenerateRequest) -> SamplingParams:
+    """The request's sampling fields; unset ones keep `SamplingParams`' defaults."""
+    given = {f.name: getattr(req, f.name) for f in fields(SamplingParams) if _has(req, f.name)}
+    if "temperature" in given and not math.isfinite(given["temperature"]):
+        raise ValueError(f"temperature must be finite, got {given['temperature']}")
+    return SamplingParams(**given)
+
+
+def _has(req: pb.GenerateRequest, name: str) -> bool:
+    """Optional scalars count when set; repeated fields and bools when non-empty."""
+    value = getattr(req, name)
+    if isinstance(value, bool) or hasattr(value, "__len__"):
+        return bool(value)
+    return req.HasField(name)
+
+
+def draft_override(req: pb.GenerateRequest) -> dict | None:
+    """The per-request drafting override as `DraftConfig` fields, checked for names and
+    ranges here; layer numbers are checked by the replica, which knows the model."""
+    if not req.HasField("draft"):
+        return None
+    raw = json_format.MessageToDict(req.draft)
+    known = {f.name for f in fields(DraftConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(
+            f"draft: unknown setting {', '.join(map(repr, unknown))}; "
+            f"known settings are {', '.join(sorted(known))}"
+        )
+    override = {key: _draft_value(key, value) for key, value in raw.items()}
+    try:
+        DraftConfig(**{"mode": "off", **override})
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"draft: {exc}") from None
+    return override
+
+
+def _draft_value(key: str, value):
+    """Struct numbers arrive as floats; integer settings must hold whole numbers."""
+    if key in _LIST_DRAFT_FIELDS:
+        if not isinstance(value, list):
+            raise ValueError(f"draft.{key} must be a list of layer numbers")
+        return tuple(_whole(f"draft.{key}", v) for v in value)
+    if key in _INT_DRAFT_FIELDS:
+        return None if value is None and key == "exit_layer" else _whole(f"draft.{key}", value)
+    if key == "mode" and not isinstance(value, str):
+        raise ValueError("draft.mode must be a string")
+    if key == "threshold" and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise ValueError("draft.threshold must be a number")
+    return value
+
+
+def _whole(name: str, value) -> int:
+    whole = isinstance(value, int | float) and math.isfinite(value) and value == int(value)
+    if isinstance(value, bool) or not whole:
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    return int(value)
+
+
+def usage(stats: dict, completion_tokens: int) -> pb.Usage:
+    return pb.Usage(
+        prompt_tokens=stats.get("prompt_tokens", 0),
+        cached_prompt_tokens=stats.get("cached_prompt_tokens", 0),
+        completion_tokens=completion_tokens,
+        drafted_tokens=stats.get("drafted_tokens", 0),
+        accepted_tokens=stats.get("accepted_tokens", 0),
+        verify_steps=stats.get("steps", 0),
+    )
+
+
+def draft_dict(cfg: DraftConfig) -> dict:
+    """A config as plain JSON values, for `ModelInfo.default_draft`."""
+    return {f.name: _plain(getattr(cfg, f.name)) for f in fields(cfg)}
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value

@@ -1,0 +1,83 @@
+"""`selfspec gateway`: run the gRPC gateway until SIGTERM or Ctrl-C, then drain."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from services.gateway.auth import TokenSource
+from services.gateway.server import GatewayConfig, GatewayServer, Upstream
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="selfspec gateway", description=__doc__)
+    p.add_argument("--listen", default="127.0.0.1:50051", help="host:port to serve on")
+    p.add_argument(
+        "--upstream",
+        default=os.environ.get("SELFSPEC_UPSTREAM", "127.0.0.1:9000"),
+        help="Serve's gRPC proxy, host:port (env SELFSPEC_UPSTREAM)",
+    )
+    p.add_argument("--app", default="selfspec", help="the Serve application to call")
+    p.add_argument(
+        "--token-file",
+        help="require this bearer token (file re-read on change; "
+        "else env SELFSPEC_TOKEN_FILE or SELFSPEC_TOKEN; none: no authentication)",
+    )
+    p.add_argument("--tls-cert", help="PEM certificate chain: serve TLS (needs --tls-key)")
+    p.add_argument("--tls-key", help="PEM private key for --tls-cert")
+    p.add_argument(
+        "--health-listen", help="also serve grpc.health.v1 alone, in plaintext, for probes"
+    )
+    p.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=20.0,
+        help="on SIGTERM, how long running streams may take to finish",
+    )
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = GatewayConfig(
+            listen=args.listen,
+            upstream=Upstream(args.upstream, args.app),
+            tokens=TokenSource.from_env(args.token_file),
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            health_listen=args.health_listen,
+            drain_seconds=args.drain_seconds,
+        )
+        asyncio.run(_run(config))
+    except (ValueError, OSError) as exc:
+        print(f"selfspec gateway: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+async def _run(config: GatewayConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server = GatewayServer(config)
+    await server.start()
+    scheme = "grpcs" if config.tls_cert else "grpc"
+    print(
+        f"gateway listening on {scheme}://{config.listen} (port {server.port}), "
+        f"forwarding to {config.upstream.address}",
+        flush=True,
+    )
+    await stop.wait()
+    print(f"gateway draining for up to {config.drain_seconds:.0f} s", flush=True)
+    await server.stop()

@@ -1,0 +1,329 @@
+"""The gateway: the fleet's front door for `selfspec.v1.Generation`.
+
+Stateless. Each call is authenticated (see `auth`), parsed and validated before it
+costs anything upstream, then forwarded to Serve's gRPC proxy, which routes it to an
+engine replica. Streams pass through message by message. Failures come back with the
+status a client can act on; a replica lost before any output is retried on another.
+A client that cancels, or whose deadline passes, cancels the upstream call, and the
+replica frees the request's KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common import api
+from services.gateway.auth import AuthInterceptor, TokenSource
+from services.gen.selfspec.v1 import generation_pb2 as pb
+from services.gen.selfspec.v1 import generation_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE = "selfspec.v1.Generation"
+MAX_MESSAGE_BYTES = 8 << 20  # a prompt of MAX_PROMPT_CHARS in UTF-8, with room to spare
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+RETRIES = 2  # extra attempts when a replica fails before sending anything
+RETRY_BACKOFF_S = 0.5
+# Ray reports a replica lost mid-call as INTERNAL with one of these in the details.
+REPLICA_LOST = ("ActorDiedError", "RayActorError", "ActorUnavailableError", "actor died")
+PASS_THROUGH = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+}
+
+
+@dataclass
+class Upstream:
+    """Where Serve's gRPC proxy listens, and the application to call there."""
+
+    address: str = "127.0.0.1:9000"
+    app: str = "selfspec"
+
+
+@dataclass
+class _Call:
+    """A stream in flight, so that `Abort` can find and end it."""
+
+    upstream: grpc.aio.Call | None = None
+    aborted: bool = False
+    usage: pb.Usage = field(default_factory=pb.Usage)
+
+
+class _Malformed:
+    """What a request that does not parse becomes; the method refuses it."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _parser(message_type):
+    def parse(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except (DecodeError, ValueError) as exc:
+            return _Malformed(exc)
+
+    return parse
+
+
+class Gateway:
+    """The `Generation` service, forwarding to the fleet."""
+
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        self.channel = grpc.aio.insecure_channel(upstream.address, options=CHANNEL_OPTIONS)
+        self.stub = pb_grpc.GenerationStub(self.channel)
+        self.calls: dict[str, _Call] = {}
+        self.draining = False
+
+    # -- the service -------------------------------------------------------------------
+
+    async def Generate(self, request, context) -> AsyncIterator[pb.GenerateResponse]:
+        request = await self._admit(request, context)
+        async for response in self._forward(request, context):
+            yield response
+
+    async def GenerateUnary(self, request, context) -> pb.GenerateResponse:
+        request = await self._admit(request, context)
+        whole = pb.GenerateResponse(request_id=request.request_id)
+        async for response in self._forward(request, context):
+            whole.text += response.text
+            whole.token_ids.extend(response.token_ids)
+            whole.replica_id = response.replica_id or whole.replica_id
+            whole.finish_reason = response.finish_reason
+            whole.usage.CopyFrom(response.usage)
+        return whole
+
+    async def GetModelInfo(self, request, context) -> pb.ModelInfo:
+        await self._check_open(request, context)
+        try:
+            return await self.stub.GetModelInfo(
+                request, metadata=self._metadata(), timeout=context.time_remaining()
+            )
+        except grpc.aio.AioRpcError as err:
+            await context.abort(*_status(err))
+
+    async def Abort(self, request, context) -> pb.AbortResponse:
+        await self._check_open(request, context)
+        call = self.calls.get(request.request_id)
+        if call is None:
+            return pb.AbortResponse(found=False)
+        call.aborted = True
+        if call.upstream is not None:
+            call.upstream.cancel()
+        return pb.AbortResponse(found=True)
+
+    # -----------------------------------------------------------------------------------
+
+    async def _check_open(self, request, context) -> None:
+        if isinstance(request, _Malformed):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"the request does not parse: {request.error}"
+            )
+        if self.draining:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "this gateway is draining; retry on another"
+            )
+
+    async def _admit(self, request, context) -> pb.GenerateRequest:
+        await self._check_open(request, context)
+        try:
+            api.validate(request)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if not request.request_id:
+            request.request_id = uuid.uuid4().hex
+        if request.request_id in self.calls:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request_id {request.request_id!r} is already in use",
+            )
+        return request
+
+    def _metadata(self, request: pb.GenerateRequest | None = None) -> list[tuple[str, str]]:
+        md = [("application", self.upstream.app)]
+        if request is not None:
+            md.append(("request_id", request.request_id))
+            if request.session_id:
+                md.append(("session_id", request.session_id))  # the router's affinity key
+        return md
+
+    async def _forward(self, request: pb.GenerateRequest, context) -> AsyncIterator:
+        call = self.calls[request.request_id] = _Call()
+        try:
+            for attempt in range(RETRIES + 1):
+                sent = False
+                call.upstream = self.stub.Generate(
+                    request, metadata=self._metadata(request), timeout=context.time_remaining()
+                )
+                try:
+                    async for response in _read(call):
+                        sent = True
+                        call.usage = response.usage
+                        yield response
+                except grpc.aio.AioRpcError as err:
+                    if call.aborted:
+                        break
+                    code, message = _status(err)
+                    if code != grpc.StatusCode.UNAVAILABLE or sent or attempt == RETRIES:
+                        await context.abort(code, message)
+                    log.warning("retrying %s after: %s", request.request_id, message)
+                    await asyncio.sleep(RETRY_BACKOFF_S * (attempt + 1))
+                    continue
+                break
+            if call.aborted:
+                yield pb.GenerateResponse(
+                    request_id=request.request_id,
+                    finish_reason=pb.FINISH_REASON_ABORT,
+                    usage=call.usage,
+                )
+        finally:
+            del self.calls[request.request_id]
+            if call.upstream is not None:
+                call.upstream.cancel()  # no-op when done; frees the replica's blocks otherwise
+
+    # -- draining ------------------------------------------------------------------------
+
+    async def drain(self, seconds: float) -> None:
+        """Refuse new calls and wait up to `seconds` for those in flight to finish."""
+        self.draining = True
+        deadline = time.monotonic() + seconds
+        while self.calls and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        if self.calls:
+            log.warning("drain: %d calls still running after %.0f s", len(self.calls), seconds)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+async def _read(call: _Call) -> AsyncIterator[pb.GenerateResponse]:
+    """The upstream stream's messages; ends quietly when `Abort` cancelled it."""
+    while True:
+        try:
+            response = await call.upstream.read()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if call.aborted and task is not None and not task.cancelling():
+                return  # our own Abort, not the client going away
+            raise
+        if response is grpc.aio.EOF:
+            return
+        yield response
+
+
+def _status(err: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str]:
+    """The status to give the client for an upstream failure."""
+    code, details = err.code(), err.details() or ""
+    if code in PASS_THROUGH:
+        return code, details or f"{code.name.lower()}; retry"
+    if code == grpc.StatusCode.INTERNAL and any(s in details for s in REPLICA_LOST):
+        return grpc.StatusCode.UNAVAILABLE, "the engine replica serving this request failed; retry"
+    if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED):
+        return grpc.StatusCode.UNAVAILABLE, f"no engine replica is ready ({details}); retry"
+    return grpc.StatusCode.INTERNAL, f"upstream failed with {code.name}: {details}"
+
+
+# -- the server --------------------------------------------------------------------------
+
+
+@dataclass
+class GatewayConfig:
+    listen: str = "127.0.0.1:50051"
+    upstream: Upstream = field(default_factory=Upstream)
+    tokens: TokenSource | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    health_listen: str | None = None  # a plaintext port with only the health service
+    drain_seconds: float = 20.0
+
+
+class GatewayServer:
+    """The gRPC server around a `Gateway`, with health, reflection and draining."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.gateway = Gateway(config.upstream)
+        self.health = health.aio.HealthServicer()
+        interceptors = [AuthInterceptor(config.tokens)] if config.tokens else []
+        self.server = grpc.aio.server(interceptors=interceptors, options=CHANNEL_OPTIONS)
+        self.server.add_generic_rpc_handlers((_handlers(self.gateway),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        self.port = self._bind(self.server, config.listen)
+        self.health_server = None
+        if config.health_listen:
+            self.health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            self.health_port = self.health_server.add_insecure_port(config.health_listen)
+
+    def _bind(self, server: grpc.aio.Server, address: str) -> int:
+        if self.config.tls_cert or self.config.tls_key:
+            if not (self.config.tls_cert and self.config.tls_key):
+                raise ValueError("TLS needs both a certificate and a key file")
+            with open(self.config.tls_key, "rb") as k, open(self.config.tls_cert, "rb") as c:
+                credentials = grpc.ssl_server_credentials([(k.read(), c.read())])
+            port = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
+        if port == 0:
+            raise ValueError(f"cannot listen on {address}: is the address in use?")
+        return port
+
+    async def start(self) -> None:
+        await self.server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
+        for name in ("", SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self) -> None:
+        """Drain: report NOT_SERVING, refuse new calls, let running streams finish."""
+        for name in ("", SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.gateway.drain(self.config.drain_seconds)
+        await self.server.stop(grace=1.0)
+        if self.health_server is not None:
+            await self.health_server.stop(grace=None)
+        await self.gateway.close()
+
+
+def _handlers(gateway: Gateway) -> grpc.GenericRpcHandler:
+    """Our own handlers, not the generated ones: a request that fails to parse reaches
+    the method as `_Malformed` and is refused with INVALID_ARGUMENT, not INTERNAL."""
+    out = pb.GenerateResponse.SerializeToString
+    methods = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            gateway.Generate, _parser(pb.GenerateRequest), out
+        ),
+        "GenerateUnary": grpc.unary_unary_rpc_method_handler(
+            gateway.GenerateUnary, _parser(pb.GenerateRequest), out
+        ),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            gateway.GetModelInfo,
+            _parser(pb.GetModelInfoRequest),
+            pb.ModelInfo.SerializeToString,
+        ),
+        "Abort": grpc.unary_unary_rpc_method_handler(
+            gateway.Abort, _parser(pb.AbortRequest), pb.AbortResponse.SerializeToString
+        ),
+    }
+    return grpc.method_handlers_generic_handler(SERVICE, methods)

@@ -1,0 +1,1 @@
+"""Ray Serve: engine replicas, the session-affinity router, the local fleet."""

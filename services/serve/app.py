@@ -1,0 +1,238 @@
+"""The Serve application: engine replicas behind Serve's gRPC proxy.
+
+Each replica of the `Engine` deployment runs one engine and implements the public
+`selfspec.v1.Generation` service itself, so Serve's gRPC proxy is the ingress: it
+routes each call with `SessionAffinityRouter` straight to a replica, one hop, with
+streaming end to end. A call that goes away (client gone, deadline passed) is
+cancelled on the replica, which aborts the request and frees its KV blocks.
+
+`build` is the app builder that Serve config files name (`services.serve.app:build`);
+its `args` are `EngineSettings`' fields.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, fields
+
+import grpc
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from services.common import api
+from services.gen.selfspec.v1 import generation_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "selfspec"
+DEPLOYMENT = "Engine"
+SERVICER = "services.gen.selfspec.v1.generation_pb2_grpc.add_GenerationServicer_to_server"
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What each engine replica loads; the `args` of the Serve application."""
+
+    model: str = "default"
+    dtype: str = "bfloat16"
+    device: str = "cpu"
+    kv_cache_bytes: int = 1 << 30
+    max_waiting: int = 256
+    draft: str | dict | None = None  # default drafting; None: the model's tuned profile
+    redis_url: str | None = None  # fleet telemetry and configs; None: local adaptation only
+    threads: int = 0  # torch threads per replica; 0 leaves PyTorch's choice
+
+    @classmethod
+    def from_args(cls, args: dict) -> EngineSettings:
+        unknown = set(args) - {f.name for f in fields(cls)}
+        if unknown:
+            known = ", ".join(f.name for f in fields(cls))
+            raise ValueError(f"unknown app args {sorted(unknown)}; known: {known}")
+        return cls(**args)
+
+
+class EngineServer:
+    """One engine, serving `selfspec.v1.Generation` through Serve's gRPC proxy."""
+
+    def __init__(self, settings: dict) -> None:
+        import torch
+
+        from services.engine import Engine
+
+        self.settings = EngineSettings.from_args(settings)
+        if self.settings.threads:
+            torch.set_num_threads(self.settings.threads)
+        s = self.settings
+        self.engine = Engine.from_pretrained(
+            s.model,
+            dtype=s.dtype,
+            device=s.device,
+            kv_cache_bytes=s.kv_cache_bytes,
+            max_waiting=s.max_waiting,
+        )
+        if s.draft is not None:
+            self.engine.default_draft = self._draft(s.draft)
+        self.engine.start()
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.fleet = self._join_fleet()
+        log.info("replica %s serving %s", self.replica_id, self.engine.model_path)
+
+    def _draft(self, value):
+        from services.engine import DraftConfig
+
+        cfg = DraftConfig.parse(value, self.engine.default_draft)
+        cfg.check_layers(self.engine.model.num_layers)
+        return cfg
+
+    def _join_fleet(self):
+        if not self.settings.redis_url:
+            return None
+        from services.common.fleet import FleetLink
+
+        link = FleetLink(
+            self.engine,
+            redis_url=self.settings.redis_url,
+            model=self.engine.model_path.name,
+            replica_id=self.replica_id,
+        )
+        link.start()
+        return link
+
+    # -- the gRPC methods (named as in the proto) ------------------------------------
+
+    async def Generate(
+        self, request: pb.GenerateRequest, grpc_context=None
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        try:
+            async for response in self._generate(request):
+                yield response
+        except _Refused as refused:
+            _refuse(grpc_context, refused)
+
+    async def GenerateUnary(
+        self, request: pb.GenerateRequest, grpc_context=None
+    ) -> pb.GenerateResponse:
+        whole = pb.GenerateResponse()
+        try:
+            async for response in self._generate(request):
+                whole.text += response.text
+                whole.token_ids.extend(response.token_ids)
+                whole.request_id, whole.replica_id = response.request_id, response.replica_id
+                whole.finish_reason = response.finish_reason
+                whole.usage.CopyFrom(response.usage)
+        except _Refused as refused:
+            _refuse(grpc_context, refused)
+        return whole
+
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, grpc_context=None
+    ) -> pb.ModelInfo:
+        model = self.engine.model
+        info = pb.ModelInfo(
+            model=self.settings.model,
+            architecture=(model.config.architectures or [model.config.model_type])[0],
+            num_layers=model.num_layers,
+            vocab_size=model.vocab_size,
+            max_model_len=model.max_positions,
+            dtype=self.settings.dtype,
+            config_version=getattr(self.engine, "config_version", 0),
+        )
+        info.default_draft.update(api.draft_dict(self.engine.default_draft))
+        return info
+
+    async def Abort(self, request: pb.AbortRequest, grpc_context=None) -> pb.AbortResponse:
+        return pb.AbortResponse(found=self.engine.abort(request.request_id))
+
+    # -- for tests, benchmarks and operators ---------------------------------------------
+
+    def stats(self) -> dict:
+        return {"replica_id": self.replica_id, "pid": os.getpid(), **self.engine.stats()}
+
+    def check_health(self) -> None:
+        """Serve restarts a replica whose engine loop has died."""
+        if not self.engine.serving:
+            raise RuntimeError("the engine loop is not running")
+
+    def __del__(self) -> None:
+        if getattr(self, "fleet", None) is not None:
+            self.fleet.stop()
+        if getattr(self, "engine", None) is not None:
+            self.engine.shutdown()
+
+    # -----------------------------------------------------------------------------------
+
+    async def _generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
+        from services.engine.scheduler import QueueFull
+
+        request_id = request.request_id or f"{self.replica_id}-{id(request):x}"
+        try:
+            stream = self.engine.submit(
+                api.prompt(request),
+                api.sampling_params(request),
+                api.draft_override(request),
+                request_id=request_id,
+                session_id=request.session_id or None,
+            )
+            # The first step of the stream queues the request: refusals surface here.
+            delta = await anext(stream)
+        except ValueError as exc:
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        except QueueFull as exc:
+            raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+        completion = 0
+        try:
+            while True:
+                completion += len(delta.token_ids)
+                if delta.finish_reason == "error":
+                    raise _Refused(grpc.StatusCode.UNAVAILABLE, "the engine failed; retry")
+                yield pb.GenerateResponse(
+                    request_id=request_id,
+                    text=delta.text,
+                    token_ids=delta.token_ids,
+                    finish_reason=api.FINISH_REASONS.get(delta.finish_reason, 0),
+                    usage=api.usage(delta.stats, completion),
+                    replica_id=self.replica_id,
+                )
+                if delta.finish_reason is not None:
+                    return
+                delta = await anext(stream)
+        finally:
+            await stream.aclose()  # a request left unfinished is aborted on the engine
+
+
+class _Refused(Exception):
+    """A request the engine will not run; Ray pickles it to the proxy, args and all."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(code, message)
+        self.code, self.message = code, message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _refuse(grpc_context, refused: _Refused) -> None:
+    """End the call with the refusal's status: Serve's proxy passes on a code set on the
+    context when the method then raises."""
+    if grpc_context is not None:
+        grpc_context.set_code(refused.code)
+        grpc_context.set_details(str(refused))
+    raise refused
+
+
+def build(args: dict) -> serve.Application:
+    """The Serve application for `args` (`EngineSettings` fields). Replica counts,
+    autoscaling and actor resources come from the config file's `deployments` section."""
+    settings = EngineSettings.from_args(args)
+    deployment = serve.deployment(
+        EngineServer,
+        name=DEPLOYMENT,
+        max_ongoing_requests=64,
+        graceful_shutdown_timeout_s=60,
+        request_router_config=RequestRouterConfig(
+            request_router_class="services.serve.router.SessionAffinityRouter"
+        ),
+    )
+    return deployment.bind(asdict(settings))

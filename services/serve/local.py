@@ -1,0 +1,295 @@
+"""`selfspec serve`: the whole fleet on this machine, in one command.
+
+Starts, in order: a Redis server (its own, on loopback, unless `--redis-url` names
+one), a local Ray cluster, the Serve application from a Serve config file, the
+gateway, and the controller. Prints where each listens, shows progress while the
+engines load, and on Ctrl-C (or SIGTERM) stops everything in reverse order, the
+gateway draining first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+DEFAULT_CONFIG = Path(__file__).with_name("fleet.yaml")
+
+
+@dataclass
+class FleetOptions:
+    config: dict = field(default_factory=lambda: load_config(DEFAULT_CONFIG))
+    listen: str = "127.0.0.1:50051"
+    redis_url: str | None = None  # None: start our own
+    num_cpus: int | None = None
+    controller: bool = True
+    gateway_args: list[str] = field(default_factory=list)
+    log_dir: Path | None = None  # where the subprocesses' output goes
+
+
+def load_config(path: Path | str) -> dict:
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"cannot read the Serve config {path}: {exc}") from None
+    if not isinstance(config, dict) or not config.get("applications"):
+        raise ValueError(f"{path} is not a Serve config file: it has no `applications`")
+    return config
+
+
+class Fleet:
+    """The local fleet's processes; `start` brings them up, `stop` takes them down."""
+
+    def __init__(self, options: FleetOptions, say=print) -> None:
+        self.options = options
+        self.say = say
+        self.config = copy.deepcopy(options.config)
+        self.app = self.config["applications"][0]
+        self.redis: subprocess.Popen | None = None
+        self.redis_url = options.redis_url
+        self.gateway: subprocess.Popen | None = None
+        self.controller: subprocess.Popen | None = None
+        self.log_dir = options.log_dir or Path(tempfile.mkdtemp(prefix="selfspec-fleet-"))
+        self.upstream = f"127.0.0.1:{self.config['grpc_options']['port']}"
+
+    def start(self, timeout_s: float = 600.0) -> Fleet:
+        try:
+            self._start_redis()
+            self._start_ray()
+            self._deploy(timeout_s)
+            self._start_gateway()
+            self._start_controller()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    # -- the parts, in order -----------------------------------------------------------
+
+    def _start_redis(self) -> None:
+        if self.redis_url is None:
+            if shutil.which("redis-server") is None:
+                raise ValueError(
+                    "redis-server is not installed: run `make setup` (or apt-get install "
+                    "redis-server), or give --redis-url"
+                )
+            port = free_port()
+            self.redis = subprocess.Popen(
+                ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+                + ["--appendonly", "no"],
+                stdout=self._log("redis"),
+                stderr=subprocess.STDOUT,
+            )
+            wait_for_port(port, 10, self.redis, "redis-server")
+            self.redis_url = f"redis://127.0.0.1:{port}/0"
+        if _has_module("services.common.fleet"):  # TODO(integration): always
+            self.app.setdefault("args", {})["redis_url"] = self.redis_url
+        self.say(f"[1/5] redis       {self.redis_url}")
+
+    def _start_ray(self) -> None:
+        import ray
+
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        cpus = self.options.num_cpus or os.cpu_count() or 1
+        ray.init(num_cpus=cpus, include_dashboard=False, namespace="serve", log_to_driver=False)
+        self.say(f"[2/5] ray         local cluster, {cpus} CPUs")
+
+    def _deploy(self, timeout_s: float) -> None:
+        from ray.serve._private import api as serve_api
+        from ray.serve.config import gRPCOptions
+        from ray.serve.schema import ServeDeploySchema
+
+        # The same path as `serve run CONFIG` and KubeRay: Serve builds the app itself.
+        schema = ServeDeploySchema.model_validate(self.config)
+        client = serve_api.serve_start(
+            http_options=schema.http_options.model_dump(),
+            proxy_location=schema.proxy_location,
+            grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
+        )
+        client.deploy_apps(schema, _blocking=False)
+        model = self.app.get("args", {}).get("model", "default")
+        self.say(f"[3/5] serve       deploying {self.app['name']!r} ({model}) ...")
+        wait_for_app(self.app["name"], timeout_s, self.say)
+        self.say(f"      serve       ready; Serve's gRPC proxy on {self.upstream}")
+
+    def _start_gateway(self) -> None:
+        cmd = [sys.executable, "-m", "services.cli", "gateway", "--listen", self.options.listen]
+        cmd += ["--upstream", self.upstream, "--app", self.app["name"], *self.options.gateway_args]
+        self.gateway = subprocess.Popen(cmd, stdout=self._log("gateway"), stderr=subprocess.STDOUT)
+        port = int(self.options.listen.rsplit(":", 1)[1])
+        wait_for_port(port, 30, self.gateway, "the gateway", self.log_dir / "gateway.log")
+        self.say(f"[4/5] gateway     grpc://{self.options.listen}")
+
+    def _start_controller(self) -> None:
+        if not self.options.controller or not _has_module("services.controller.main"):
+            self.say("[5/5] controller  not started")
+            return
+        cmd = [sys.executable, "-m", "services.cli", "controller", "run"]
+        cmd += ["--redis-url", self.redis_url, "--admin-listen", f"127.0.0.1:{free_port()}"]
+        self.controller = subprocess.Popen(
+            cmd, stdout=self._log("controller"), stderr=subprocess.STDOUT
+        )
+        self.say(f"[5/5] controller  pid {self.controller.pid}, log {self.log_dir}")
+
+    # -----------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Everything down, in reverse order; safe to call twice."""
+        for proc in (self.controller, self.gateway):
+            _terminate(proc, grace_s=30)
+        self.controller = self.gateway = None
+        import ray
+
+        if ray.is_initialized():
+            from ray import serve
+
+            with contextlib.suppress(Exception):
+                serve.shutdown()
+            ray.shutdown()
+        _terminate(self.redis, grace_s=5)
+        self.redis = None
+
+    def _log(self, name: str):
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        return open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
+
+
+def wait_for_app(name: str, timeout_s: float, say) -> None:
+    """Wait until the application runs, reporting replica progress as it changes."""
+    from ray import serve
+
+    deadline, shown = time.monotonic() + timeout_s, ""
+    while time.monotonic() < deadline:
+        app = serve.status().applications.get(name)
+        if app is not None:
+            if app.status == "RUNNING":
+                return
+            if app.status == "DEPLOY_FAILED":
+                raise RuntimeError(f"deploying {name!r} failed: {app.message}")
+            line = ", ".join(
+                f"{d}: {dict(s.replica_states) or 'starting'}" for d, s in app.deployments.items()
+            )
+            if line and line != shown:
+                say(f"      serve       {line}")
+                shown = line
+        time.sleep(0.5)
+    raise TimeoutError(f"{name!r} was not running after {timeout_s:.0f} s")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout_s: float, proc, what: str, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text()[-2000:] if log and log.exists() else ""
+            raise RuntimeError(f"{what} exited with code {proc.returncode}\n{tail}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} did not listen on port {port} within {timeout_s:.0f} s")
+
+
+def _terminate(proc: subprocess.Popen | None, grace_s: float) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+# -- the command ---------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="selfspec serve", description=__doc__)
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="a Serve config file")
+    p.add_argument("--model", help="override the app's model")
+    p.add_argument("--draft", help="override the app's default drafting mode")
+    p.add_argument("--replicas", type=int, help="a fixed number of engine replicas")
+    p.add_argument("--listen", default="127.0.0.1:50051", help="the gateway's address")
+    p.add_argument("--redis-url", help="use this Redis instead of starting one")
+    p.add_argument("--num-cpus", type=int, help="CPUs for the local Ray cluster")
+    p.add_argument("--no-controller", action="store_true", help="do not start the controller")
+    return p
+
+
+def options_from(args: argparse.Namespace) -> FleetOptions:
+    config = load_config(args.config)
+    app = config["applications"][0]
+    app_args = app.setdefault("args", {})
+    if args.model:
+        app_args["model"] = args.model
+    if args.draft:
+        app_args["draft"] = args.draft
+    if args.replicas is not None:
+        if args.replicas < 1:
+            raise ValueError("--replicas must be at least 1")
+        for d in app.get("deployments", []):
+            if d["name"] == "Engine":
+                d.pop("autoscaling_config", None)
+                d["num_replicas"] = args.replicas
+    return FleetOptions(
+        config=config,
+        listen=args.listen,
+        redis_url=args.redis_url,
+        num_cpus=args.num_cpus,
+        controller=not args.no_controller,
+    )
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops the fleet as Ctrl-C does
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        fleet = Fleet(options_from(args))
+    except ValueError as exc:
+        print(f"selfspec serve: error: {exc}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        fleet.start()
+        print(
+            f"\nfleet ready. Try:\n  selfspec client --address {args.listen} --stream "
+            f"--prompt 'Why is the sky blue?'\nlogs in {fleet.log_dir}; Ctrl-C stops it all.",
+            flush=True,
+        )
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("\nstopping the fleet ...", flush=True)
+        return 0
+    except (ValueError, RuntimeError, TimeoutError) as exc:
+        print(f"selfspec serve: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        fleet.stop()

@@ -1,0 +1,60 @@
+"""Helpers for the fleet tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from services.gen.selfspec.v1 import generation_pb2 as pb
+from services.serve.local import Fleet, free_port, wait_for_port
+
+REPLICAS = 2
+
+
+def chat(text: str, max_tokens: int = 12, **fields) -> pb.GenerateRequest:
+    req = pb.GenerateRequest(max_tokens=max_tokens, **fields)
+    req.messages.messages.add(role="user", content=text)
+    return req
+
+
+def replica_stats(expected: int = REPLICAS, tries: int = 60) -> dict[str, dict]:
+    """Each replica's `stats()`, keyed by replica id. Serve sends each call to a replica
+    of its choosing, so call until every replica has answered."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("Engine", "selfspec")
+    seen: dict[str, dict] = {}
+    for _ in range(tries):
+        stats = handle.stats.remote().result(timeout_s=30)
+        seen[stats["replica_id"]] = stats
+        if len(seen) >= expected:
+            break
+    return seen
+
+
+def wait_until(predicate, timeout_s: float = 20.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def start_gateway(fleet: Fleet, *args: str, env: dict | None = None) -> tuple:
+    """A second gateway on the same fleet, with its own options; returns (process, address)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "services.cli", "gateway", "--listen", f"127.0.0.1:{port}"]
+    cmd += ["--upstream", fleet.upstream, *args]
+    proc = subprocess.Popen(
+        cmd,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    wait_for_port(port, 30, proc, "the gateway")
+    return proc, f"127.0.0.1:{port}"

@@ -1,0 +1,335 @@
+"""End to end over real gRPC on loopback: gateway, Serve's proxy, two engine replicas.
+
+The test that kills a replica comes last: the fleet is shared by the whole module.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor, wait
+
+import grpc
+import pytest
+from fleet_helpers import chat, replica_stats, start_gateway, wait_until
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from services.gen.selfspec.v1 import generation_pb2 as pb
+from services.gen.selfspec.v1 import generation_pb2_grpc as pb_grpc
+
+Code = grpc.StatusCode
+
+
+def code_of(call, *args, **kwargs) -> tuple[grpc.StatusCode, str]:
+    try:
+        result = call(*args, **kwargs)
+        if not isinstance(result, pb.GenerateResponse | pb.ModelInfo | pb.AbortResponse):
+            list(result)
+    except grpc.RpcError as err:
+        return err.code(), err.details()
+    return Code.OK, ""
+
+
+# -- generation ------------------------------------------------------------------------
+
+
+def test_unary_and_streaming_agree_and_report_usage(stub):
+    unary = stub.GenerateUnary(chat("Name three colours.", 16), timeout=120)
+    parts = list(stub.Generate(chat("Name three colours.", 16), timeout=120))
+    assert unary.text and unary.finish_reason == pb.FINISH_REASON_LENGTH
+    assert "".join(p.text for p in parts) == unary.text
+    assert [t for p in parts for t in p.token_ids] == list(unary.token_ids)
+    assert all(p.finish_reason == pb.FINISH_REASON_UNSPECIFIED for p in parts[:-1])
+    usage = parts[-1].usage
+    assert usage.completion_tokens == len(unary.token_ids) == 16
+    assert usage.prompt_tokens > 0 and usage.accepted_tokens <= usage.drafted_tokens
+    assert usage.verify_steps >= 1 and unary.request_id
+
+
+def test_greedy_output_through_the_gateway_is_the_engines_own(stub):
+    """The same engine, loaded here and run with drafting off, gives the same tokens."""
+    import torch
+
+    from services.engine import Engine, SamplingParams
+
+    prompts = ["Write a haiku about rain.", "What is 12 times 7?", "def fib(n):"]
+    got = [stub.GenerateUnary(chat(p, 24), timeout=120).token_ids for p in prompts]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the replicas run
+    try:
+        engine = Engine.from_pretrained("default", dtype="bfloat16", kv_cache_bytes=32 << 20)
+        want = [
+            engine.generate(p, SamplingParams(max_tokens=24), "off", chat=True)[0].token_ids
+            for p in prompts
+        ]
+    finally:
+        torch.set_num_threads(threads)
+    assert [list(g) for g in got] == want
+
+
+def test_model_info(stub):
+    info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
+    assert info.num_layers == 30 and info.vocab_size > 1000 and info.max_model_len >= 2048
+    assert info.architecture in ("LlamaForCausalLM", "llama") and info.dtype == "bfloat16"
+    assert info.default_draft["mode"] == "auto"
+
+
+def test_drafting_override_is_applied_and_exact(stub):
+    base = stub.GenerateUnary(chat("List the days of the week.", 20), timeout=120)
+    req = chat("List the days of the week.", 20)
+    req.draft.update({"mode": "ngram", "max_draft": 6})
+    ngram = stub.GenerateUnary(req, timeout=120)
+    assert list(ngram.token_ids) == list(base.token_ids)
+
+
+# -- health and reflection ---------------------------------------------------------------
+
+
+def test_health_and_reflection(fleet):
+    with grpc.insecure_channel(fleet.options.listen) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "selfspec.v1.Generation"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+        reply = next(
+            refl.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+            )
+        )
+        names = {s.name for s in reply.list_services_response.service}
+    assert {"selfspec.v1.Generation", "grpc.health.v1.Health"} <= names
+    assert "grpc.reflection.v1alpha.ServerReflection" in names
+
+
+# -- refusals ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (pb.GenerateRequest(max_tokens=4), "one of prompt"),
+        (pb.GenerateRequest(prompt="hi", max_tokens=0), "max_tokens"),
+        (pb.GenerateRequest(prompt="hi", temperature=-1), "temperature"),
+        (pb.GenerateRequest(prompt="hi", top_p=1.5), "top_p"),
+        (pb.GenerateRequest(prompt="hi", stop=["x" * 300]), "stop"),
+        (pb.GenerateRequest(prompt="x" * ((1 << 20) + 1)), "prompt has"),
+        (pb.GenerateRequest(prompt="hi", session_id="s" * 300), "session_id"),
+        (pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[10**9])), "token ids"),
+        (pb.GenerateRequest(prompt="hi", max_tokens=100_000), "max_tokens"),
+    ],
+)
+def test_invalid_requests_name_the_field(stub, request_, field):
+    code, details = code_of(stub.GenerateUnary, request_, timeout=60)
+    assert code == Code.INVALID_ARGUMENT and field in details, details
+
+
+@pytest.mark.parametrize(
+    ("draft", "words"),
+    [
+        ({"bogus": 1}, "unknown setting 'bogus'"),
+        ({"max_draft": 2.5}, "draft.max_draft"),
+        ({"mode": "sideways"}, "draft mode"),
+        ({"mode": "skip", "skip_attn": [99]}, "skip_attn"),  # refused by the replica
+    ],
+)
+def test_invalid_drafting_overrides(stub, draft, words):
+    req = chat("hi", 4)
+    req.draft.update(draft)
+    code, details = code_of(stub.Generate, req, timeout=60)
+    assert code == Code.INVALID_ARGUMENT and words in details, details
+
+
+def test_malformed_and_oversized_messages(fleet):
+    with grpc.insecure_channel(fleet.options.listen) as channel:
+        raw = channel.unary_unary("/selfspec.v1.Generation/GenerateUnary")
+        code, details = code_of(raw, b"\xff\xff\xff\xff", timeout=10)
+        assert code == Code.INVALID_ARGUMENT and "does not parse" in details
+        bad_utf8 = b"\x1a\x02\xff\xfe"  # field 3 (prompt), two bytes that are not UTF-8
+        code, details = code_of(raw, bad_utf8, timeout=10)
+        assert code == Code.INVALID_ARGUMENT, details
+        code, _ = code_of(raw, pb.GenerateRequest(prompt="x" * (9 << 20)).SerializeToString())
+        assert code == Code.RESOURCE_EXHAUSTED
+
+
+def test_queue_full_is_resource_exhausted_and_leaves_nothing_behind(fleet):
+    """Each replica runs what its small pool holds and queues four more; past that it
+    refuses at once. Cancelling the rest frees every block."""
+
+    def first_event(call) -> grpc.StatusCode:
+        try:
+            next(call)
+            return Code.OK
+        except grpc.RpcError as err:
+            return err.code()
+
+    with grpc.insecure_channel(fleet.options.listen) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        calls = [
+            stub.Generate(chat(f"Tell a long story number {i}.", 400, ignore_eos=True), timeout=120)
+            for i in range(14)
+        ]
+        with ThreadPoolExecutor(len(calls)) as pool:
+            futures = [pool.submit(first_event, call) for call in calls]
+            wait(futures, timeout=20)  # refusals come back at once, first tokens soon
+            for call in calls:
+                call.cancel()
+            codes = [f.result() for f in futures]
+    assert codes.count(Code.RESOURCE_EXHAUSTED) >= 4, codes
+    assert Code.OK in codes and set(codes) <= {Code.OK, Code.RESOURCE_EXHAUSTED, Code.CANCELLED}
+    wait_until(all_idle, 60, "every replica to free its blocks")
+
+
+def all_idle() -> bool:
+    return all(
+        s["running"] == s["waiting"] == s["prefilling"] == s["kv_blocks_in_use"] == 0
+        for s in replica_stats().values()
+    )
+
+
+def test_deadline_exceeded_aborts_the_request(stub):
+    code, _ = code_of(stub.GenerateUnary, chat("Count to a thousand.", 500), timeout=1.5)
+    assert code == Code.DEADLINE_EXCEEDED
+    wait_until(all_idle, 30, "the expired request's blocks to be freed")
+
+
+def test_cancelling_a_stream_frees_its_blocks_on_the_replica(stub):
+    call = stub.Generate(chat("Tell a long story.", 400, ignore_eos=True), timeout=120)
+    first = next(call)
+    busy = replica_stats()[first.replica_id]
+    assert busy["running"] == 1 and busy["kv_blocks_in_use"] > 0
+    call.cancel()
+    assert call.code() == Code.CANCELLED
+    wait_until(
+        lambda: replica_stats()[first.replica_id]["kv_blocks_in_use"] == 0,
+        30,
+        "the cancelled request's blocks to be freed",
+    )
+    assert replica_stats()[first.replica_id]["running"] == 0
+
+
+def test_abort_ends_the_stream_with_finish_reason_abort(stub):
+    call = stub.Generate(
+        chat("Tell a long story.", 400, ignore_eos=True, request_id="to-abort"), timeout=120
+    )
+    first = next(call)
+    assert stub.Abort(pb.AbortRequest(request_id="to-abort"), timeout=10).found
+    rest = list(call)
+    assert rest[-1].finish_reason == pb.FINISH_REASON_ABORT
+    assert len(first.token_ids) + sum(len(r.token_ids) for r in rest) < 400
+    assert not stub.Abort(pb.AbortRequest(request_id="to-abort"), timeout=10).found
+    wait_until(all_idle, 30, "the aborted request's blocks to be freed")
+
+
+def test_authentication(fleet, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    proc, address = start_gateway(fleet, "--token-file", str(token))
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            code, details = code_of(stub.GenerateUnary, chat("hi", 2), timeout=30)
+            assert code == Code.UNAUTHENTICATED and "missing bearer token" in details
+            wrong = [("authorization", "Bearer nope")]
+            code, details = code_of(stub.GenerateUnary, chat("hi", 2), metadata=wrong, timeout=30)
+            assert code == Code.UNAUTHENTICATED and "wrong bearer token" in details
+            right = [("authorization", "Bearer s3cret")]
+            assert stub.GenerateUnary(chat("hi", 2), metadata=right, timeout=60).token_ids
+            token.write_text("rotated")  # a rotated Secret applies without a restart
+            time.sleep(0.05)
+            code, _ = code_of(stub.GenerateUnary, chat("hi", 2), metadata=right, timeout=30)
+            assert code == Code.UNAUTHENTICATED
+            health = health_pb2_grpc.HealthStub(channel)  # probes need no token
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == 1
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_unreachable_upstream_is_unavailable(fleet):
+    from services.serve.local import free_port
+
+    proc, address = start_gateway(fleet, "--upstream", f"127.0.0.1:{free_port()}")
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            code, _ = code_of(stub.GenerateUnary, chat("hi", 2), timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert code == Code.UNAVAILABLE
+
+
+def test_sigterm_drains(fleet):
+    """On SIGTERM the gateway reports NOT_SERVING, refuses new calls as UNAVAILABLE and
+    lets the stream in flight finish."""
+    proc, address = start_gateway(fleet, "--drain-seconds", "60")
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+        call = stub.Generate(chat("Tell a story.", 48, ignore_eos=True), timeout=120)
+        next(call)
+        proc.send_signal(signal.SIGTERM)
+        wait_until(
+            lambda: (
+                health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                == health_pb2.HealthCheckResponse.NOT_SERVING
+            ),
+            10,
+            "NOT_SERVING",
+        )
+        code, details = code_of(stub.GenerateUnary, chat("hi", 2), timeout=30)
+        assert code == Code.UNAVAILABLE and "draining" in details
+        rest = list(call)
+        assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    assert proc.wait(30) == 0
+
+
+def test_concurrent_streams_finish(stub):
+    """Streams at once, spread over both replicas, all complete."""
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(
+            pool.map(
+                lambda i: stub.GenerateUnary(chat(f"Say the number {i}.", 8), timeout=180),
+                range(4),
+            )
+        )
+    assert all(len(r.token_ids) > 0 for r in replies)
+    assert len({r.replica_id for r in replies}) == 2
+
+
+# -- sessions, and a replica lost -----------------------------------------------------------
+
+
+def test_session_affinity_and_failover(stub, fleet):
+    """Turn two lands where turn one did and reuses its KV cache; with that replica
+    killed, turn three goes to the other and still succeeds."""
+    import ray
+
+    history = [pb.Message(role="user", content="My name is Ada. Say hello.")]
+
+    def turn(text: str | None = None) -> pb.GenerateResponse:
+        if text:
+            history.append(pb.Message(role="user", content=text))
+        req = pb.GenerateRequest(session_id="ada", max_tokens=12)
+        req.messages.messages.extend(history)
+        reply = stub.GenerateUnary(req, timeout=120)
+        history.append(pb.Message(role="assistant", content=reply.text))
+        return reply
+
+    first = turn()
+    second = turn("What is my name?")
+    assert second.replica_id == first.replica_id
+    assert second.usage.cached_prompt_tokens > 0
+    assert second.usage.cached_prompt_tokens <= second.usage.prompt_tokens
+
+    name = next(
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if "Engine" in a["name"] and a["name"].endswith(first.replica_id)
+    )
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    third = turn("And what did I ask first?")
+    assert third.replica_id != first.replica_id and third.text
+    assert third.usage.cached_prompt_tokens == 0
