@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 
+from services.gateway import metrics
 from services.gateway.auth import TokenSource
 from services.gateway.server import GatewayConfig, GatewayServer, Upstream
 
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=20.0,
         help="on SIGTERM, how long running streams may take to finish",
     )
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -58,6 +60,9 @@ def main(argv: list[str]) -> int:
             health_listen=args.health_listen,
             drain_seconds=args.drain_seconds,
         )
+        if args.metrics_port:
+            host = config.listen.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
+            metrics.serve(args.metrics_port, host)
         asyncio.run(_run(config))
     except (ValueError, OSError) as exc:
         print(f"selfspec gateway: error: {exc}", file=sys.stderr)

@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common import api
+from services.gateway import metrics
 from services.gateway.auth import AuthInterceptor, TokenSource
 from services.gen.selfspec.v1 import generation_pb2 as pb
 from services.gen.selfspec.v1 import generation_pb2_grpc as pb_grpc
@@ -166,6 +167,7 @@ class Gateway:
 
     async def _forward(self, request: pb.GenerateRequest, context) -> AsyncIterator:
         call = self.calls[request.request_id] = _Call()
+        clock, last = metrics.RequestClock(), None
         try:
             for attempt in range(RETRIES + 1):
                 sent = False
@@ -174,8 +176,9 @@ class Gateway:
                 )
                 try:
                     async for response in _read(call):
-                        sent = True
+                        sent, last = True, response
                         call.usage = response.usage
+                        clock.saw(response)
                         yield response
                 except grpc.aio.AioRpcError as err:
                     if call.aborted:
@@ -188,12 +191,14 @@ class Gateway:
                     continue
                 break
             if call.aborted:
-                yield pb.GenerateResponse(
+                last = pb.GenerateResponse(
                     request_id=request.request_id,
                     finish_reason=pb.FINISH_REASON_ABORT,
                     usage=call.usage,
                 )
+                yield last
         finally:
+            clock.finish(last)
             del self.calls[request.request_id]
             if call.upstream is not None:
                 call.upstream.cancel()  # no-op when done; frees the replica's blocks otherwise
@@ -312,18 +317,54 @@ def _handlers(gateway: Gateway) -> grpc.GenericRpcHandler:
     out = pb.GenerateResponse.SerializeToString
     methods = {
         "Generate": grpc.unary_stream_rpc_method_handler(
-            gateway.Generate, _parser(pb.GenerateRequest), out
+            _counted_stream("Generate", gateway.Generate), _parser(pb.GenerateRequest), out
         ),
         "GenerateUnary": grpc.unary_unary_rpc_method_handler(
-            gateway.GenerateUnary, _parser(pb.GenerateRequest), out
+            _counted("GenerateUnary", gateway.GenerateUnary), _parser(pb.GenerateRequest), out
         ),
         "GetModelInfo": grpc.unary_unary_rpc_method_handler(
-            gateway.GetModelInfo,
+            _counted("GetModelInfo", gateway.GetModelInfo),
             _parser(pb.GetModelInfoRequest),
             pb.ModelInfo.SerializeToString,
         ),
         "Abort": grpc.unary_unary_rpc_method_handler(
-            gateway.Abort, _parser(pb.AbortRequest), pb.AbortResponse.SerializeToString
+            _counted("Abort", gateway.Abort),
+            _parser(pb.AbortRequest),
+            pb.AbortResponse.SerializeToString,
         ),
     }
     return grpc.method_handlers_generic_handler(SERVICE, methods)
+
+
+def _count(name: str, context, cancelled: bool = False) -> None:
+    code = grpc.StatusCode.CANCELLED if cancelled else context.code() or grpc.StatusCode.OK
+    metrics.CALLS.labels(name, code.name).inc()
+
+
+def _counted(name: str, method):
+    async def handle(request, context):
+        try:
+            return await method(request, context)
+        except asyncio.CancelledError:
+            _count(name, context, cancelled=True)
+            raise
+        finally:
+            if not context.cancelled():
+                _count(name, context)
+
+    return handle
+
+
+def _counted_stream(name: str, method):
+    async def handle(request, context):
+        try:
+            async for response in method(request, context):
+                yield response
+        except asyncio.CancelledError:
+            _count(name, context, cancelled=True)
+            raise
+        finally:
+            if not context.cancelled():
+                _count(name, context)
+
+    return handle

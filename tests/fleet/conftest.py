@@ -10,23 +10,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import grpc
 import pytest
-from fleet_helpers import REPLICAS
+from fleet_helpers import REPLICAS, fleet_config
 
 from services.gen.selfspec.v1 import generation_pb2_grpc as pb_grpc
-from services.serve.local import DEFAULT_CONFIG, Fleet, FleetOptions, free_port, load_config
-
-
-def fleet_config(replicas: int = REPLICAS) -> dict:
-    config = load_config(DEFAULT_CONFIG)
-    config["http_options"]["port"] = free_port()
-    config["grpc_options"]["port"] = free_port()
-    app = config["applications"][0]
-    # A small KV pool and a short queue, so that tests can fill them.
-    app["args"].update(kv_cache_bytes=32 << 20, max_waiting=4, threads=1)
-    (engine,) = app["deployments"]
-    engine.pop("autoscaling_config")
-    engine.update(num_replicas=replicas, graceful_shutdown_timeout_s=5)
-    return config
+from services.serve.local import Fleet, FleetOptions, free_port
 
 
 @pytest.fixture(scope="module")

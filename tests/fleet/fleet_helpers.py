@@ -8,9 +8,22 @@ import sys
 import time
 
 from services.gen.selfspec.v1 import generation_pb2 as pb
-from services.serve.local import Fleet, free_port, wait_for_port
+from services.serve.local import DEFAULT_CONFIG, Fleet, free_port, load_config, wait_for_port
 
 REPLICAS = 2
+
+
+def fleet_config(replicas: int = REPLICAS) -> dict:
+    config = load_config(DEFAULT_CONFIG)
+    config["http_options"]["port"] = free_port()
+    config["grpc_options"]["port"] = free_port()
+    app = config["applications"][0]
+    # A small KV pool and a short queue, so that tests can fill them.
+    app["args"].update(kv_cache_bytes=32 << 20, max_waiting=4, threads=1)
+    (engine,) = app["deployments"]
+    engine.pop("autoscaling_config")
+    engine.update(num_replicas=replicas, graceful_shutdown_timeout_s=5)
+    return config
 
 
 def chat(text: str, max_tokens: int = 12, **fields) -> pb.GenerateRequest:

@@ -261,6 +261,41 @@ def test_unreachable_upstream_is_unavailable(fleet):
     assert code == Code.UNAVAILABLE
 
 
+def test_metrics(fleet):
+    """The gateway's /metrics count what the replies said, under vLLM's names."""
+    import urllib.request
+
+    from services.serve.local import free_port
+
+    port = free_port()
+    proc, address = start_gateway(fleet, "--metrics-port", str(port))
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            replies = [stub.GenerateUnary(chat(f"Say {w}.", 10), timeout=120) for w in "ab"]
+            code_of(stub.GenerateUnary, pb.GenerateRequest(), timeout=30)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+    finally:
+        proc.kill()
+        proc.wait()
+    values = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.decode().splitlines()
+        if line and not line.startswith("#")
+    }
+    assert values["vllm:generation_tokens_total"] == sum(r.usage.completion_tokens for r in replies)
+    assert values["vllm:spec_decode_num_draft_tokens_total"] == sum(
+        r.usage.drafted_tokens for r in replies
+    )
+    assert values["vllm:spec_decode_num_accepted_tokens_total"] == sum(
+        r.usage.accepted_tokens for r in replies
+    )
+    assert values['vllm:request_success_total{finished_reason="length"}'] == 2
+    assert values["vllm:time_to_first_token_seconds_count"] == 2
+    calls = 'selfspec_gateway_calls_total{{code="{}",method="GenerateUnary"}}'
+    assert values[calls.format("INVALID_ARGUMENT")] == 1 and values[calls.format("OK")] == 2
+
+
 def test_sigterm_drains(fleet):
     """On SIGTERM the gateway reports NOT_SERVING, refuses new calls as UNAVAILABLE and
     lets the stream in flight finish."""

