@@ -26,8 +26,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: setup
-	$(BIN)/selfspec generate --model default --chat --max-tokens 96 \
-		--prompt "Explain in three sentences why the sky is blue."
+	$(BIN)/selfspec serve
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -43,6 +42,7 @@ test: setup lint
 bench: setup
 	$(BIN)/selfspec bench engine --model default --out benchmarks/results
 	$(BIN)/selfspec bench sweep --model default --out benchmarks/results
+	$(BIN)/selfspec bench serve --out benchmarks/results
 
 # Regenerate the gRPC stubs in services/gen/ after editing protos/ (a test fails when stale).
 stubs: $(STAMP)

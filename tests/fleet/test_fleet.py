@@ -338,18 +338,22 @@ def test_concurrent_streams_finish(stub):
 
 
 def test_session_affinity_and_failover(stub, fleet):
-    """Turn two lands where turn one did and reuses its KV cache; with that replica
-    killed, turn three goes to the other and still succeeds."""
+    """Turn two lands where turn one did and reuses its KV cache. That replica dies in
+    the middle of turn three: the client gets a retryable UNAVAILABLE, and the retried
+    turn goes to the other replica and succeeds."""
     import ray
 
     history = [pb.Message(role="user", content="My name is Ada. Say hello.")]
 
+    def request(max_tokens: int = 12) -> pb.GenerateRequest:
+        req = pb.GenerateRequest(session_id="ada", max_tokens=max_tokens)
+        req.messages.messages.extend(history)
+        return req
+
     def turn(text: str | None = None) -> pb.GenerateResponse:
         if text:
             history.append(pb.Message(role="user", content=text))
-        req = pb.GenerateRequest(session_id="ada", max_tokens=12)
-        req.messages.messages.extend(history)
-        reply = stub.GenerateUnary(req, timeout=120)
+        reply = stub.GenerateUnary(request(), timeout=120)
         history.append(pb.Message(role="assistant", content=reply.text))
         return reply
 
@@ -359,12 +363,19 @@ def test_session_affinity_and_failover(stub, fleet):
     assert second.usage.cached_prompt_tokens > 0
     assert second.usage.cached_prompt_tokens <= second.usage.prompt_tokens
 
+    history.append(pb.Message(role="user", content="Tell me a long story about it."))
+    stream = stub.Generate(request(max_tokens=300), timeout=120)
+    assert next(stream).replica_id == first.replica_id
     name = next(
         a["name"]
         for a in ray.util.list_named_actors(all_namespaces=True)
         if "Engine" in a["name"] and a["name"].endswith(first.replica_id)
     )
     ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
-    third = turn("And what did I ask first?")
+    with pytest.raises(grpc.RpcError) as lost:
+        list(stream)
+    assert lost.value.code() == Code.UNAVAILABLE, lost.value.details()
+
+    third = stub.GenerateUnary(request(), timeout=120)
     assert third.replica_id != first.replica_id and third.text
     assert third.usage.cached_prompt_tokens == 0
