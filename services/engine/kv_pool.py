@@ -108,11 +108,6 @@ class BlockTable:
             raise ValueError(f"cannot commit {num_tokens} tokens in {self.capacity} slots")
         self.num_tokens = num_tokens
 
-    def slots(self, start: int, end: int) -> list[int]:
-        """Flat pool slot of each position in [start, end)."""
-        bs = self.pool.block_size
-        return [self.blocks[p // bs] * bs + p % bs for p in range(start, end)]
-
     def free(self) -> None:
         self.pool.release(self.blocks)
         self.blocks = []

@@ -51,15 +51,20 @@ def test_random_lifecycles_keep_exact_accounting(seed):
     assert sorted(pool._free) == list(range(pool.num_blocks))
 
 
-def test_slots_follow_the_block_table():
+def test_attention_writes_go_to_the_slots_of_each_block_table():
+    from kernels.attention import AttentionBatch
+
     pool = make_pool(num_blocks=8, block_size=4)
     a, b = BlockTable(pool), BlockTable(pool)
     a.reserve(5)
     b.reserve(3)
-    a.reserve(9)
+    a.reserve(9)  # a's blocks are not contiguous: b took one in between
     bs = pool.block_size
-    assert a.slots(0, 9) == [a.blocks[p // bs] * bs + p % bs for p in range(9)]
-    assert not set(a.slots(0, 9)) & set(b.slots(0, 3))
+    batch = AttentionBatch.build([a.blocks, b.blocks], [0, 1], [9, 2], bs)
+    want_a = [a.blocks[p // bs] * bs + p % bs for p in range(9)]
+    want_b = [b.blocks[p // bs] * bs + p % bs for p in range(1, 3)]
+    assert batch.slots.tolist() == want_a + want_b
+    assert not set(want_a) & set(want_b)
 
 
 def test_commit_beyond_capacity_is_refused():
