@@ -5,6 +5,7 @@ The test that kills a replica comes last: the fleet is shared by the whole modul
 
 from __future__ import annotations
 
+import random
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -332,6 +333,68 @@ def test_concurrent_streams_finish(stub):
         )
     assert all(len(r.token_ids) > 0 for r in replies)
     assert len({r.replica_id for r in replies}) == 2
+
+
+def test_fuzzed_requests_get_proper_statuses_and_leave_nothing_behind(fleet):
+    """Random and malformed requests, bounded in number: every reply is a result or a
+    status a client can act on, the gateway stays up, and no KV block leaks."""
+    rng = random.Random(20261123)
+    allowed = {Code.OK, Code.INVALID_ARGUMENT, Code.RESOURCE_EXHAUSTED}
+    with grpc.insecure_channel(fleet.options.listen) as channel:
+        raw = channel.unary_unary("/selfspec.v1.Generation/GenerateUnary")
+        for i in range(150):
+            code, details = code_of(raw, fuzzed_request(rng, i), timeout=60)
+            assert code in allowed, (i, code, details)
+        health = health_pb2_grpc.HealthStub(channel)
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == 1
+    wait_until(all_idle, 30, "every replica to be idle")
+
+
+def fuzzed_request(rng: random.Random, i: int) -> bytes:
+    """Bytes that are garbage, a mutated valid request, or a request with extreme fields."""
+    choice = i % 3
+    if choice == 0:
+        return rng.randbytes(rng.randint(0, 64))
+    req = pb.GenerateRequest(max_tokens=rng.choice([1, 2, 3]))
+    text = "".join(
+        chr(rng.choice([rng.randint(32, 126), rng.randint(0x80, 0x10FFFF)]))
+        for _ in range(rng.randint(1, 40))
+    )
+    text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    kind = rng.choice(["prompt", "ids", "messages"])
+    if kind == "prompt":
+        req.prompt = text
+    elif kind == "ids":
+        req.prompt_token_ids.ids.extend(
+            rng.randint(0, 2**32 - 1) >> rng.randint(0, 32) for _ in range(rng.randint(0, 5))
+        )
+    else:
+        req.messages.messages.add(role=rng.choice(["user", "system", "", "robot"]), content=text)
+    if rng.random() < 0.5:
+        setattr(
+            req,
+            rng.choice(["temperature", "top_p"]),
+            rng.choice([0.0, -1.0, 1e30, float("nan"), float("inf"), 0.5]),
+        )
+    if rng.random() < 0.3:
+        req.top_k = rng.randint(0, 2**32 - 1)
+    if rng.random() < 0.3:
+        req.seed = rng.randint(0, 2**64 - 1)
+    if rng.random() < 0.3:
+        req.stop.extend(rng.choice(["", "x" * 300, "\n"]) for _ in range(rng.randint(1, 20)))
+    if rng.random() < 0.3:
+        req.draft.update(
+            {
+                rng.choice(["mode", "max_draft", "skip_attn", "zzz"]): rng.choice(
+                    [1.5, -3, "auto", [1, 2], None, 1e20]
+                )
+            }
+        )
+    data = bytearray(req.SerializeToString())
+    if choice == 2 and data:  # flip a few bytes of a valid request
+        for _ in range(rng.randint(1, 3)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+    return bytes(data)
 
 
 # -- sessions, and a replica lost -----------------------------------------------------------
