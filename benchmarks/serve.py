@@ -1,11 +1,14 @@
-"""The gateway's own cost: the same requests to the engine called directly and through
-the whole path (gateway, Serve's gRPC proxy, engine replica), in one run.
+"""`selfspec bench serve`: the fleet under load, in two parts, one run.
 
-`selfspec bench serve [--concurrency 1,8] [--requests 16] [--max-tokens 64]` starts a
-local fleet with one replica, runs every concurrency level against the engine in this
-process and then through the gateway (one after the other, so they never share the CPU),
-and writes `serve.json` and `serve.png`: time to first token, time per output token
-and end-to-end latency, and the ratio of each, gateway over direct.
+1. Overhead: the same requests to the engine called directly (in this process) and
+   through the whole path (gateway, Serve's gRPC proxy, engine replica), at each
+   `--concurrency`, one path after the other so they never share the CPU: time to first
+   token, time per output token, end-to-end latency, and gateway-over-direct ratios.
+2. Load (`benchmarks/load.py`): open-loop arrivals of multi-turn conversations at each
+   of `--rates`, drafting `auto` against `off` in the same run: throughput, latency
+   percentiles, goodput under `--slo-ttft`/`--slo-tpot`, acceptance.
+
+Writes `serve.json`, `serve_overhead.png` and `serve_load.png` under `--out`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from benchmarks import load
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -40,7 +45,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=16, help="requests per level and path")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--draft", default="auto")
+    p.add_argument("--draft", default="auto", help="drafting of the overhead part")
+    p.add_argument("--rates", default="0.1,0.2,0.4", help="conversations started per second")
+    p.add_argument("--conversations", type=int, default=8, help="per rate and mode")
+    p.add_argument("--turns", type=int, default=2, help="turns per conversation")
+    p.add_argument("--pattern", choices=["poisson", "bursty"], default="poisson")
+    p.add_argument("--modes", default="auto,off", help="drafting modes compared under load")
+    p.add_argument("--slo-ttft", type=float, default=5.0, help="seconds; goodput target")
+    p.add_argument("--slo-tpot", type=float, default=0.25, help="seconds; goodput target")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip", choices=["overhead", "load"], help="leave one part out")
     p.add_argument("--out", default="benchmarks/results")
     return p.parse_args(argv)
 
@@ -171,52 +185,83 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv: list[str]) -> int:
-    args = parse_args(argv)
-    levels = [int(c) for c in args.concurrency.split(",")]
-    messages = load_messages(args.requests)
+def overhead_part(args, fleet) -> dict:
+    """The engine direct, then the same requests through the gateway."""
     import grpc
     import torch
 
     from services.engine import Engine
     from services.gen.selfspec.v1 import generation_pb2_grpc as pb_grpc
 
+    levels = [int(c) for c in args.concurrency.split(",")]
+    messages = load_messages(args.requests)
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     engine = Engine.from_pretrained("default", dtype="bfloat16", kv_cache_bytes=1 << 29)
-    print("direct: the engine in this process", flush=True)
-    send = direct_sender(engine, args.max_tokens, args.draft)
-    direct = asyncio.run(measure(send, messages, levels, "direct"))
+    print("overhead: the engine in this process", flush=True)
+    direct = asyncio.run(
+        measure(direct_sender(engine, args.max_tokens, args.draft), messages, levels, "direct")
+    )
     engine.shutdown()
-    del engine
-    fleet = start_fleet(args, say=lambda line: print(line, file=sys.stderr, flush=True))
-    try:
-        print(f"gateway: grpc://{fleet.options.listen} -> Serve -> one replica", flush=True)
+    torch.set_num_threads(threads)
+    print(f"overhead: grpc://{fleet.options.listen} -> Serve -> one replica", flush=True)
 
-        async def through_gateway() -> dict:
-            async with grpc.aio.insecure_channel(fleet.options.listen) as channel:
-                send = gateway_sender(pb_grpc.GenerationStub(channel), args.max_tokens, args.draft)
-                return await measure(send, messages, levels, "gateway")
+    async def through_gateway() -> dict:
+        async with grpc.aio.insecure_channel(fleet.options.listen) as channel:
+            send = gateway_sender(pb_grpc.GenerationStub(channel), args.max_tokens, args.draft)
+            return await measure(send, messages, levels, "gateway")
 
-        gateway = asyncio.run(through_gateway())
-    finally:
-        fleet.stop()
-    report = {
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+    gateway = asyncio.run(through_gateway())
+    for c in levels:
+        o = overhead(direct[c], gateway[c])
+        print(
+            f"  concurrency {c}: gateway/direct ttft {o['ttft']:.3f}x tpot {o['tpot']:.3f}x "
+            f"e2e {o['e2e']:.3f}x",
+            flush=True,
+        )
+    return {
         "direct": {str(c): r for c, r in direct.items()},
         "gateway": {str(c): r for c, r in gateway.items()},
-        "overhead": {str(c): overhead(direct[c], gateway[c]) for c in levels},
+        "ratio": {str(c): overhead(direct[c], gateway[c]) for c in levels},
     }
+
+
+def load_part(args, fleet) -> dict:
+    """Each drafting mode at each arrival rate, through the gateway."""
+    targets = load.Targets(args.slo_ttft, args.slo_tpot)
+    results: dict[str, dict] = {}
+    for mode in args.modes.split(","):
+        for rate in [float(r) for r in args.rates.split(",")]:
+            t0 = time.perf_counter()
+            outcome, wall = asyncio.run(load.run_rate(fleet.options.listen, rate, mode, args))
+            row = load.summarize(outcome, wall, targets)
+            results.setdefault(mode, {})[str(rate)] = row
+            print(
+                f"  load {mode:5s} {rate:5.2f}/s: {row['requests']} requests, "
+                f"{row['throughput_tok_s']:.1f} tok/s, good {row['good_fraction']:.0%}, "
+                f"errors {row['errors'] or 0} ({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
+    return {"targets": vars(targets), "by_mode": results}
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    report: dict = {"settings": {k: v for k, v in vars(args).items() if k != "out"}}
+    fleet = start_fleet(args, say=lambda line: print(line, file=sys.stderr, flush=True))
+    try:
+        if args.skip != "overhead":
+            report["overhead"] = overhead_part(args, fleet)
+            plot(report["overhead"], out / "serve_overhead.png")
+        if args.skip != "load":
+            report["load"] = load_part(args, fleet)
+            load.plot(report["load"]["by_mode"], out / "serve_load.png")
+    finally:
+        fleet.stop()
     (out / "serve.json").write_text(json.dumps(report, indent=2))
-    plot(report, out / "serve.png")
-    for c in levels:
-        o = report["overhead"][str(c)]
-        print(
-            f"concurrency {c}: gateway/direct  ttft {o['ttft']:.3f}x  "
-            f"tpot {o['tpot']:.3f}x  e2e {o['e2e']:.3f}x"
-        )
-    print(f"wrote {out / 'serve.json'} and {out / 'serve.png'}")
+    print(f"wrote {out / 'serve.json'} and the plots beside it")
     return 0
 
 
