@@ -132,6 +132,11 @@ class Fleet:
         wait_for_port(port, 30, self.gateway, "the gateway", self.log_dir / "gateway.log")
         self.say(f"[4/5] gateway     grpc://{self.options.listen}")
 
+    def restart_gateway(self) -> None:
+        """A new gateway on the same address, after the old one has gone (or is stopped)."""
+        _terminate(self.gateway, grace_s=30)
+        self._start_gateway()
+
     def _start_controller(self) -> None:
         if not self.options.controller or not _has_module("services.controller.main"):
             self.say("[5/5] controller  not started")
