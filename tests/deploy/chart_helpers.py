@@ -21,7 +21,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "deploy" / "helm" / "selfspec"
 DOCKERFILE = REPO / "deploy" / "docker" / "Dockerfile"
-KUBERAY_CRD = REPO.parent / "shared" / "schemas" / "kuberay" / "ray.io_rayservices.yaml"
+# A copy of ../shared/schemas/kuberay/ (see SOURCE.txt there), so a clone tests alone.
+KUBERAY_CRD = Path(__file__).parent / "schemas" / "kuberay" / "ray.io_rayservices.yaml"
 
 # A current Kubernetes release that kubernetes-validate ships schemas for; pinned so that
 # upgrading the package cannot change what the tests check.
