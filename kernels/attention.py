@@ -1,13 +1,19 @@
-"""Paged attention over the KV pool: the PyTorch reference the engine runs on the CPU.
+"""Paged attention over the KV pool: the PyTorch reference, and dispatch by device.
 
 One call serves every step the engine takes: prefill chunks, single-token decode
 and multi-token verification, for a batch of sequences of different lengths.
 Queries are padded to `[B, Tq]` and keys gathered to `[B, Lk]` through each
 sequence's block table; the mask keeps every query causal.
+
+CUDA tensors go to the Triton kernels (`kernels.paged_attention`, `kernels.kv_append`),
+which compute the same thing without padding or gathering; everything else runs the
+reference below. `SELFSPEC_KERNELS=reference` keeps CUDA on the reference too.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -20,13 +26,21 @@ class AttentionBatch:
 
     positions: torch.Tensor  # [T] position of each new token
     slots: torch.Tensor  # [T] flat pool slot each new token's KV is written to
-    kv_index: torch.Tensor  # [B * Lk] flat pool slot of each key, padded
-    mask: torch.Tensor  # [B, 1, Tq, Lk] True where a query may attend a key
+    # The reference's padded gather and mask; None where only the Triton kernels run.
+    kv_index: torch.Tensor | None  # [B * Lk] flat pool slot of each key, padded
+    mask: torch.Tensor | None  # [B, 1, Tq, Lk] True where a query may attend a key
     q_index: torch.Tensor | None  # [B * Tq] token of each padded query row; None: no padding
     out_index: torch.Tensor | None  # [T] padded row of each token; None: no padding
     batch: int
     q_len: int
     kv_len: int
+    # What the Triton kernels read instead of the padded gather and the mask.
+    tables: torch.Tensor | None = None  # [B, blocks] int32 block table, cut to kv_len
+    starts: torch.Tensor | None = None  # [B] int32 position of each sequence's first new token
+    q_lens: torch.Tensor | None = None  # [B] int32 new tokens per sequence
+    q_offsets: torch.Tensor | None = None  # [B] int32 row of each sequence's first token in [T]
+    block_size: int = 0
+    sliding_window: int | None = None
 
     @classmethod
     def build(
@@ -38,8 +52,14 @@ class AttentionBatch:
         *,
         sliding_window: int | None = None,
         device: torch.device | str = "cpu",
+        reference: bool | None = None,
     ) -> AttentionBatch:
-        """Sequence b writes `lengths[b]` new tokens at positions `starts[b]`..."""
+        """Sequence b writes `lengths[b]` new tokens at positions `starts[b]`...
+
+        `reference`: build what the PyTorch reference reads (default: where it will run).
+        The Triton kernels do without it, saving a mask of B * Tq * Lk bytes per step."""
+        if reference is None:
+            reference = not (torch.device(device).type == "cuda" and _triton_enabled())
         B, Tq = len(starts), max(lengths)
         Lk = max(s + n for s, n in zip(starts, lengths, strict=True))
         nb = -(-Lk // block_size)
@@ -68,21 +88,40 @@ class AttentionBatch:
         def dev(x):
             return None if x is None else x.to(device)
 
+        def ref(x):
+            return dev(x) if reference else None
+
         return cls(
             positions=dev(positions),
             slots=dev(slots),
-            kv_index=dev(kv_slots.flatten()),
-            mask=dev(mask[:, None]),
-            q_index=dev(q_index),
-            out_index=dev(out_index),
+            kv_index=ref(kv_slots.flatten()),
+            mask=ref(mask[:, None]),
+            q_index=ref(q_index),
+            out_index=ref(out_index),
             batch=B,
             q_len=Tq,
             kv_len=Lk,
+            tables=dev(tables.to(torch.int32)),
+            starts=dev(start.flatten().to(torch.int32)),
+            q_lens=dev(n.flatten().to(torch.int32)),
+            q_offsets=dev((torch.cumsum(n.flatten(), 0) - n.flatten()).to(torch.int32)),
+            block_size=block_size,
+            sliding_window=sliding_window,
         )
 
 
 def write_kv(kv_cache: torch.Tensor, batch: AttentionBatch, kv: torch.Tensor) -> None:
     """Store the new tokens' keys and values (`[T, 2 * kv_dim]`) in their slots."""
+    if _use_triton(kv_cache):
+        from kernels.kv_append import append_kv
+
+        append_kv(kv_cache, batch.slots, kv)
+    else:
+        write_kv_reference(kv_cache, batch, kv)
+
+
+def write_kv_reference(kv_cache: torch.Tensor, batch: AttentionBatch, kv: torch.Tensor) -> None:
+    """What `write_kv` does, on any device."""
     kv_cache.index_copy_(0, batch.slots, kv)
 
 
@@ -90,6 +129,19 @@ def paged_attention(
     q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch, num_kv_heads: int, scale: float
 ) -> torch.Tensor:
     """Attention of new queries `[T, H, D]` over the pool; returns `[T, H * D]`."""
+    if _use_triton(kv_cache):
+        from kernels.paged_attention import paged_attention as triton_attention
+
+        return triton_attention(q, kv_cache, batch, num_kv_heads, scale)
+    return paged_attention_reference(q, kv_cache, batch, num_kv_heads, scale)
+
+
+def paged_attention_reference(
+    q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch, num_kv_heads: int, scale: float
+) -> torch.Tensor:
+    """What `paged_attention` computes, on any device: pad, gather, mask, SDPA."""
+    if batch.mask is None:
+        raise ValueError("this AttentionBatch was built without the reference's fields")
     T, H, D = q.shape
     B, Tq, Lk = batch.batch, batch.q_len, batch.kv_len
     if batch.q_index is not None:
@@ -105,3 +157,19 @@ def paged_attention(
     if batch.out_index is not None:
         out = out.index_select(0, batch.out_index)
     return out
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return t.is_cuda and _triton_enabled()
+
+
+@functools.cache
+def _triton_enabled() -> bool:
+    """Triton kernels unless switched off or missing (then the reference, which is slower)."""
+    if os.environ.get("SELFSPEC_KERNELS", "triton") == "reference":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
