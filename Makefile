@@ -43,6 +43,7 @@ bench: setup
 	$(BIN)/selfspec bench engine --model default --out benchmarks/results
 	$(BIN)/selfspec bench sweep --model default --out benchmarks/results
 	$(BIN)/selfspec bench serve --out benchmarks/results
+	$(BIN)/selfspec bench controller --out benchmarks/results
 	$(BIN)/selfspec bench kernels --out benchmarks/results  # GPU only; says so on a CPU
 
 # Regenerate the gRPC stubs in services/gen/ after editing protos/ (a test fails when stale).

@@ -114,6 +114,7 @@ BENCHMARKS = {
     "sweep": ("benchmarks.sweep", "auto against off across batch sizes"),
     "kernels": ("benchmarks.kernels", "GPU kernels against the weight-read bound"),
     "serve": ("benchmarks.serve", "load through the gateway against the engine direct"),
+    "controller": ("benchmarks.controller", "the fleet controller adapting drafting over time"),
 }
 
 

@@ -11,6 +11,8 @@ free, the sequence drafts nothing.
 
 from __future__ import annotations
 
+import copy
+import threading
 from dataclasses import dataclass, field
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -67,6 +69,20 @@ class Costs:
     def observe_draft(self, mode: str, batch: int, seconds_per_pass: float) -> None:
         self._ema(self.draft_pass, (mode, bucket(batch)), seconds_per_pass)
 
+    def snapshot(self) -> dict:
+        """The measured costs as plain data (seconds), for the fleet's telemetry; copied
+        with retries because the engine's thread may add a key meanwhile."""
+        for _ in range(5):
+            try:
+                return {
+                    "decode": {str(b): v for b, v in list(self.decode.items())},
+                    "per_token": {str(b): v for b, v in list(self.per_token.items())},
+                    "draft_pass": {f"{m}/{b}": v for (m, b), v in list(self.draft_pass.items())},
+                }
+            except RuntimeError:  # a dict changed size while copied
+                continue
+        return {"decode": {}, "per_token": {}, "draft_pass": {}}
+
     def relative(self, mode: str, batch: int, prior_draft: float) -> tuple[float, float]:
         """(one draft pass, one more verified token for every sequence), relative to a plain
         decode step at this batch size. Unmeasured costs take optimistic priors, so the
@@ -100,15 +116,40 @@ class Telemetry:
     drafted: dict[tuple[str, int], list[int]] = field(default_factory=dict)
     accepted: dict[tuple[str, int], list[int]] = field(default_factory=dict)
     decisions: dict[tuple[str, int], int] = field(default_factory=dict)
+    # Readers on other threads (the fleet link) copy under it; the engine never waits long.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def record(self, mode: str, batch: int, drafted: int, accepted: int) -> None:
         key = (mode if drafted else "off", bucket(batch))
-        self.decisions[key] = self.decisions.get(key, 0) + 1
-        for table, n in ((self.drafted, drafted), (self.accepted, accepted)):
-            counts = table.setdefault(key, [])
-            counts.extend([0] * (n - len(counts)))
-            for i in range(n):
-                counts[i] += 1
+        with self._lock:
+            self.decisions[key] = self.decisions.get(key, 0) + 1
+            for table, n in ((self.drafted, drafted), (self.accepted, accepted)):
+                counts = table.setdefault(key, [])
+                counts.extend([0] * (n - len(counts)))
+                for i in range(n):
+                    counts[i] += 1
+
+    def snapshot(self) -> Telemetry:
+        """A consistent copy of the running totals, for readers on other threads."""
+        with self._lock:
+            return Telemetry(
+                copy.deepcopy(self.drafted), copy.deepcopy(self.accepted), dict(self.decisions)
+            )
+
+    def since(self, earlier: Telemetry) -> Telemetry:
+        """The counts added after `earlier` (a snapshot): one telemetry window."""
+        window = Telemetry()
+        for key, steps in self.decisions.items():
+            window.decisions[key] = steps - earlier.decisions.get(key, 0)
+        for name in ("drafted", "accepted"):
+            mine, old = getattr(self, name), getattr(earlier, name)
+            for key, counts in mine.items():
+                before = old.get(key, [])
+                getattr(window, name)[key] = [
+                    c - (before[i] if i < len(before) else 0) for i, c in enumerate(counts)
+                ]
+        window.decisions = {k: v for k, v in window.decisions.items() if v}
+        return window
 
     def as_dict(self) -> dict:
         return {

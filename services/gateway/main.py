@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 
+from services.common import telemetry
 from services.gateway import metrics
 from services.gateway.auth import TokenSource
 from services.gateway.server import GatewayConfig, GatewayServer, Upstream
@@ -60,6 +61,7 @@ def main(argv: list[str]) -> int:
             health_listen=args.health_listen,
             drain_seconds=args.drain_seconds,
         )
+        telemetry.setup_tracing("selfspec-gateway")  # no-op unless an exporter is configured
         if args.metrics_port:
             host = config.listen.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
             metrics.serve(args.metrics_port, host)

@@ -5,7 +5,9 @@ costs anything upstream, then forwarded to Serve's gRPC proxy, which routes it t
 engine replica. Streams pass through message by message. Failures come back with the
 status a client can act on; a replica lost before any output is retried on another.
 A client that cancels, or whose deadline passes, cancels the upstream call, and the
-replica frees the request's KV blocks.
+replica frees the request's KV blocks. When tracing is on (`services.common.telemetry`)
+each generation call gets a `gen_ai.*` span, continuing a `traceparent` the client sent,
+and passes its own `traceparent` upstream in the gRPC metadata.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common import api
+from services.common import api, telemetry
 from services.gateway import metrics
 from services.gateway.auth import AuthInterceptor, TokenSource
 from services.gen.selfspec.v1 import generation_pb2 as pb
@@ -64,6 +66,7 @@ class _Call:
     upstream: grpc.aio.Call | None = None
     aborted: bool = False
     usage: pb.Usage = field(default_factory=pb.Usage)
+    span: telemetry.GenerationSpan | None = None  # None when tracing is off
 
 
 class _Malformed:
@@ -157,36 +160,56 @@ class Gateway:
             )
         return request
 
-    def _metadata(self, request: pb.GenerateRequest | None = None) -> list[tuple[str, str]]:
+    def _metadata(
+        self,
+        request: pb.GenerateRequest | None = None,
+        span: telemetry.GenerationSpan | None = None,
+    ) -> list[tuple[str, str]]:
         md = [("application", self.upstream.app)]
         if request is not None:
             md.append(("request_id", request.request_id))
             if request.session_id:
                 md.append(("session_id", request.session_id))  # the router's affinity key
+        if span is not None:
+            md.extend(telemetry.metadata_for(span.span))  # Serve's proxy continues the trace
         return md
 
+    def _trace(self, request: pb.GenerateRequest, context) -> telemetry.GenerationSpan | None:
+        """The request's span, continuing a trace the client sent in its metadata."""
+        if not telemetry.enabled():
+            return None
+        parent = telemetry.context_from_metadata(context.invocation_metadata())
+        return telemetry.GenerationSpan(__name__, request, self.upstream.app, parent=parent)
+
     async def _forward(self, request: pb.GenerateRequest, context) -> AsyncIterator:
-        call = self.calls[request.request_id] = _Call()
+        call = self.calls[request.request_id] = _Call(span=self._trace(request, context))
         clock, last = metrics.RequestClock(), None
         try:
             for attempt in range(RETRIES + 1):
                 sent = False
                 call.upstream = self.stub.Generate(
-                    request, metadata=self._metadata(request), timeout=context.time_remaining()
+                    request,
+                    metadata=self._metadata(request, call.span),
+                    timeout=context.time_remaining(),
                 )
                 try:
                     async for response in _read(call):
                         sent, last = True, response
                         call.usage = response.usage
                         clock.saw(response)
+                        if call.span is not None:
+                            call.span.saw(response)
                         yield response
                 except grpc.aio.AioRpcError as err:
                     if call.aborted:
                         break
                     code, message = _status(err)
                     if code != grpc.StatusCode.UNAVAILABLE or sent or attempt == RETRIES:
+                        _end_span(call, last, (code, message))
                         await context.abort(code, message)
                     log.warning("retrying %s after: %s", request.request_id, message)
+                    if call.span is not None:
+                        call.span.event("retry", {"selfspec.attempt": attempt + 1})
                     await asyncio.sleep(RETRY_BACKOFF_S * (attempt + 1))
                     continue
                 break
@@ -199,6 +222,7 @@ class Gateway:
                 yield last
         finally:
             clock.finish(last)
+            _end_span(call, last, None if last is not None and last.finish_reason else _GONE)
             del self.calls[request.request_id]
             if call.upstream is not None:
                 call.upstream.cancel()  # no-op when done; frees the replica's blocks otherwise
@@ -216,6 +240,16 @@ class Gateway:
 
     async def close(self) -> None:
         await self.channel.close()
+
+
+_GONE = (grpc.StatusCode.CANCELLED, "the call ended before the reply did")
+
+
+def _end_span(call: _Call, last: pb.GenerateResponse | None, error: tuple | None) -> None:
+    """End the call's span once, with the reply's totals or the error."""
+    if call.span is not None:
+        call.span.finish(last, error)
+        call.span = None
 
 
 async def _read(call: _Call) -> AsyncIterator[pb.GenerateResponse]:

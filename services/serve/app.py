@@ -6,6 +6,11 @@ routes each call with `SessionAffinityRouter` straight to a replica, one hop, wi
 streaming end to end. A call that goes away (client gone, deadline passed) is
 cancelled on the replica, which aborts the request and frees its KV blocks.
 
+Observability: each request gets a `gen_ai.*` span (see `services.common.telemetry`), a
+child of Serve's replica span when Serve traces, else of the gateway's `traceparent`.
+With the app arg `metrics_port` each replica serves Prometheus /metrics
+(`services.serve.metrics`).
+
 `build` is the app builder that Serve config files name (`services.serve.app:build`);
 its `args` are `EngineSettings`' fields.
 """
@@ -21,8 +26,9 @@ import grpc
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from services.common import api
+from services.common import api, telemetry
 from services.gen.selfspec.v1 import generation_pb2 as pb
+from services.serve.metrics import ReplicaMetrics
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +49,7 @@ class EngineSettings:
     draft: str | dict | None = None  # default drafting; None: the model's tuned profile
     redis_url: str | None = None  # fleet telemetry and configs; None: local adaptation only
     threads: int = 0  # torch threads per replica; 0 leaves PyTorch's choice
+    metrics_port: int | None = None  # Prometheus /metrics per replica; 0: any free port
 
     @classmethod
     def from_args(cls, args: dict) -> EngineSettings:
@@ -61,6 +68,7 @@ class EngineServer:
 
         from services.engine import Engine
 
+        telemetry.setup_tracing("selfspec-engine")  # no-op unless an exporter is configured
         self.settings = EngineSettings.from_args(settings)
         if self.settings.threads:
             torch.set_num_threads(self.settings.threads)
@@ -76,6 +84,7 @@ class EngineServer:
             self.engine.default_draft = self._draft(s.draft)
         self.engine.start()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.metrics = self._serve_metrics()
         self.fleet = self._join_fleet()
         log.info("replica %s serving %s", self.replica_id, self.engine.model_path)
 
@@ -85,6 +94,13 @@ class EngineServer:
         cfg = DraftConfig.parse(value, self.engine.default_draft)
         cfg.check_layers(self.engine.model.num_layers)
         return cfg
+
+    def _serve_metrics(self) -> ReplicaMetrics:
+        metrics = ReplicaMetrics(self.engine, self.settings.model, self.replica_id)
+        if self.settings.metrics_port is not None:
+            port = metrics.serve(self.settings.metrics_port)
+            log.info("replica %s: /metrics on port %d", self.replica_id, port)
+        return metrics
 
     def _join_fleet(self):
         if not self.settings.redis_url:
@@ -106,7 +122,7 @@ class EngineServer:
         self, request: pb.GenerateRequest, grpc_context=None
     ) -> AsyncIterator[pb.GenerateResponse]:
         try:
-            async for response in self._generate(request):
+            async for response in self._generate(request, grpc_context):
                 yield response
         except _Refused as refused:
             _refuse(grpc_context, refused)
@@ -116,7 +132,7 @@ class EngineServer:
     ) -> pb.GenerateResponse:
         whole = pb.GenerateResponse()
         try:
-            async for response in self._generate(request):
+            async for response in self._generate(request, grpc_context):
                 whole.text += response.text
                 whole.token_ids.extend(response.token_ids)
                 whole.request_id, whole.replica_id = response.request_id, response.replica_id
@@ -148,7 +164,12 @@ class EngineServer:
     # -- for tests, benchmarks and operators ---------------------------------------------
 
     def stats(self) -> dict:
-        return {"replica_id": self.replica_id, "pid": os.getpid(), **self.engine.stats()}
+        return {
+            "replica_id": self.replica_id,
+            "pid": os.getpid(),
+            "metrics_port": self.metrics.port,
+            **self.engine.stats(),
+        }
 
     def check_health(self) -> None:
         """Serve restarts a replica whose engine loop has died."""
@@ -163,7 +184,58 @@ class EngineServer:
 
     # -----------------------------------------------------------------------------------
 
-    async def _generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
+    async def _generate(
+        self, request: pb.GenerateRequest, grpc_context=None
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        """The engine's reply, traced, and counted for the replica's metrics once it ends."""
+        span = self._trace(request, grpc_context)
+        last, error = None, None
+        try:
+            async for response in self._run(request):
+                last = response
+                if span is not None:
+                    span.saw(response)
+                yield response
+        except _Refused as refused:
+            error = (refused.code, refused.message)
+            raise
+        finally:
+            if last is not None:  # its prompt was prefilled
+                self.metrics.request_done(last.usage)
+            if span is not None:
+                done = last is not None and last.finish_reason
+                span.finish(last, error or (None if done else _GONE))
+
+    def _trace(self, request: pb.GenerateRequest, grpc_context) -> telemetry.GenerationSpan | None:
+        """The request's span. Under Serve's own tracing it is the child of Serve's replica
+        span (the current one), else of the `traceparent` the gateway sent."""
+        if not telemetry.enabled():
+            return None
+        from opentelemetry import trace
+
+        under_serve = trace.get_current_span().get_span_context().is_valid
+        parent = None
+        if not under_serve and grpc_context is not None:
+            parent = telemetry.context_from_metadata(grpc_context.invocation_metadata())
+        return telemetry.GenerationSpan(
+            __name__,
+            request,
+            self.settings.model,
+            kind=trace.SpanKind.INTERNAL if under_serve else trace.SpanKind.SERVER,
+            parent=parent,
+            attributes={
+                "gen_ai.response.model": self.engine.model_path.name,
+                "selfspec.replica_id": self.replica_id,
+                "selfspec.drafting_mode": self._mode(request),
+            },
+        )
+
+    def _mode(self, request: pb.GenerateRequest) -> str:
+        if "mode" in request.draft:
+            return str(request.draft["mode"])
+        return self.engine.default_draft.mode
+
+    async def _run(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
         from services.engine.scheduler import QueueFull
 
         request_id = request.request_id or f"{self.replica_id}-{id(request):x}"
@@ -200,6 +272,9 @@ class EngineServer:
                 delta = await anext(stream)
         finally:
             await stream.aclose()  # a request left unfinished is aborted on the engine
+
+
+_GONE = (grpc.StatusCode.CANCELLED, "the call ended before the reply did")
 
 
 class _Refused(Exception):

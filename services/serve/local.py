@@ -35,8 +35,12 @@ class FleetOptions:
     redis_url: str | None = None  # None: start our own
     num_cpus: int | None = None
     controller: bool = True
+    controller_admin: str = "127.0.0.1:50052"
     gateway_args: list[str] = field(default_factory=list)
     log_dir: Path | None = None  # where the subprocesses' output goes
+    # Extra environment for every process of the fleet: the gateway, the controller, and
+    # Ray's workers (Serve's proxy and replicas), e.g. tracing settings.
+    env: dict[str, str] = field(default_factory=dict)
 
 
 def load_config(path: Path | str) -> dict:
@@ -94,8 +98,7 @@ class Fleet:
             )
             wait_for_port(port, 10, self.redis, "redis-server")
             self.redis_url = f"redis://127.0.0.1:{port}/0"
-        if _has_module("services.common.fleet"):  # TODO(integration): always
-            self.app.setdefault("args", {})["redis_url"] = self.redis_url
+        self.app.setdefault("args", {})["redis_url"] = self.redis_url
         self.say(f"[1/5] redis       {self.redis_url}")
 
     def _start_ray(self) -> None:
@@ -103,7 +106,13 @@ class Fleet:
 
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         cpus = self.options.num_cpus or os.cpu_count() or 1
-        ray.init(num_cpus=cpus, include_dashboard=False, namespace="serve", log_to_driver=False)
+        ray.init(
+            num_cpus=cpus,
+            include_dashboard=False,
+            namespace="serve",
+            log_to_driver=False,
+            runtime_env={"env_vars": dict(self.options.env)} if self.options.env else None,
+        )
         self.say(f"[2/5] ray         local cluster, {cpus} CPUs")
 
     def _deploy(self, timeout_s: float) -> None:
@@ -127,7 +136,9 @@ class Fleet:
     def _start_gateway(self) -> None:
         cmd = [sys.executable, "-m", "services.cli", "gateway", "--listen", self.options.listen]
         cmd += ["--upstream", self.upstream, "--app", self.app["name"], *self.options.gateway_args]
-        self.gateway = subprocess.Popen(cmd, stdout=self._log("gateway"), stderr=subprocess.STDOUT)
+        self.gateway = subprocess.Popen(
+            cmd, env=self._env(), stdout=self._log("gateway"), stderr=subprocess.STDOUT
+        )
         port = int(self.options.listen.rsplit(":", 1)[1])
         wait_for_port(port, 30, self.gateway, "the gateway", self.log_dir / "gateway.log")
         self.say(f"[4/5] gateway     grpc://{self.options.listen}")
@@ -138,15 +149,19 @@ class Fleet:
         self._start_gateway()
 
     def _start_controller(self) -> None:
-        if not self.options.controller or not _has_module("services.controller.main"):
-            self.say("[5/5] controller  not started")
+        if not self.options.controller:
+            self.say("[5/5] controller  not started (--no-controller)")
             return
+        admin = self.options.controller_admin
         cmd = [sys.executable, "-m", "services.cli", "controller", "run"]
-        cmd += ["--redis-url", self.redis_url, "--admin-listen", f"127.0.0.1:{free_port()}"]
+        cmd += ["--redis-url", self.redis_url, "--admin-listen", admin]
         self.controller = subprocess.Popen(
-            cmd, stdout=self._log("controller"), stderr=subprocess.STDOUT
+            cmd, env=self._env(), stdout=self._log("controller"), stderr=subprocess.STDOUT
         )
-        self.say(f"[5/5] controller  pid {self.controller.pid}, log {self.log_dir}")
+        port = int(admin.rsplit(":", 1)[1])
+        log = self.log_dir / "controller.log"
+        wait_for_port(port, 30, self.controller, "the controller", log)
+        self.say(f"[5/5] controller  admin grpc://{admin} (selfspec controller status)")
 
     # -----------------------------------------------------------------------------------
 
@@ -165,6 +180,9 @@ class Fleet:
             ray.shutdown()
         _terminate(self.redis, grace_s=5)
         self.redis = None
+
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, **self.options.env}
 
     def _log(self, name: str):
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -223,12 +241,6 @@ def _terminate(proc: subprocess.Popen | None, grace_s: float) -> None:
         proc.wait()
 
 
-def _has_module(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None
-
-
 # -- the command ---------------------------------------------------------------------------
 
 
@@ -242,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-url", help="use this Redis instead of starting one")
     p.add_argument("--num-cpus", type=int, help="CPUs for the local Ray cluster")
     p.add_argument("--no-controller", action="store_true", help="do not start the controller")
+    p.add_argument(
+        "--controller-admin", default="127.0.0.1:50052", help="the controller's admin address"
+    )
     return p
 
 
@@ -266,6 +281,7 @@ def options_from(args: argparse.Namespace) -> FleetOptions:
         redis_url=args.redis_url,
         num_cpus=args.num_cpus,
         controller=not args.no_controller,
+        controller_admin=args.controller_admin,
     )
 
 

@@ -6,6 +6,7 @@ first the replica that served the session last; a session seen for the first tim
 ranks first the replica that rendezvous hashing picks, so that every router in the
 fleet agrees without sharing state. Behind that preference, and for requests with no
 session, two replicas chosen at random compete on queue length (power of two choices).
+Each decision is a span when tracing is on.
 A preferred replica that is gone, or full, simply is not ranked first: the session
 moves, and its next turn recomputes the prefill there.
 """
@@ -13,6 +14,7 @@ moves, and its next turn recomputes the prefill there.
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 from collections import OrderedDict
 
@@ -23,6 +25,10 @@ from ray.serve.request_router import (
     RequestRouter,
     RunningReplica,
 )
+
+from services.common import telemetry
+
+log = logging.getLogger(__name__)
 
 MAX_SESSIONS = 100_000  # pins remembered, least recently used dropped first
 
@@ -46,6 +52,10 @@ class SessionAffinityRouter(FIFOMixin, RequestRouter):
             if self.select_available_replicas([preferred]):
                 ranks.append([preferred])
         ranks.append(_two_choices(candidate_replicas))
+        try:
+            telemetry.routing_span(pending_request, candidate_replicas, ranks)
+        except Exception:  # tracing never stops a request from being routed
+            log.exception("routing span failed")
         return ranks
 
     def _preferred(self, session: str, candidates: list[RunningReplica]) -> RunningReplica:

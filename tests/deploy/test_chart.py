@@ -19,6 +19,7 @@ from chart_helpers import (
     CUSTOM_KINDS,
     DOCKERFILE,
     RELEASE,
+    REPO,
     arg,
     containers,
     env,
@@ -32,6 +33,9 @@ from chart_helpers import (
     validate_core,
 )
 
+from services.common.telemetry import SERVE_HOOK
+from services.serve.metrics import PORT_TRIES
+
 
 def gpu_group(name: str, replicas: int = 1, lo: int = 1, hi: int = 4, gpus: int = 1, **extra):
     """One GPU worker group as values.yaml spells it."""
@@ -41,6 +45,7 @@ def gpu_group(name: str, replicas: int = 1, lo: int = 1, hi: int = 4, gpus: int 
 
 
 OTEL = "http://otel-collector.observability:4317"
+METRICS_PORT = 9466  # engine.metrics.port's default
 PROMETHEUS = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
 
 VALUE_SETS: dict[str, dict[str, Any]] = {
@@ -70,19 +75,24 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         },
     },
     "worker-groups": {
+        "metrics": {"podMonitor": {"enabled": True}},
         "engine": {
             "autoscaling": {"maxReplicas": 12},
             "workerGroups": [
                 gpu_group("h100", hi=4, nodeSelector={"nvidia.com/gpu.product": "H100"}),
                 gpu_group("a10x2", replicas=0, lo=0, hi=4, gpus=2, shmSize="16Gi"),
             ],
-        }
+        },
     },
     "everything-on": {
         "otel": {"endpoint": OTEL},
-        "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
+        "metrics": {
+            "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+            "podMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+            "grafanaDashboard": {"enabled": True, "folder": "LLM serving"},
+        },
         "networkPolicy": {"metricsFrom": [PROMETHEUS], "gatewayFrom": [PROMETHEUS]},
-        "engine": {"modelCache": {"type": "persistentVolumeClaim"}},
+        "engine": {"modelCache": {"type": "persistentVolumeClaim"}, "metrics": {"port": 9600}},
         "gateway": {"auth": {"enabled": False}, "service": {"type": "LoadBalancer"}},
         "redis": {"persistence": {"enabled": False}, "auth": {"password": "s3cret"}},
     },
@@ -187,10 +197,50 @@ def test_serve_config_follows_the_contract(case):
         "/",
     )
     args = app["args"]
-    assert set(args) == {"model", "dtype", "device", "kv_cache_bytes", "draft", "redis_url"}
+    assert set(args) == {
+        "model",
+        "dtype",
+        "device",
+        "kv_cache_bytes",
+        "draft",
+        "redis_url",
+        "metrics_port",
+    }
     assert args["device"] == "cuda" and args["draft"] == "auto"
     assert isinstance(args["kv_cache_bytes"], int)  # not 4.294967296e+09
     assert args["redis_url"] == env(gateway(docs)["containers"][0])["SELFSPEC_REDIS_URL"]["value"]
+    assert args["metrics_port"] == _metrics_port(values)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Ray's own deprecation warnings
+        from services.serve.app import EngineSettings
+
+        # The app takes them: no unknown args.
+        assert EngineSettings.from_args(args).metrics_port == _metrics_port(values)
+
+
+def _metrics_port(values: dict[str, Any]) -> int:
+    return values.get("engine", {}).get("metrics", {}).get("port", METRICS_PORT)
+
+
+def _pod_gpus(spec: dict[str, Any]) -> int:
+    return int(spec["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
+
+
+def test_worker_containers_declare_one_metrics_port_per_replica(case):
+    _, values, docs = case
+    cluster = ray_cluster(docs)
+    first = _metrics_port(values)
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        spec = group["template"]["spec"]
+        ports = {p["name"]: p["containerPort"] for p in spec["containers"][0]["ports"]}
+        replica_ports = {n: p for n, p in ports.items() if n.startswith("replica-m")}
+        # One engine replica per GPU, each on the first free port from `first`; the head
+        # has no GPUs, so no replicas.
+        gpus = _pod_gpus(spec)
+        assert replica_ports == {f"replica-m{i}": first + i for i in range(gpus)}
+        assert gpus <= PORT_TRIES
+        assert "serve" not in ports  # KubeRay keeps the Serve Service's port for "serve"
+        assert all(len(n) <= 15 for n in ports)  # an IANA service name
 
 
 def test_engine_deployment_autoscales_or_is_fixed(case):
@@ -509,6 +559,17 @@ def test_one_image_for_every_selfspec_container(docs):
 # --- Observability ------------------------------------------------------------------------
 
 
+def test_serve_tracing_hook_is_set_exactly_when_otel_is_on(case):
+    _, values, docs = case
+    tracing = bool(values.get("otel", {}).get("endpoint"))
+    for where, container, _ in containers(docs):
+        hook = env(container).get("RAY_SERVE_TRACING_EXPORTER_IMPORT_PATH")
+        if where.startswith("RayService/") and "autoscaler" not in where and tracing:
+            assert hook == {"name": "RAY_SERVE_TRACING_EXPORTER_IMPORT_PATH", "value": SERVE_HOOK}
+        else:
+            assert hook is None, where
+
+
 def test_otel_endpoint_reaches_every_component(case):
     name, values, docs = case
     endpoint = values.get("otel", {}).get("endpoint")
@@ -533,6 +594,129 @@ def test_service_monitor_scrapes_gateway_and_controller(case):
     ports = {p["port"] for s in scraped for p in s["spec"]["ports"] if p["name"] == "metrics"}
     assert ports == {9464, 9465}
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+
+
+def test_pod_monitor_scrapes_the_engine_replicas(case):
+    _, values, docs = case
+    monitors = find(docs, "PodMonitor")
+    settings = values.get("metrics", {}).get("podMonitor", {})
+    if not settings.get("enabled"):
+        assert not monitors
+        return
+    (monitor,) = monitors
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    for key, value in settings.get("labels", {}).items():
+        assert monitor["metadata"]["labels"][key] == value
+    spec = monitor["spec"]
+    assert spec["namespaceSelector"] == {"matchNames": ["serving"]}
+    assert spec["selector"]["matchLabels"]["app.kubernetes.io/component"] == "engine"
+    # Every replica port of every worker pod is scraped, and each endpoint names one.
+    workers = [g["template"] for g in ray_cluster(docs)["workerGroupSpecs"]]
+    declared = set()
+    for template in workers:
+        assert selects(spec["selector"], template["metadata"]["labels"])
+        ports = template["spec"]["containers"][0]["ports"]
+        declared |= {p["name"] for p in ports if p["name"].startswith("replica-m")}
+    endpoints = spec["podMetricsEndpoints"]
+    assert {e["port"] for e in endpoints} == declared
+    most = max(_pod_gpus(t["spec"]) for t in workers)
+    assert [e["port"] for e in endpoints] == [f"replica-m{i}" for i in range(most)]
+    for endpoint in endpoints:
+        assert set(endpoint) == {"port", "path", "scheme", "interval", "scrapeTimeout"}
+        assert (endpoint["path"], endpoint["scheme"]) == ("/metrics", "http")
+        assert endpoint["interval"] == settings.get("interval", "30s")
+
+
+def test_replica_metrics_ports_open_only_to_metrics_from(case):
+    _, values, docs = case
+    first = _metrics_port(values)
+    metrics_from = values.get("networkPolicy", {}).get("metricsFrom", [])
+    opened = []  # (policy, rule) opening any port of first..first+15
+    for policy in find(docs, "NetworkPolicy"):
+        for rule in policy["spec"].get("ingress", []):
+            for port in rule.get("ports", []):
+                end = port.get("endPort", port["port"])
+                if port["port"] <= first + PORT_TRIES - 1 and end >= first:
+                    opened.append((policy["metadata"]["name"], rule, port))
+    if not metrics_from:
+        assert opened == []
+        return
+    ((name, rule, port),) = opened
+    assert name.endswith("-engine")
+    assert port == {"port": first, "endPort": first + PORT_TRIES - 1, "protocol": "TCP"}
+    assert rule["from"] == metrics_from
+
+
+DASHBOARD = CHART / "dashboards" / "selfspec.json"
+# Where the metrics a dashboard may query are defined.
+METRIC_SOURCES = [
+    REPO / "services" / "gateway" / "metrics.py",
+    REPO / "services" / "serve" / "metrics.py",
+]
+# What Prometheus appends to a family's name in the series it exposes.
+SUFFIXES = ("_total", "_bucket", "_count", "_sum", "_created")
+PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset"}
+
+
+def test_grafana_dashboard_ships_in_a_configmap(case):
+    _, values, docs = case
+    maps = [d for d in find(docs, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")]
+    settings = values.get("metrics", {}).get("grafanaDashboard", {})
+    if not settings.get("enabled"):
+        assert not maps
+        return
+    (cm,) = maps
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["annotations"]["grafana_folder"] == settings["folder"]
+    assert json.loads(cm["data"]["selfspec.json"]) == json.loads(DASHBOARD.read_text())
+
+
+def test_dashboard_queries_only_metrics_the_code_defines():
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 15
+    queried = set().union(*(promql_metrics(e) for e in exprs))
+    defined = set()
+    for source in METRIC_SOURCES:
+        defined |= set(re.findall(r'"((?:vllm:|selfspec_)[a-z0-9_:]+)"', source.read_text()))
+    unknown = {m for m in queried if _family(m, defined) is None}
+    assert not unknown, f"the dashboard queries metrics no code defines: {sorted(unknown)}"
+    # It shows the engine replicas' metrics and the gateway's, not only some of them.
+    families = {_family(m, defined) for m in queried}
+    for name in (
+        "vllm:kv_cache_usage_perc",
+        "vllm:spec_decode_num_accepted_tokens_per_pos",
+        "selfspec_draft_cost_ratio",
+        "selfspec_drafting_mode_chosen",
+        "selfspec_config_version",
+        "vllm:time_to_first_token_seconds",
+        "selfspec_gateway_calls",
+    ):
+        assert name in families, name
+
+
+def promql_metrics(expr: str) -> set[str]:
+    """The metric names in a PromQL expression: identifiers that are not functions,
+    keywords, label names (in `{...}`, `by (...)`) or durations (in `[...]`)."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', "", expr)  # strings (label values)
+    expr = re.sub(r"\{[^}]*\}|\[[^\]]*\]", " ", expr)  # matchers, ranges
+    expr = re.sub(r"\b(by|without|on|ignoring)\s*\([^)]*\)", " ", expr)  # grouping labels
+    names = set()
+    for m in re.finditer(r"[a-zA-Z_:][a-zA-Z0-9_:]*", expr):
+        rest = expr[m.end() :].lstrip()
+        if not rest.startswith("(") and m.group() not in PROMQL_WORDS:
+            names.add(m.group())
+    return names
+
+
+def _family(series: str, defined: set[str]) -> str | None:
+    """The defined metric family a queried series name belongs to, if any."""
+    if series in defined:
+        return series
+    for suffix in SUFFIXES:
+        if series.endswith(suffix) and series.removesuffix(suffix) in defined:
+            return series.removesuffix(suffix)
+    return None
 
 
 # --- Bad values fail at render time, saying why --------------------------------------------
@@ -567,6 +751,26 @@ BAD_VALUES = [
         {"engine": {"ingress": {"enabled": True}}},
         "at '/engine': additional properties 'ingress' not allowed",
         id="no-ingress-deployment",
+    ),
+    pytest.param(
+        {"engine": {"metrics": {"port": 65520}}},
+        "at '/engine/metrics/port': maximum: got 65,520, want 65,519",
+        id="metrics-port-range-past-65535",
+    ),
+    pytest.param(
+        {"engine": {"metrics": {"port": 80}}},
+        "at '/engine/metrics/port': minimum: got 80, want 1,024",
+        id="privileged-metrics-port",
+    ),
+    pytest.param(
+        {"engine": {"metrics": {"enabled": True}}},
+        "at '/engine/metrics': additional properties 'enabled' not allowed",
+        id="unknown-engine-metrics-key",
+    ),
+    pytest.param(
+        {"metrics": {"podMonitor": {"interval": "often"}}},
+        "at '/metrics/podMonitor/interval'",
+        id="bad-pod-monitor-interval",
     ),
     pytest.param(
         {"gatway": {}},
@@ -633,6 +837,12 @@ BAD_COMBINATIONS = [
         {"engine": {"workerGroups": [gpu_group("gpu"), gpu_group("gpu")]}},
         'engine.workerGroups: the name "gpu" is used twice',
         id="duplicate-group",
+    ),
+    pytest.param(
+        {"engine": {"workerGroups": [gpu_group("big", gpus=17)]}},
+        "engine.workerGroups[big]: 17 GPUs per pod means 17 engine replicas on one pod, but "
+        "replicas find a /metrics port only among the 16 of engine.metrics.port..+15",
+        id="more-replicas-than-metrics-ports",
     ),
 ]
 

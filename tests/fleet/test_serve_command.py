@@ -3,6 +3,7 @@ Ctrl-C takes everything down again."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -19,9 +20,10 @@ SELFSPEC = [sys.executable, "-m", "services.cli"]
 def test_serve_then_client_then_ctrl_c(tmp_path):
     config = tmp_path / "fleet.yaml"
     config.write_text(yaml.safe_dump(fleet_config(replicas=1)))
-    address = f"127.0.0.1:{free_port()}"
+    address, admin = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     serve = subprocess.Popen(
-        [*SELFSPEC, "serve", "--config", str(config), "--listen", address, "--no-controller"],
+        [*SELFSPEC, "serve", "--config", str(config), "--listen", address]
+        + ["--controller-admin", admin],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -42,6 +44,7 @@ def test_serve_then_client_then_ctrl_c(tmp_path):
             "[2/5] ray",
             "[3/5] serve",
             f"[4/5] gateway     grpc://{address}",
+            f"[5/5] controller  admin grpc://{admin}",
         ):
             assert part in printed, printed
         client = subprocess.run(
@@ -52,6 +55,14 @@ def test_serve_then_client_then_ctrl_c(tmp_path):
         )
         assert client.returncode == 0, client.stderr
         assert client.stdout.strip() and "completion 8" in client.stderr
+        status = subprocess.run(
+            [*SELFSPEC, "controller", "status", "--json", "--admin", admin],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout)["leader_id"], status.stdout  # it leads, being alone
     finally:
         serve.send_signal(signal.SIGINT)
         code = serve.wait(120)

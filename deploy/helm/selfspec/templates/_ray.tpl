@@ -1,6 +1,7 @@
 {{/*
 The pod template of a Ray head or worker group. Call with (dict "ctx" $ "group" NAME
-"resources" R "shmSize" S "nodeSelector" N "tolerations" T "affinity" A "isHead" BOOL).
+"resources" R "shmSize" S "nodeSelector" N "tolerations" T "affinity" A "isHead" BOOL
+"gpus" G), G being the GPUs of one pod of the group (0 for the head).
 KubeRay adds the `ray start` command, its own env and probes to the first container.
 */}}
 {{- define "selfspec.rayPodTemplate" -}}
@@ -47,6 +48,11 @@ spec:
         - {name: http, containerPort: 8000}
         - {name: serve-grpc, containerPort: 9000}
         - {name: metrics, containerPort: 8080}
+        {{- /* Engine replicas' /metrics: one replica per GPU, each on the first free port
+        of engine.metrics.port and up, so a pod with G GPUs serves them on port..port+G-1. */}}
+        {{- range $i := until (int .gpus) }}
+        - {name: {{ include "selfspec.replicaMetricsPortName" $i }}, containerPort: {{ add $engine.metrics.port $i }}}
+        {{- end }}
       env:
         {{- include "selfspec.commonEnv" $ctx | nindent 8 }}
         - name: SELFSPEC_CACHE_DIR
@@ -58,6 +64,10 @@ spec:
         {{- if $values.otel.endpoint }}
         - name: OTEL_SERVICE_NAME
           value: selfspec-engine
+        # Serve's gRPC proxy, router and replicas trace into our provider, joining the
+        # gateway's trace (services/common/telemetry.py).
+        - name: RAY_SERVE_TRACING_EXPORTER_IMPORT_PATH
+          value: services.common.telemetry:serve_span_processors
         {{- end }}
       {{- /* Let Ray hand its work back before the pod goes (KubeRay's recommendation). */}}
       lifecycle:
@@ -95,4 +105,18 @@ spec:
 
 {{- define "selfspec.modelCacheClaim" -}}
 {{- default (printf "%s-model-cache" (include "selfspec.fullname" .)) .Values.engine.modelCache.persistentVolumeClaim.existingClaim }}
+{{- end }}
+
+{{/* The container port name of the i-th engine replica's /metrics on a Ray worker pod. */}}
+{{- define "selfspec.replicaMetricsPortName" -}}
+{{- printf "replica-m%d" (int .) }}
+{{- end }}
+
+{{/* The most GPUs (so engine replicas) one Ray worker pod of any group holds. */}}
+{{- define "selfspec.maxPodGpus" -}}
+{{- $most := 0 }}
+{{- range .Values.engine.workerGroups }}
+{{- $most = max $most (index .resources.limits "nvidia.com/gpu" | int) }}
+{{- end }}
+{{- $most }}
 {{- end }}

@@ -1,0 +1,265 @@
+"""The fleet's Redis schema, defined once: keys, streams, channels, config records.
+
+Everything the controller and the engine replicas share in Redis is named here,
+under one prefix with a schema version, so two fleets (or two schema versions)
+never read each other's data:
+
+    selfspec:v1:lease                       the controller lease: "<controller id>|<nonce>"
+    selfspec:v1:version                     INCR counter: every config version, all models
+    selfspec:v1:telemetry                   stream of replica telemetry windows
+    selfspec:v1:rejections                  stream of records replicas refused, and why
+    selfspec:v1:models                      set of model names replicas serve
+    selfspec:v1:model:<model>:current       the current config record (JSON)
+    selfspec:v1:model:<model>:history       hash: version -> record (JSON)
+    selfspec:v1:model:<model>:pin           version an operator pinned; decisions wait
+    selfspec:v1:model:<model>:replicas      hash: replica id -> its state (JSON)
+    selfspec:v1:model:<model>:candidates    skip sets under trial (JSON), for replicas to score
+    selfspec:v1:model:<model>:search        the search's progress (JSON), for status
+    selfspec:v1:config                      pub/sub channel: {"model", "version"} per record
+
+A config record is JSON: `version` (monotonic, from the counter), `model`, `draft`
+(DraftConfig fields), `buckets` (per batch-size bucket overrides of mode, max_draft
+and threshold), `hash` (sha256 of the canonical JSON of model, draft and buckets),
+`evidence`, `reason`, `created_at` and `by`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+from services.engine.params import DraftConfig
+from services.engine.policy import BUCKETS
+
+SCHEMA = 1
+PREFIX = f"selfspec:v{SCHEMA}"
+KIND = "selfspec.draft-config"
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+URL_ENV = "SELFSPEC_REDIS_URL"
+PASSWORD_ENV = "SELFSPEC_REDIS_PASSWORD"
+
+LEASE = f"{PREFIX}:lease"
+VERSION = f"{PREFIX}:version"
+TELEMETRY = f"{PREFIX}:telemetry"
+REJECTIONS = f"{PREFIX}:rejections"
+MODELS = f"{PREFIX}:models"
+CHANNEL = f"{PREFIX}:config"
+TELEMETRY_MAXLEN = 20_000  # approximate (MAXLEN ~): trimming stays cheap
+REJECTIONS_MAXLEN = 1_000
+BUCKET_FIELDS = ("mode", "max_draft", "threshold")  # what a bucket may override
+
+
+def model_key(model: str, what: str) -> str:
+    """`current`, `history`, `pin`, `replicas`, `candidates` or `search` of a model."""
+    return f"{PREFIX}:model:{model}:{what}"
+
+
+# -- connection settings ------------------------------------------------------------
+
+
+def redis_url(url: str | None = None) -> str:
+    """The URL to use: given, else `SELFSPEC_REDIS_URL`, else the local default."""
+    return url or os.environ.get(URL_ENV) or DEFAULT_URL
+
+
+def connect(url: str | None = None, timeout: float = 2.0):
+    """A Redis client for `url`; `SELFSPEC_REDIS_PASSWORD` overrides the URL's password
+    (the Helm chart passes it that way). Timeouts are short: callers retry."""
+    import redis
+
+    url = redis_url(url)
+    if os.environ.get(PASSWORD_ENV):
+        url = _with_password(url, os.environ[PASSWORD_ENV])
+    return redis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry_on_timeout=False,
+    )
+
+
+def _with_password(url: str, password: str) -> str:
+    """`url` with its password replaced (redis-py lets a URL's password win over a
+    keyword argument, so the override goes into the URL)."""
+    parts = urlsplit(url)
+    user = quote(unquote(parts.username), safe="") if parts.username else ""
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    netloc = f"{user}:{quote(password, safe='')}@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def describe(url: str | None = None) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(redis_url(url))
+    host = parts.hostname or "?"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+def unreachable_hint(url: str | None = None) -> str:
+    return (
+        f"cannot reach Redis at {describe(url)}: start one (`redis-server --port "
+        f"{urlsplit(redis_url(url)).port or 6379}`) or point --redis-url / {URL_ENV} at yours"
+    )
+
+
+# -- config records -----------------------------------------------------------------
+
+
+class RecordError(ValueError):
+    """A config record that must not be applied; the message says why."""
+
+
+def content_hash(model: str, draft: dict, buckets: dict) -> str:
+    canon = json.dumps(
+        {"model": model, "draft": draft, "buckets": buckets}, sort_keys=True, separators=(",", ":")
+    )
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
+def draft_fields(cfg: DraftConfig) -> dict:
+    return {
+        "mode": cfg.mode,
+        "skip_attn": list(cfg.skip_attn),
+        "skip_mlp": list(cfg.skip_mlp),
+        "exit_layer": cfg.exit_layer,
+        "max_draft": cfg.max_draft,
+        "threshold": cfg.threshold,
+        "shortlist": cfg.shortlist,
+        "ngram_max": cfg.ngram_max,
+        "ngram_min": cfg.ngram_min,
+    }
+
+
+@dataclass
+class Record:
+    """A versioned drafting config for one model."""
+
+    model: str
+    draft: dict
+    buckets: dict[str, dict] = field(default_factory=dict)
+    version: int = 0
+    hash: str = ""
+    evidence: dict = field(default_factory=dict)
+    reason: str = ""
+    created_at: float = 0.0
+    by: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.hash:
+            self.hash = content_hash(self.model, self.draft, self.buckets)
+        if not self.created_at:
+            self.created_at = time.time()
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "schema": SCHEMA,
+                "kind": KIND,
+                "version": self.version,
+                "model": self.model,
+                "draft": self.draft,
+                "buckets": self.buckets,
+                "hash": self.hash,
+                "evidence": self.evidence,
+                "reason": self.reason,
+                "created_at": self.created_at,
+                "by": self.by,
+            },
+            sort_keys=True,
+        )
+
+    def as_dict(self) -> dict:
+        return json.loads(self.to_json())
+
+    @classmethod
+    def parse(cls, text: str | bytes | None) -> Record:
+        """A record from stored JSON; RecordError if it is not one of ours or is damaged."""
+        if text is None:
+            raise RecordError("no record")
+        try:
+            raw = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise RecordError(f"not JSON: {exc}") from None
+        if not isinstance(raw, dict) or raw.get("kind") != KIND:
+            raise RecordError("not a selfspec draft-config record")
+        if raw.get("schema") != SCHEMA:
+            raise RecordError(f"schema {raw.get('schema')!r}, this build reads {SCHEMA}")
+        try:
+            rec = cls(
+                model=str(raw["model"]),
+                draft=dict(raw["draft"]),
+                buckets=dict(raw.get("buckets") or {}),
+                version=int(raw["version"]),
+                hash=str(raw["hash"]),
+                evidence=dict(raw.get("evidence") or {}),
+                reason=str(raw.get("reason", "")),
+                created_at=float(raw.get("created_at", 0.0)),
+                by=str(raw.get("by", "")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RecordError(f"malformed record: {exc!r}") from None
+        if rec.hash != content_hash(rec.model, rec.draft, rec.buckets):
+            raise RecordError(f"version {rec.version}: content hash does not match")
+        return rec
+
+    def drafts(self, num_layers: int) -> tuple[DraftConfig, dict[int, DraftConfig]]:
+        """The base config and per-bucket configs, validated against a model with
+        `num_layers` layers; RecordError names what is wrong."""
+        try:
+            base = DraftConfig(**_draft_args(self.draft))
+            base.check_layers(num_layers)
+            by_bucket = {}
+            for key, over in self.buckets.items():
+                b = int(key)
+                if b not in BUCKETS:
+                    raise ValueError(f"bucket {key!r} is not one of {BUCKETS}")
+                unknown = set(over) - set(BUCKET_FIELDS)
+                if unknown:
+                    raise ValueError(f"bucket {key} overrides {sorted(unknown)}")
+                cfg = DraftConfig(**{**_draft_args(self.draft), **over})
+                cfg.check_layers(num_layers)
+                # The engine reserved KV for the base length when it admitted a request.
+                if cfg.max_draft > base.max_draft:
+                    raise ValueError(f"bucket {key} drafts more than the base max_draft")
+                by_bucket[b] = cfg
+        except (TypeError, ValueError) as exc:
+            raise RecordError(f"version {self.version}: {exc}") from None
+        return base, by_bucket
+
+
+def _draft_args(draft: dict) -> dict:
+    unknown = set(draft) - set(DraftConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown draft fields {sorted(unknown)}")
+    for name in ("skip_attn", "skip_mlp"):
+        values = draft.get(name, [])
+        if not isinstance(values, list) or not all(type(v) is int for v in values):
+            raise ValueError(f"{name} must be a list of layer numbers")
+    return {
+        **draft,
+        "skip_attn": tuple(draft.get("skip_attn", ())),
+        "skip_mlp": tuple(draft.get("skip_mlp", ())),
+    }
+
+
+# -- skip-set candidates ------------------------------------------------------------
+
+
+def skip_key(skip_attn, skip_mlp) -> str:
+    """A skip set's name in telemetry and search state: `a1.2|m5`."""
+    return "a" + ".".join(map(str, sorted(skip_attn))) + "|m" + ".".join(map(str, sorted(skip_mlp)))
+
+
+def parse_skip_key(key: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    a, m = key.split("|")
+    return (
+        tuple(int(x) for x in a[1:].split(".") if x),
+        tuple(int(x) for x in m[1:].split(".") if x),
+    )

@@ -1,0 +1,1 @@
+"""The fleet controller: one leader tunes drafting for every replica through Redis."""

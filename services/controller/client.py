@@ -1,0 +1,142 @@
+"""The operator's side of `selfspec controller`: status, history, pin, unpin, rollback,
+over the admin gRPC service of any running controller."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import grpc
+
+from services.gen.selfspec.v1 import controller_pb2 as pb
+from services.gen.selfspec.v1 import controller_pb2_grpc as pb_grpc
+
+
+def main(args) -> int:
+    with grpc.insecure_channel(args.admin) as channel:
+        stub = pb_grpc.ControllerAdminStub(channel)
+        try:
+            return COMMANDS[args.command](stub, args)
+        except grpc.RpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                print(
+                    f"selfspec controller: no controller answers at {args.admin}: start one "
+                    "(`selfspec controller run`) or pass --admin HOST:PORT",
+                    file=sys.stderr,
+                )
+            else:
+                print(f"selfspec controller: {exc.details()}", file=sys.stderr)
+            return 1
+
+
+def status_dict(status: pb.ControllerStatus) -> dict:
+    """The status as plain data: leader, current version and record (of the newest
+    model's config), and every model's details."""
+    models = {}
+    for m in status.models:
+        models[m.model] = {
+            "current": json.loads(m.current.json) if m.current.json else None,
+            "pinned_version": m.pinned_version,
+            "replicas": {r.replica_id: json.loads(r.json) for r in m.replicas},
+            "rejections": [
+                {
+                    "replica_id": r.replica_id,
+                    "version": r.version,
+                    "reason": r.reason,
+                    "at": r.at,
+                    "kept_version": r.kept_version,
+                }
+                for r in m.rejections
+            ],
+            "search": json.loads(m.search_json) if m.search_json else None,
+        }
+    newest = max(
+        (m["current"] for m in models.values() if m["current"]),
+        key=lambda r: r["version"],
+        default=None,
+    )
+    return {
+        "leader_id": status.leader_id,
+        "controller_id": status.controller_id,
+        "is_leader": status.is_leader,
+        "current_version": status.current_version,
+        "record": newest,
+        "models": models,
+    }
+
+
+def _status(stub, args) -> int:
+    s = status_dict(stub.GetStatus(pb.GetStatusRequest(), timeout=5))
+    if args.json:
+        print(json.dumps(s, indent=2, sort_keys=True))
+        return 0
+    print(f"leader: {s['leader_id'] or 'none'}  (asked {s['controller_id']})")
+    for name, m in s["models"].items():
+        cur = m["current"]
+        pin = f", pinned at {m['pinned_version']}" if m["pinned_version"] else ""
+        if cur:
+            print(f"{name}: version {cur['version']} ({cur['reason']} by {cur['by']}{pin})")
+            print(f"  draft: {_draft_text(cur['draft'])}")
+            for b, over in sorted(cur["buckets"].items(), key=lambda kv: int(kv[0])):
+                print(f"  batch <= {b}: {over['mode']}, max_draft {over['max_draft']}")
+        else:
+            print(f"{name}: no config published yet")
+        for rid, r in m["replicas"].items():
+            age = time.time() - r.get("seen_at", 0)
+            print(f"  replica {rid}: version {r.get('version', 0)}, seen {age:.0f} s ago")
+        for r in m["rejections"][:5]:
+            print(f"  refused: version {r['version']} by {r['replica_id']}: {r['reason']}")
+        search = m["search"]
+        if search:
+            print(
+                f"  search: round {search['round']}, incumbent {search['incumbent']}, "
+                f"{len(search['adopted'])} adopted, {search['stale_rounds']} rounds since"
+            )
+    return 0
+
+
+def _draft_text(d: dict) -> str:
+    parts = [d["mode"], f"max_draft {d['max_draft']}"]
+    if d.get("skip_attn") or d.get("skip_mlp"):
+        parts.append(f"skip attn {d.get('skip_attn')} mlp {d.get('skip_mlp')}")
+    if d.get("exit_layer") is not None:
+        parts.append(f"exit {d['exit_layer']}")
+    return ", ".join(parts)
+
+
+def _history(stub, args) -> int:
+    reply = stub.ListHistory(pb.ListHistoryRequest(model=args.model, limit=args.limit), timeout=5)
+    for r in reply.records:
+        record = json.loads(r.json)
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at))
+        print(f"{r.version:>6}  {when}  {r.reason:<9} {r.by:<24} {_draft_text(record['draft'])}")
+    return 0
+
+
+def _pin(stub, args) -> int:
+    r = stub.Pin(pb.PinRequest(model=args.model, version=args.version), timeout=5).record
+    print(f"pinned: version {r.version} republishes version {args.version}")
+    return 0
+
+
+def _unpin(stub, args) -> int:
+    stub.Unpin(pb.UnpinRequest(model=args.model), timeout=5)
+    print("unpinned: the controller decides again")
+    return 0
+
+
+def _rollback(stub, args) -> int:
+    r = stub.Rollback(pb.RollbackRequest(model=args.model), timeout=5).record
+    source = json.loads(r.json)["evidence"].get("pinned_from")
+    print(f"rolled back: version {r.version} republishes version {source} (pinned)")
+    return 0
+
+
+COMMANDS = {
+    "status": _status,
+    "history": _history,
+    "pin": _pin,
+    "unpin": _unpin,
+    "rollback": _rollback,
+}

@@ -1,0 +1,113 @@
+"""The drafting decision for one model: per batch bucket, the mode and draft length
+that maximise expected tokens per second, by the engine's own speedup model.
+
+For each bucket with enough steps under the current config: the layer draft's
+expected speedup from its measured acceptance per draft position (or, before it has
+any, the skip set's teacher-forced agreement) and measured costs; n-gram's from its
+measured acceptance; plain decoding is 1. Drafting is off where nothing beats 1,
+`auto` where both drafts pay (the engine then picks per sequence). A bucket changes
+its choice only for a clear gain, so versions do not flap on noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.controller.evidence import ModelEvidence
+from services.engine.params import MAX_DRAFT_TOKENS
+from services.engine.policy import best_length
+
+MODES = ("off", "ngram", "skip", "auto")
+SWITCH_GAIN = 1.03  # a bucket's choice changes only for a predicted gain of 3%
+MIN_STEPS = 20  # steps a bucket needs under the current config before it is decided
+
+
+@dataclass(frozen=True)
+class Choice:
+    mode: str
+    max_draft: int
+    speedup: float
+
+
+def forced_speedup(alpha: float, draft_cost: float, token_cost: float) -> tuple[float, int]:
+    """Best (speedup, k) with k >= 1, drafts accepted independently with probability
+    `alpha`: ranks skip sets even where no draft pays, so the search still climbs."""
+    best, tokens, survive = (0.0, 1), 1.0, 1.0
+    for k in range(1, MAX_DRAFT_TOKENS + 1):
+        survive *= alpha
+        tokens += survive
+        best = max(best, (tokens / (1.0 + k * (draft_cost + token_cost)), k))
+    return best
+
+
+def choose_bucket(
+    evidence: ModelEvidence,
+    version: int,
+    b: int,
+    skip_rates: list[float] | None,
+    skip_draft_cost: float,
+    allowed: tuple[str, ...],
+    previous: Choice | None,
+) -> Choice | None:
+    """The choice for bucket `b`, or None without enough evidence. `skip_rates`: the
+    skip draft's acceptance per position (None: unknown); `skip_draft_cost`: its pass
+    relative to a plain step."""
+    if evidence.steps(version, b) < MIN_STEPS:
+        return None
+    _, token_cost = evidence.relative_costs("skip", b)
+    curves = {}  # mode -> (acceptance per position, draft cost)
+    if skip_rates:
+        curves["skip"] = (skip_rates, skip_draft_cost)
+    ngram = evidence.stats(version, "ngram", b).rates()
+    if ngram:
+        curves["ngram"] = (ngram, 0.0)
+    options = {"off": Choice("off", 1, 1.0)}
+    for mode, (rates, cost) in curves.items():
+        gain, k = best_length(rates, cost, token_cost)
+        options[mode] = Choice(mode, max(k, 1), gain)
+    if "skip" in options and "ngram" in options:
+        skip, ngram = options["skip"], options["ngram"]
+        if min(skip.speedup, ngram.speedup) > 1:  # both pay: the engine picks per sequence
+            k = max(skip.max_draft, ngram.max_draft)
+            options["auto"] = Choice("auto", k, max(skip.speedup, ngram.speedup))
+    options = {m: c for m, c in options.items() if m in allowed}
+    if not options:
+        return None
+    best = max(options.values(), key=lambda c: (c.speedup, c.mode == "auto"))
+    if previous is not None and previous.mode in options:
+        held = _value(previous, curves, token_cost)
+        if best.speedup < held.speedup * SWITCH_GAIN:
+            return held
+    return best
+
+
+def speedup_at(rates: list[float], draft_cost: float, token_cost: float, k: int) -> float:
+    """Expected speedup of drafting exactly k tokens (k = 0: plain decoding, 1)."""
+    tokens, survive = 1.0, 1.0
+    for a in rates[:k]:
+        survive *= a
+        tokens += survive
+    k = min(k, len(rates))
+    return tokens / (1.0 + k * (draft_cost + token_cost))
+
+
+def _value(choice: Choice, curves: dict, token_cost: float) -> Choice:
+    """A previous choice (mode and length) valued on today's evidence."""
+    modes = ("skip", "ngram") if choice.mode == "auto" else (choice.mode,)
+    values = [speedup_at(*curves[m], token_cost, choice.max_draft) for m in modes if m in curves]
+    return Choice(choice.mode, choice.max_draft, max(values, default=1.0))
+
+
+def compose(base: dict, choices: dict[int, Choice]) -> tuple[dict, dict[str, dict]]:
+    """The record's draft and bucket overrides from per-bucket choices: the busiest
+    bucket's choice is the base (the first listed), every bucket overrides its own
+    mode and length, and the base drafts as far as any bucket."""
+    if not choices:
+        return base, {}
+    first = next(iter(choices.values()))
+    longest = max(c.max_draft for c in choices.values())
+    draft = {**base, "mode": first.mode, "max_draft": longest}
+    buckets = {
+        str(b): {"mode": c.mode, "max_draft": c.max_draft} for b, c in sorted(choices.items())
+    }
+    return draft, buckets
