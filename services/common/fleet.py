@@ -183,11 +183,13 @@ class FleetLink:
             self._windows.popleft()
 
     def _heartbeat(self) -> None:
+        from services.engine import forced  # the replica has loaded torch; the controller not
+
         state = {
             "version": self.version,
             "seen_at": time.time(),
             "num_layers": self.engine.model.num_layers,
-            "sizes": self.engine.sublayer_sizes(),
+            "sizes": forced.sublayer_sizes(self.engine),
             "draft": rs.draft_fields(self.engine.default_draft),
             "rejected": {str(v): why for v, why in list(self.rejected.items())[-5:]},
         }

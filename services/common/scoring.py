@@ -97,16 +97,18 @@ class CandidateScorer:
             for s in todo:
                 s.scored.add(key)  # never scorable here: do not try again
             return False
+        from services.engine import forced
+        from services.engine.model import LayerPlan
+
         fresh = [s for s in todo if s.targets is None]
         if fresh:
-            targets = self.engine.full_choices([s.tokens for s in fresh])
+            targets = forced.full_choices(self.engine, [s.tokens for s in fresh])
             if targets is None:
                 return True  # no KV room to spare now; try later
             for s, t in zip(fresh, targets, strict=True):
                 s.targets = t
-        from services.engine.model import LayerPlan
-
-        got = self.engine.agreement(
+        got = forced.agreement(
+            self.engine,
             [s.tokens for s in todo],
             [s.targets for s in todo],
             [s.start for s in todo],

@@ -16,10 +16,9 @@ from types import MappingProxyType
 
 import torch
 
-from kernels.attention import AttentionBatch
 from services.engine import checkpoint
-from services.engine.kv_pool import BlockTable, KVPool, OutOfBlocks
-from services.engine.model import LayerPlan, Model
+from services.engine.kv_pool import KVPool
+from services.engine.model import Model
 from services.engine.params import DraftConfig, SamplingParams
 from services.engine.policy import Telemetry, best_length, bucket
 from services.engine.runner import ModelRunner, ngram_proposal
@@ -502,65 +501,6 @@ class Engine:
         if not self._bucket_drafts or cfg is not self.default_draft:
             return cfg
         return self._bucket_drafts.get(bucket(batch), cfg)
-
-    def sublayer_sizes(self) -> dict[str, float]:
-        """Bytes each sublayer reads, relative to the whole model with its head."""
-        m = self.model
-        hidden = m.embed.shape[1]
-        attn = (
-            hidden * (m.num_heads * m.head_dim + 2 * m.kv_dim) + m.num_heads * m.head_dim * hidden
-        )
-        mlp = 3 * hidden * m.config.intermediate_size
-        head = m.vocab_size * hidden
-        total = m.num_layers * (attn + mlp) + head
-        return {"attn": attn / total, "mlp": mlp / total, "head": head / total}
-
-    @torch.inference_mode()
-    def full_choices(self, tokens: list[list[int]]) -> list[torch.Tensor] | None:
-        """The full model's next-token choice after every token of each sequence, in one
-        pass between steps; None when the KV pool has no room to spare."""
-        h = self._forced_pass(tokens, LayerPlan())
-        return None if h is None else [x.argmax(-1) for x in h]
-
-    @torch.inference_mode()
-    def agreement(
-        self, tokens: list[list[int]], targets: list[torch.Tensor], start: list[int], plan
-    ) -> tuple[int, int] | None:
-        """Teacher-forced: (positions where the draft `plan` picks the full model's token,
-        positions scored), over each sequence from `start[i]` on; None when no room."""
-        h = self._forced_pass(tokens, plan)
-        if h is None:
-            return None
-        rows = list(zip(h, targets, start, strict=True))
-        hits = sum(int((x.argmax(-1)[s:] == t[s:]).sum()) for x, t, s in rows)
-        return hits, sum(len(t) - s for _, t, s in rows)
-
-    def _forced_pass(self, tokens: list[list[int]], plan) -> list[torch.Tensor] | None:
-        """Logits after every token, under `plan`, in blocks borrowed from the pool."""
-        m, pool = self.model, self.pool
-        with self._step_lock:
-            tables: list[BlockTable] = []
-            try:
-                for seq in tokens:
-                    tables.append(BlockTable(pool))
-                    tables[-1].reserve(len(seq))
-                lengths = [len(t) for t in tokens]
-                batch = AttentionBatch.build(
-                    [t.blocks for t in tables],
-                    [0] * len(tables),
-                    lengths,
-                    pool.block_size,
-                    sliding_window=m.sliding_window,
-                    device=m.device,
-                )
-                ids = torch.tensor([t for seq in tokens for t in seq], device=m.device)
-                h = m.run_layers(m.embed_tokens(ids), batch, pool.kv, plan=plan)
-                return list(m.logits(h).split(lengths))
-            except OutOfBlocks:
-                return None
-            finally:
-                for table in tables:
-                    table.free()
 
 
 @dataclass
