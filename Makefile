@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup run test lint format bench tune stubs clean
+.PHONY: setup run test fuzz lint format bench tune stubs clean
 
 setup: $(STAMP)
 	@command -v redis-server >/dev/null || { echo "installing redis-server"; \
@@ -38,6 +38,10 @@ format: $(STAMP)
 
 test: setup lint
 	$(BIN)/pytest -q
+
+# A longer fuzz run of the gRPC API against a running fleet (make test runs 2,000 cases).
+fuzz: setup
+	SELFSPEC_FUZZ_CASES=$${SELFSPEC_FUZZ_CASES:-20000} $(BIN)/pytest -q tests/fleet/test_fleet.py -k fuzz
 
 bench: setup
 	$(BIN)/selfspec bench engine --model default --out benchmarks/results

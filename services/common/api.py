@@ -32,8 +32,12 @@ _LIST_DRAFT_FIELDS = {"skip_attn", "skip_mlp"}
 def validate(req: pb.GenerateRequest) -> None:
     """Everything that can be checked without the model; raises ValueError."""
     for name in ("request_id", "session_id"):
-        if len(getattr(req, name)) > MAX_ID_CHARS:
+        value = getattr(req, name)
+        if len(value) > MAX_ID_CHARS:
             raise ValueError(f"{name} is longer than {MAX_ID_CHARS} characters")
+        # Ids travel as gRPC metadata, which carries printable ASCII only.
+        if not all(" " <= c <= "~" for c in value):
+            raise ValueError(f"{name} may hold printable ASCII characters only")
     prompt(req)
     sampling_params(req)
     draft_override(req)

@@ -36,6 +36,7 @@ class FleetOptions:
     num_cpus: int | None = None
     controller: bool = True
     controller_admin: str = "127.0.0.1:50052"
+    controller_args: list[str] = field(default_factory=list)  # e.g. ["--decide-seconds", "1"]
     gateway_args: list[str] = field(default_factory=list)
     log_dir: Path | None = None  # where the subprocesses' output goes
     # Extra environment for every process of the fleet: the gateway, the controller, and
@@ -155,6 +156,7 @@ class Fleet:
         admin = self.options.controller_admin
         cmd = [sys.executable, "-m", "services.cli", "controller", "run"]
         cmd += ["--redis-url", self.redis_url, "--admin-listen", admin]
+        cmd += self.options.controller_args
         self.controller = subprocess.Popen(
             cmd, env=self._env(), stdout=self._log("controller"), stderr=subprocess.STDOUT
         )

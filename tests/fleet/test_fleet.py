@@ -5,6 +5,7 @@ The test that kills a replica comes last: the fleet is shared by the whole modul
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import time
@@ -117,6 +118,7 @@ def test_health_and_reflection(fleet):
         (pb.GenerateRequest(prompt="hi", stop=["x" * 300]), "stop"),
         (pb.GenerateRequest(prompt="x" * ((1 << 20) + 1)), "prompt has"),
         (pb.GenerateRequest(prompt="hi", session_id="s" * 300), "session_id"),
+        (pb.GenerateRequest(prompt="hi", request_id="r\u00e9\n"), "request_id"),
         (pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[10**9])), "token ids"),
         (pb.GenerateRequest(prompt="hi", max_tokens=100_000), "max_tokens"),
     ],
@@ -335,18 +337,44 @@ def test_concurrent_streams_finish(stub):
     assert len({r.replica_id for r in replies}) == 2
 
 
+def test_serving_goes_on_while_redis_is_down(stub, fleet):
+    """The replicas' fleet links lose Redis: generation goes on, with the same output."""
+    import subprocess
+
+    prompt = chat("Name three rivers.", 16)
+    before = stub.GenerateUnary(prompt, timeout=120)
+    port = fleet.redis_url.rsplit(":", 1)[1].split("/")[0]
+    fleet.redis.terminate()
+    fleet.redis.wait(10)
+    try:
+        during = [stub.GenerateUnary(prompt, timeout=120) for _ in range(4)]
+    finally:  # back on the same port, for the tests after this one
+        fleet.redis = subprocess.Popen(
+            ["redis-server", "--port", port, "--bind", "127.0.0.1", "--save", ""],
+            stdout=subprocess.DEVNULL,
+        )
+    assert all(list(r.token_ids) == list(before.token_ids) for r in during)
+
+
+FUZZ_CASES = int(os.environ.get("SELFSPEC_FUZZ_CASES", "2000"))
+
+
 def test_fuzzed_requests_get_proper_statuses_and_leave_nothing_behind(fleet):
-    """Random and malformed requests, bounded in number: every reply is a result or a
-    status a client can act on, the gateway stays up, and no KV block leaks."""
+    """Random and malformed requests (`SELFSPEC_FUZZ_CASES`, 2,000 by default; `make fuzz`
+    runs more): every reply is a result or a status a client can act on, the gateway
+    stays up, and no KV block leaks."""
     rng = random.Random(20261123)
     allowed = {Code.OK, Code.INVALID_ARGUMENT, Code.RESOURCE_EXHAUSTED}
+    seen: dict[grpc.StatusCode, int] = {}
     with grpc.insecure_channel(fleet.options.listen) as channel:
         raw = channel.unary_unary("/selfspec.v1.Generation/GenerateUnary")
-        for i in range(150):
+        for i in range(FUZZ_CASES):
             code, details = code_of(raw, fuzzed_request(rng, i), timeout=60)
             assert code in allowed, (i, code, details)
+            seen[code] = seen.get(code, 0) + 1
         health = health_pb2_grpc.HealthStub(channel)
         assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == 1
+    assert seen.get(Code.OK, 0) > FUZZ_CASES // 20 and seen[Code.INVALID_ARGUMENT] > 0, seen
     wait_until(all_idle, 30, "every replica to be idle")
 
 

@@ -27,7 +27,6 @@ def scaling_fleet(tmp_path_factory) -> Fleet:
         "min_replicas": 1,
         "max_replicas": 2,
         "target_ongoing_requests": 2,
-        "metrics_interval_s": 0.5,
         "look_back_period_s": 2,
         "upscale_delay_s": 1,
         "downscale_delay_s": 4,
