@@ -250,6 +250,35 @@ def test_authentication(fleet, tmp_path):
         proc.wait()
 
 
+def test_tls(fleet, tmp_path):
+    """With a certificate and key, the gateway serves TLS only; a client that trusts the
+    certificate gets answers, a plaintext client does not."""
+    import subprocess
+
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        + ["-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"]
+        + ["-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    proc, address = start_gateway(fleet, "--tls-cert", str(cert), "--tls-key", str(key))
+    try:
+        credentials = grpc.ssl_channel_credentials(cert.read_bytes())
+        with grpc.secure_channel(address, credentials) as channel:
+            reply = pb_grpc.GenerationStub(channel).GenerateUnary(chat("hi", 2), timeout=60)
+            assert len(reply.token_ids) == 2
+        with grpc.insecure_channel(address) as channel:
+            code, _ = code_of(
+                pb_grpc.GenerationStub(channel).GenerateUnary, chat("hi", 2), timeout=10
+            )
+            assert code == Code.UNAVAILABLE
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_unreachable_upstream_is_unavailable(fleet):
     from services.serve.local import free_port
 
