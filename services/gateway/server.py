@@ -13,10 +13,11 @@ and passes its own `traceparent` upstream in the gRPC metadata.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -370,35 +371,32 @@ def _handlers(gateway: Gateway) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(SERVICE, methods)
 
 
-def _count(name: str, context, cancelled: bool = False) -> None:
-    code = grpc.StatusCode.CANCELLED if cancelled else context.code() or grpc.StatusCode.OK
-    metrics.CALLS.labels(name, code.name).inc()
+@contextlib.contextmanager
+def _counting(name: str, context) -> Iterator[None]:
+    """Count a call by method and final status; a call cancelled under it as CANCELLED."""
+    try:
+        yield
+    except asyncio.CancelledError:
+        metrics.CALLS.labels(name, grpc.StatusCode.CANCELLED.name).inc()
+        raise
+    finally:
+        if not context.cancelled():
+            code = context.code() or grpc.StatusCode.OK
+            metrics.CALLS.labels(name, code.name).inc()
 
 
 def _counted(name: str, method):
     async def handle(request, context):
-        try:
+        with _counting(name, context):
             return await method(request, context)
-        except asyncio.CancelledError:
-            _count(name, context, cancelled=True)
-            raise
-        finally:
-            if not context.cancelled():
-                _count(name, context)
 
     return handle
 
 
 def _counted_stream(name: str, method):
     async def handle(request, context):
-        try:
+        with _counting(name, context):
             async for response in method(request, context):
                 yield response
-        except asyncio.CancelledError:
-            _count(name, context, cancelled=True)
-            raise
-        finally:
-            if not context.cancelled():
-                _count(name, context)
 
     return handle

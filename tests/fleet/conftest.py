@@ -4,30 +4,21 @@ replicas of the default model, and the gateway, all on loopback."""
 from __future__ import annotations
 
 import os
-import sys
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import grpc
 import pytest
-from fleet_helpers import REPLICAS, fleet_config
+from fleet_helpers import REPLICAS, fleet_config, running_fleet
 
 from services.gen.selfspec.v1 import generation_pb2_grpc as pb_grpc
-from services.serve.local import Fleet, FleetOptions, free_port
+from services.serve.local import Fleet
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory) -> Fleet:
-    options = FleetOptions(
-        config=fleet_config(),
-        listen=f"127.0.0.1:{free_port()}",
-        num_cpus=REPLICAS,
-        controller=False,
-        log_dir=tmp_path_factory.mktemp("fleet"),
-    )
-    fleet = Fleet(options, say=lambda line: print(line, file=sys.stderr)).start()
-    yield fleet
-    fleet.stop()
+    with running_fleet(fleet_config(), tmp_path_factory.mktemp("fleet"), num_cpus=REPLICAS) as f:
+        yield f
 
 
 @pytest.fixture(scope="module")

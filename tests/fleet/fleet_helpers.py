@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
 
 from services.gen.selfspec.v1 import generation_pb2 as pb
-from services.serve.local import DEFAULT_CONFIG, Fleet, free_port, load_config, wait_for_port
+from services.serve.local import (
+    DEFAULT_CONFIG,
+    Fleet,
+    FleetOptions,
+    free_port,
+    load_config,
+    wait_for_port,
+)
 
 REPLICAS = 2
 
@@ -24,6 +32,21 @@ def fleet_config(replicas: int = REPLICAS) -> dict:
     engine.pop("autoscaling_config")
     engine.update(num_replicas=replicas, graceful_shutdown_timeout_s=5)
     return config
+
+
+@contextlib.contextmanager
+def running_fleet(config: dict, log_dir, **options):
+    """A fleet of `config` with its gateway on a free port (no controller unless asked),
+    stopped on the way out."""
+    options = {"listen": f"127.0.0.1:{free_port()}", "controller": False, **options}
+    fleet = Fleet(
+        FleetOptions(config=config, log_dir=log_dir, **options),
+        say=lambda line: print(line, file=sys.stderr),
+    ).start()
+    try:
+        yield fleet
+    finally:
+        fleet.stop()
 
 
 def chat(text: str, max_tokens: int = 12, **fields) -> pb.GenerateRequest:

@@ -5,16 +5,15 @@ rise on the same prompts, with the same greedy output."""
 
 from __future__ import annotations
 
-import sys
 import time
 
 import grpc
 import pytest
-from fleet_helpers import chat, fleet_config
+from fleet_helpers import chat, fleet_config, running_fleet
 
 from services.gen.selfspec.v1 import generation_pb2 as pb
 from services.gen.selfspec.v1 import generation_pb2_grpc as pb_grpc
-from services.serve.local import Fleet, FleetOptions, free_port
+from services.serve.local import Fleet, free_port
 
 MIDDLE = list(range(2, 22))
 POOR = {"mode": "skip", "skip_attn": MIDDLE, "skip_mlp": MIDDLE, "max_draft": 3}
@@ -30,17 +29,15 @@ PROMPTS = [
 def poor_fleet(tmp_path_factory) -> Fleet:
     config = fleet_config(replicas=2)
     config["applications"][0]["args"].update(draft=POOR, kv_cache_bytes=96 << 20, max_waiting=64)
-    options = FleetOptions(
-        config=config,
-        listen=f"127.0.0.1:{free_port()}",
+    with running_fleet(
+        config,
+        tmp_path_factory.mktemp("controlled"),
         num_cpus=2,
+        controller=True,
         controller_admin=f"127.0.0.1:{free_port()}",
         controller_args=["--decide-seconds", "1", "--min-positions", "150", "--modes", "skip"],
-        log_dir=tmp_path_factory.mktemp("controlled"),
-    )
-    fleet = Fleet(options, say=lambda line: print(line, file=sys.stderr)).start()
-    yield fleet
-    fleet.stop()
+    ) as fleet:
+        yield fleet
 
 
 def serve_mix(stub) -> tuple[float, float, list[list[int]]]:

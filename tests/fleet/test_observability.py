@@ -7,18 +7,16 @@ off, where the replica continues the gateway's `traceparent` from the gRPC metad
 from __future__ import annotations
 
 import json
-import sys
 import urllib.request
 import uuid
 from pathlib import Path
 
 import grpc
 import pytest
-from fleet_helpers import chat, fleet_config, replica_stats, wait_until
+from fleet_helpers import chat, fleet_config, replica_stats, running_fleet, wait_until
 
 from services.common.telemetry import SERVE_HOOK
-from services.gen.selfspec.v1 import generation_pb2_grpc as pb_grpc
-from services.serve.local import Fleet, FleetOptions, free_port
+from services.serve.local import Fleet
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -40,23 +38,13 @@ def traces(tmp_path_factory, mode) -> Path:
 def fleet(tmp_path_factory, traces, mode) -> Fleet:
     config = fleet_config(replicas=1)
     config["applications"][0]["args"]["metrics_port"] = 0
-    options = FleetOptions(
-        config=config,
-        listen=f"127.0.0.1:{free_port()}",
+    with running_fleet(
+        config,
+        tmp_path_factory.mktemp("fleet"),
         num_cpus=1,
-        controller=False,
-        log_dir=tmp_path_factory.mktemp("fleet"),
         env={"SELFSPEC_TRACE_FILE": str(traces / "spans.jsonl"), **MODES[mode]},
-    )
-    fleet = Fleet(options, say=lambda line: print(line, file=sys.stderr)).start()
-    yield fleet
-    fleet.stop()
-
-
-@pytest.fixture(scope="module")
-def stub(fleet) -> pb_grpc.GenerationStub:
-    with grpc.insecure_channel(fleet.options.listen) as channel:
-        yield pb_grpc.GenerationStub(channel)
+    ) as fleet:
+        yield fleet
 
 
 def spans(traces: Path) -> list[dict]:

@@ -3,17 +3,16 @@ its own (one to two engine replicas)."""
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from fleet_helpers import chat, fleet_config, wait_until
+from fleet_helpers import chat, fleet_config, running_fleet, wait_until
 
 from services.gen.selfspec.v1 import generation_pb2_grpc as pb_grpc
-from services.serve.local import Fleet, FleetOptions, free_port
+from services.serve.local import Fleet
 
 
 @pytest.fixture(scope="module")
@@ -31,16 +30,8 @@ def scaling_fleet(tmp_path_factory) -> Fleet:
         "upscale_delay_s": 1,
         "downscale_delay_s": 4,
     }
-    options = FleetOptions(
-        config=config,
-        listen=f"127.0.0.1:{free_port()}",
-        num_cpus=2,
-        controller=False,
-        log_dir=tmp_path_factory.mktemp("scaling"),
-    )
-    fleet = Fleet(options, say=lambda line: print(line, file=sys.stderr)).start()
-    yield fleet
-    fleet.stop()
+    with running_fleet(config, tmp_path_factory.mktemp("scaling"), num_cpus=2) as fleet:
+        yield fleet
 
 
 def running_replicas() -> int:
