@@ -78,3 +78,61 @@ def tiny(request, tmp_path_factory, engine):
     hf = make_tiny(request.param, path, engine)
     ours = Engine.from_pretrained(str(path), dtype="float32", kv_cache_bytes=64 << 20)
     return request.param, hf, ours
+
+
+class OtlpReceiver:
+    """A real OTLP metrics endpoint on loopback: keeps every export it is sent."""
+
+    def __init__(self) -> None:
+        import threading
+        from concurrent import futures
+
+        import grpc
+        from opentelemetry.proto.collector.metrics.v1 import (
+            metrics_service_pb2 as pb,
+        )
+        from opentelemetry.proto.collector.metrics.v1 import (
+            metrics_service_pb2_grpc as rpc,
+        )
+
+        receiver = self
+        self.requests: list = []
+        self._lock = threading.Lock()
+
+        class Service(rpc.MetricsServiceServicer):
+            def Export(self, request, context):
+                with receiver._lock:
+                    receiver.requests.append(request)
+                return pb.ExportMetricsServiceResponse()
+
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        rpc.add_MetricsServiceServicer_to_server(Service(), self.server)
+        port = self.server.add_insecure_port("127.0.0.1:0")
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.server.start()
+
+    def env(self, interval_ms: int = 300) -> dict[str, str]:
+        """The environment that sends a component's metrics here."""
+        return {
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": self.endpoint,
+            "OTEL_EXPORTER_OTLP_METRICS_INSECURE": "true",
+            "OTEL_METRIC_EXPORT_INTERVAL": str(interval_ms),
+        }
+
+    def latest(self, service: str) -> dict:
+        """{metric name: OTLP Metric} from the newest export by `service.name`."""
+        with self._lock:
+            requests = list(self.requests)
+        for request in reversed(requests):
+            for rm in request.resource_metrics:
+                attrs = {a.key: a.value.string_value for a in rm.resource.attributes}
+                if attrs.get("service.name") == service:
+                    return {m.name: m for sm in rm.scope_metrics for m in sm.metrics}
+        return {}
+
+
+@pytest.fixture(scope="session")
+def otlp_receiver():
+    receiver = OtlpReceiver()
+    yield receiver
+    receiver.server.stop(0)

@@ -3,7 +3,8 @@
 `FleetLink` runs beside an engine on one background thread; the engine's loop never
 touches Redis. Each interval the link diffs the engine's telemetry totals into a
 window (drafted and accepted tokens per draft position, per mode and batch bucket,
-with the measured costs and candidate scores) and queues it in a bounded deque; the
+with the measured costs, candidate scores and layer-draft tokens by confidence) and
+queues it in a bounded deque; the
 queue is flushed with XADD (trimmed with MAXLEN ~) whenever Redis answers, and the
 oldest windows are dropped when it has been away for long.
 
@@ -152,7 +153,7 @@ class FleetLink:
         scores = self._scorer.take() if self._scorer is not None else {}
         t0, self._window_start = self._window_start, time.time()
         if not modes and not scores:
-            return
+            return  # confidence counts come with drafts, so with modes
         self._windows.append(
             {
                 "model": self.model,
@@ -163,6 +164,7 @@ class FleetLink:
                 "modes": modes,
                 "costs": self.engine.runner.costs.snapshot(),
                 "scores": scores,
+                "confidence": {m: list(t) for m, t in window.confidence.items()},
             }
         )
 

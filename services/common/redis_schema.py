@@ -263,3 +263,44 @@ def parse_skip_key(key: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
         tuple(int(x) for x in a[1:].split(".") if x),
         tuple(int(x) for x in m[1:].split(".") if x),
     )
+
+
+# An early exit at layer E computes exactly what skipping every sublayer from E up
+# computes, so the search names, scores and ranks exits as those skip sets.
+
+
+def exit_key(exit_layer: int, num_layers: int) -> str:
+    """An early exit at `exit_layer`, as the skip set it equals."""
+    rest = range(exit_layer, num_layers)
+    return skip_key(rest, rest)
+
+
+def exit_layer_of(key: str, num_layers: int) -> int | None:
+    """The exit layer that skip set `key` equals, or None if it is no early exit."""
+    attn, mlp = parse_skip_key(key)
+    if attn and attn == mlp and attn == tuple(range(attn[0], num_layers)) and attn[0] >= 1:
+        return attn[0]
+    return None
+
+
+def layer_key(draft: dict, num_layers: int) -> str:
+    """The skip set a draft config's layer draft runs, an early exit as its skip set."""
+    lists = draft.get("skip_attn") or draft.get("skip_mlp")
+    exit_layer = draft.get("exit_layer")
+    if exit_layer is not None and (draft.get("mode") == "early_exit" or not lists):
+        return exit_key(int(exit_layer), num_layers)
+    return skip_key(draft.get("skip_attn", []), draft.get("skip_mlp", []))
+
+
+def with_layer_draft(draft: dict, key: str, num_layers: int) -> dict:
+    """`draft` running the layer draft `key`: as an early exit when it is one."""
+    exit_layer = exit_layer_of(key, num_layers)
+    if exit_layer is not None:
+        return {**draft, "skip_attn": [], "skip_mlp": [], "exit_layer": exit_layer}
+    attn, mlp = parse_skip_key(key)
+    return {**draft, "skip_attn": list(attn), "skip_mlp": list(mlp), "exit_layer": None}
+
+
+def layer_mode(key: str, num_layers: int) -> str:
+    """The drafting mode that runs layer draft `key`."""
+    return "skip" if exit_layer_of(key, num_layers) is None else "early_exit"

@@ -15,15 +15,15 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import redis
 
 from services.common import redis_schema as rs
 from services.controller import decide
-from services.controller.evidence import ModelEvidence, parse_window
+from services.controller.evidence import ModelEvidence, Z, parse_window
 from services.controller.lease import Lease
-from services.controller.search import Search, Z
+from services.controller.search import Search
 from services.controller.store import ConfigStore, Fenced, Pinned
 from services.engine.params import MAX_DRAFT_TOKENS
 
@@ -138,8 +138,12 @@ class Controller:
             for entry_id, fields in got[0][1]:
                 self._cursor = entry_id
                 window = parse_window(fields)
-                if window is not None:
+                if window is None:
+                    continue
+                try:
                     self._state(str(window["model"])).evidence.add(window)
+                except (AttributeError, KeyError, TypeError, ValueError):
+                    log.warning("controller: skipped a damaged telemetry window %s", entry_id)
 
     def _state(self, model: str) -> ModelState:
         return self.models.setdefault(model, ModelState())
@@ -162,9 +166,11 @@ class Controller:
         if base is None:
             return
         shape = next(iter(replicas.values()))
-        state.in_force = rs.skip_key(base.get("skip_attn", []), base.get("skip_mlp", []))
+        layers = int(shape["num_layers"])
+        state.in_force = rs.layer_key(base, layers)
         if current is not None and current.reason in ("pin", "rollback"):
-            self._follow_operator(state, base)
+            self._follow_operator(state, base, layers)
+        running = dict(base)  # what the replicas run now
         changed_skip = self._search(model, state, base, shape)
         now = time.time()
         if not changed_skip and now - state.decided_at < self.settings.decide_every_s:
@@ -173,7 +179,7 @@ class Controller:
         draft, buckets, evidence = self._decide(state, current, base, shape)
         if current is not None and current.hash == rs.content_hash(model, draft, buckets):
             return
-        if current is None and draft == base and not buckets:
+        if current is None and draft == running and not buckets:
             return  # the replicas' own default is what we would publish
         self._publish(model, draft, buckets, evidence, "search" if changed_skip else "decision")
 
@@ -182,7 +188,7 @@ class Controller:
         if not self.settings.search:
             return False
         if state.search is None:
-            state.search = self._load_search(model, base)
+            state.search = self._load_search(model, rs.layer_key(base, int(shape["num_layers"])))
         search = state.search
         counts = {k: n for k, (_, n) in state.evidence.scores.items()}
         s = self.settings
@@ -196,22 +202,23 @@ class Controller:
             self._save_search(model, search)
         elif not self.redis.exists(rs.model_key(model, "candidates")):
             self._save_search(model, search)  # Redis restarted empty: tell replicas again
-        attn, mlp = rs.parse_skip_key(search.incumbent)
-        if (list(attn), list(mlp)) != (base.get("skip_attn"), base.get("skip_mlp")):
-            base["skip_attn"], base["skip_mlp"] = list(attn), list(mlp)
+        layers = int(shape["num_layers"])
+        if search.incumbent != rs.layer_key(base, layers):
+            base.update(rs.with_layer_draft(base, search.incumbent, layers))
+            if base.get("mode") in decide.LAYER_MODES:
+                base["mode"] = rs.layer_mode(search.incumbent, layers)
             return True
         return False
 
     @staticmethod
-    def _follow_operator(state: ModelState, base: dict) -> None:
-        """An operator's pin or rollback sets the skip set the search starts from next."""
-        key = rs.skip_key(base.get("skip_attn", []), base.get("skip_mlp", []))
+    def _follow_operator(state: ModelState, base: dict, layers: int) -> None:
+        """An operator's pin or rollback sets the layer draft the search starts from next."""
+        key = rs.layer_key(base, layers)
         if state.search is not None and state.search.incumbent != key:
             state.search.incumbent, state.search.candidates = key, []
 
-    def _load_search(self, model: str, base: dict) -> Search:
+    def _load_search(self, model: str, incumbent: str) -> Search:
         text = self.redis.get(rs.model_key(model, "search"))
-        incumbent = rs.skip_key(base.get("skip_attn", []), base.get("skip_mlp", []))
         try:
             search = Search.from_dict(json.loads(text)) if text else None
         except (ValueError, TypeError):
@@ -250,7 +257,8 @@ class Controller:
         """(draft pass, verified token) costs of skip set `key` at bucket `b`, relative to
         a plain step: the measured draft cost of the set in force, scaled by weight share."""
         sizes = shape.get("sizes", {})
-        draft, token_cost = state.evidence.relative_costs("skip", b)
+        in_force_mode = rs.layer_mode(state.in_force, int(shape["num_layers"]))
+        draft, token_cost = state.evidence.relative_costs(in_force_mode, b)
         frac = _weight_share(key, sizes)
         if draft is None:
             return frac, token_cost
@@ -258,26 +266,34 @@ class Controller:
 
     def _decide(self, state: ModelState, current, base: dict, shape: dict):
         version = current.version if current else 0
-        key = rs.skip_key(base.get("skip_attn", []), base.get("skip_mlp", []))
+        key = rs.layer_key(base, int(shape["num_layers"]))
+        layer = rs.layer_mode(key, int(shape["num_layers"]))
         alpha, n = state.evidence.agreement(key)
+        # Earlier choices of a layer draft now name the one in force (a skip set may
+        # have given way to an early exit, or back).
+        state.choices = {
+            b: replace(c, mode=layer) if c.mode in decide.LAYER_MODES else c
+            for b, c in state.choices.items()
+        }
         choices = {}
         for b in state.evidence.buckets(version):
             rates = None
-            if key == state.in_force:  # measured acceptance is of this very skip set
-                rates = state.evidence.stats(version, "skip", b).rates() or None
+            if key == state.in_force:  # measured acceptance is of this very layer draft
+                rates = state.evidence.stats(version, layer, b).rates() or None
             if rates is None and n >= self.settings.min_positions:
                 rates = [alpha] * MAX_DRAFT_TOKENS
             choice = decide.choose_bucket(
                 state.evidence,
                 version,
                 b,
+                layer,
                 rates,
                 self._skip_cost(state, key, shape, b)[0],
                 self.settings.modes,
                 state.choices.get(b),
             )
             if choice is not None:
-                choices[b] = choice
+                choices[b] = self._with_threshold(state, version, key, shape, b, choice)
         # Buckets without new evidence keep their last choice. The busiest bucket first:
         # it sets the base config.
         state.choices.update(choices)
@@ -297,6 +313,17 @@ class Controller:
             evidence["search"] = state.search.adopted[-1]
         return draft, buckets, evidence
 
+    def _with_threshold(self, state, version: int, key: str, shape: dict, b: int, choice):
+        """A choice that runs layer draft `key`, with the confidence threshold its measured
+        acceptance by confidence calls for (measured only while `key` is in force)."""
+        layer = rs.layer_mode(key, int(shape["num_layers"]))
+        confidence = state.evidence.confidence.get((version, layer))
+        if choice.mode not in (layer, "auto") or key != state.in_force or not confidence:
+            return choice
+        cost, token_cost = self._skip_cost(state, key, shape, b)
+        t = decide.threshold(confidence, cost, token_cost, choice.speedup)
+        return replace(choice, threshold=t)
+
     @staticmethod
     def _bucket_evidence(state: ModelState, version: int, b: int, choice) -> dict:
         ev = state.evidence
@@ -304,6 +331,7 @@ class Controller:
             "choice": choice.mode,
             "max_draft": choice.max_draft,
             "predicted_speedup": round(choice.speedup, 4),
+            "threshold": choice.threshold,
             "steps": ev.steps(version, b),
             "acceptance": {
                 m: round(ev.stats(version, m, b).acceptance, 4)

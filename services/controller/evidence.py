@@ -2,7 +2,8 @@
 
 Windows from every replica are summed per (config version, mode, batch bucket) and
 draft position, so a decision about the current config uses only what was seen
-under it. Costs are the replicas' latest measurements, averaged. Candidate scores
+under it. Costs are the replicas' latest measurements, averaged. Layer-draft tokens by draft
+confidence are summed per (config version, mode). Candidate scores
 (teacher-forced agreement) do not depend on the config that was running, so they
 are summed across versions.
 """
@@ -53,6 +54,8 @@ class ModelEvidence:
     )
     costs: dict[str, dict] = field(default_factory=dict)  # replica -> its latest costs
     scores: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
+    # (version, mode) -> ([tokens], [agreed]) per confidence bin of layer drafts
+    confidence: dict[tuple[int, str], tuple[list[int], list[int]]] = field(default_factory=dict)
     windows: int = 0
 
     def add(self, window: dict) -> None:
@@ -68,6 +71,13 @@ class ModelEvidence:
         for key, (hits, n) in (window.get("scores") or {}).items():
             self.scores[key][0] += int(hits)
             self.scores[key][1] += int(n)
+        for mode, (tokens, agreed) in (window.get("confidence") or {}).items():
+            mine = self.confidence.setdefault(
+                (version, mode), ([0] * len(tokens), [0] * len(tokens))
+            )
+            for total, new in zip(mine, (tokens, agreed), strict=True):
+                for i, n in enumerate(new[: len(total)]):
+                    total[i] += int(n)
 
     def stats(self, version: int, mode: str, b: int) -> ModeStats:
         return self.modes.get((version, mode, b), ModeStats())
@@ -102,6 +112,9 @@ class ModelEvidence:
         z < 0 the upper one."""
         hits, n = self.scores.get(key, (0, 0))
         return wilson(hits, n, z), n
+
+
+Z = 1.64  # one-sided 95% confidence bounds
 
 
 def wilson(hits: int, n: int, z: float) -> float:

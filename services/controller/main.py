@@ -140,10 +140,9 @@ async def _serve(controller, args) -> int:
     except OSError as exc:
         print(f"selfspec controller: {exc}; pass another --admin-listen", file=sys.stderr)
         return 2
-    if args.metrics_port is not None:
-        from services.controller.metrics import serve_metrics
+    from services.controller.metrics import export_metrics
 
-        serve_metrics(controller, args.metrics_port)
+    push = export_metrics(controller, args.metrics_port)
     controller.start()
     print(
         f"controller {controller.id}: Redis {rs.describe(controller.url)}, "
@@ -158,6 +157,8 @@ async def _serve(controller, args) -> int:
     await stop.wait()
     await server.stop(2)
     await asyncio.to_thread(controller.stop)  # releases the lease: a standby leads at once
+    if push is not None:
+        await asyncio.to_thread(push.stop)
     return 0
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from prometheus_client import REGISTRY, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
+from services.common import metrics_push
+
 
 class ControllerCollector:
     def __init__(self, controller) -> None:
@@ -32,6 +34,9 @@ class ControllerCollector:
         yield from (version, rounds, windows)
 
 
-def serve_metrics(controller, port: int) -> None:
+def export_metrics(controller, port: int | None) -> metrics_push.MetricsPush | None:
+    """Serve /metrics on `port` (if given), and push by OTLP when that is configured."""
     REGISTRY.register(ControllerCollector(controller))
-    start_http_server(port)
+    if port is not None:
+        start_http_server(port)
+    return metrics_push.start(REGISTRY, "selfspec-controller")

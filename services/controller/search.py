@@ -1,7 +1,9 @@
 """Online search of a model's skip set, across the fleet, without extra traffic.
 
 Each round proposes a few neighbours of the incumbent skip set (keep one or two of
-its sublayers, drop half of it, drop one, add one, swap one); replicas score them,
+its sublayers, drop half of it, drop one, add one, swap one) and early exits (an exit
+at layer E is the skip set of every sublayer from E up: near the incumbent's exit if
+it is one, else one in the upper half of the model); replicas score them,
 and the incumbent, teacher-forced on text they served (`services.common.scoring`). When every
 candidate has enough scored positions, or the round times out, each is ranked by
 the speedup model with its agreement's lower confidence bound and its estimated
@@ -17,10 +19,9 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 
-from services.common.redis_schema import parse_skip_key, skip_key
+from services.common.redis_schema import exit_key, exit_layer_of, parse_skip_key, skip_key
 
 PER_ROUND = 6
-Z = 1.64  # one-sided 95% bounds on agreement
 
 
 @dataclass
@@ -111,4 +112,16 @@ def neighbours(key: str, num_layers: int, rng: random.Random) -> list[str]:
         k = skip_key(a, m)
         if (a or m) and len(a) + len(m) < 2 * num_layers and k != key and k not in out:
             out.append(k)
-    return out[:PER_ROUND]
+    exits = [exit_key(e, num_layers) for e in exit_moves(key, num_layers, rng)]
+    exits = [k for k in exits if k != key and k not in out]
+    return out[: PER_ROUND - len(exits)] + exits
+
+
+def exit_moves(key: str, num_layers: int, rng: random.Random) -> list[int]:
+    """Exit layers to try: near the incumbent's when it is an early exit (two steps of
+    1 to 4 layers), else one in the model's upper half, where exits can agree at all."""
+    current = exit_layer_of(key, num_layers)
+    if current is None:
+        return [rng.randrange(num_layers // 2, num_layers)] if num_layers > 2 else []
+    steps = rng.sample((-4, -2, -1, 1, 2, 4), 2)
+    return sorted({current + d for d in steps if 1 <= current + d < num_layers})

@@ -4,8 +4,10 @@ One Lua script writes a record: it checks the writer's lease (decisions only; an
 operator's pin or rollback may come through any controller), takes the next
 version from the counter, never below `floor` (the highest version anyone has seen:
 a Redis restarted without persistence forgets its counter, the replicas do not),
-stores the record as current and in the history, and announces it. Being one
-script, it happens entirely or not at all, even if its writer dies meanwhile.
+stores the record as current and in the history, trims the history to its newest
+`keep` versions (1000 by default: months of decisions, bounded memory), and announces
+it. Being one script, it happens entirely or not at all, even if its writer dies
+meanwhile.
 """
 
 from __future__ import annotations
@@ -27,10 +29,20 @@ end
 local record = ARGV[2] .. v .. ARGV[3]
 redis.call('SET', KEYS[3], record)
 redis.call('HSET', KEYS[4], v, record)
+local keep = tonumber(ARGV[8])
+if redis.call('HLEN', KEYS[4]) > keep then
+  local versions = {}
+  for _, k in ipairs(redis.call('HKEYS', KEYS[4])) do
+    if tonumber(k) then table.insert(versions, tonumber(k)) end
+  end
+  table.sort(versions)
+  for i = 1, #versions - keep do redis.call('HDEL', KEYS[4], tostring(versions[i])) end
+end
 redis.call('PUBLISH', ARGV[5], cjson.encode({model = ARGV[6], version = v}))
 return v
 """
 _MARK = '"version": -424242'
+HISTORY_KEEP = 1000
 
 
 class Fenced(RuntimeError):
@@ -42,8 +54,9 @@ class Pinned(RuntimeError):
 
 
 class ConfigStore:
-    def __init__(self, redis) -> None:
+    def __init__(self, redis, keep: int = HISTORY_KEEP) -> None:
         self.redis = redis
+        self.keep = keep
         self._publish = redis.register_script(PUBLISH)
 
     def publish(
@@ -62,7 +75,16 @@ class ConfigStore:
                 rs.model_key(record.model, "history"),
                 rs.model_key(record.model, "pin"),
             ],
-            args=[token or "", head, tail, floor, rs.CHANNEL, record.model, int(decision)],
+            args=[
+                token or "",
+                head,
+                tail,
+                floor,
+                rs.CHANNEL,
+                record.model,
+                int(decision),
+                self.keep,
+            ],
         )
         if version == -1:
             raise Fenced("the controller lease is held by another controller")
@@ -147,7 +169,7 @@ class ConfigStore:
 
     def rollback(self, model: str, by: str) -> rs.Record:
         """Pin the config that came before the current one (a different one)."""
-        history = self.history(model, limit=1000)
+        history = self.history(model, limit=self.keep)
         if not history:
             raise KeyError(f"{model} has no config history")
         current = history[0]

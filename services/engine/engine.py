@@ -20,7 +20,7 @@ from services.engine import checkpoint
 from services.engine.kv_pool import KVPool
 from services.engine.model import Model
 from services.engine.params import DraftConfig, SamplingParams
-from services.engine.policy import Telemetry, best_length, bucket
+from services.engine.policy import LAYER_MODES, Telemetry, best_length, bucket
 from services.engine.runner import ModelRunner, ngram_proposal
 from services.engine.sampler import accept_greedy, accept_sampled, probabilities, sample
 from services.engine.scheduler import Request, Scheduler
@@ -412,13 +412,14 @@ class Engine:
         ]
         for s, r in zip(seqs, room, strict=True):
             s.table.reserve(s.num_tokens + r)
+        proposals = None
         if cfg.mode == "auto":
-            plans = [
-                self._choose(seq, cfg, r, len(seqs)) for seq, r in zip(seqs, room, strict=True)
-            ]
+            chosen = [self._choose(s, cfg, r, len(seqs)) for s, r in zip(seqs, room, strict=True)]
+            plans = [(mode, k) for mode, k, _ in chosen]
+            proposals = [proposal for _, _, proposal in chosen]
         else:
             plans = [(cfg.mode, r) for r in room]
-        drafts = self.runner.draft_mixed(seqs, cfg, plans)
+        drafts = self.runner.draft_mixed(seqs, cfg, plans, proposals)
         logits = self.runner.verify(seqs, drafts)
         for i, seq in enumerate(seqs):
             proposed = drafts.tokens[i]
@@ -432,25 +433,53 @@ class Engine:
             seq.stats.record(len(proposed), n)
             self.telemetry.record(plans[i][0], len(seqs), len(proposed), n)
             if proposed:
-                seq.acceptance(plans[i][0]).update(len(proposed), n)
+                self._learn(seq, plans[i][0], drafts, i, n, nxt)
             seq.append(proposed[:n] + [nxt], self.eos_ids)
 
-    def _choose(self, seq: Sequence, cfg: DraftConfig, room: int, batch: int) -> tuple[str, int]:
-        """The auto policy: the mode and draft length with the best expected speedup."""
-        best = (1.0, "off", 0)
+    def _learn(self, seq: Sequence, mode: str, drafts, i: int, accepted: int, nxt: int) -> None:
+        """What a verified draft teaches: the sequence's running acceptance per position in
+        each mode it drafted with, and (greedy layer drafts) acceptance by confidence."""
+        proposed = drafts.tokens[i]
+        lead = drafts.prefix[i] if drafts.prefix else 0  # n-gram tokens before the layer's
+        layer = mode.removeprefix("ngram+")
+        if lead:
+            seq.acceptance("ngram").update(lead, min(accepted, lead))
+            if accepted < lead:
+                return  # verification rejected the n-gram part: the rest is untold
+        seq.acceptance(layer).update(len(proposed) - lead, accepted - lead, start=lead)
+        if seq.params.greedy and drafts.confidence is not None and layer in LAYER_MODES:
+            self.telemetry.record_confidence(
+                layer, drafts.confidence[i], accepted - lead, drafts.dropped[i], nxt
+            )
+
+    def _choose(
+        self, seq: Sequence, cfg: DraftConfig, room: int, batch: int
+    ) -> tuple[str, int, list[int]]:
+        """The auto policy: the mode and draft length with the best expected speedup, and
+        the sequence's n-gram proposal (looked up once, here)."""
         if room == 0:
-            return "off", 0
-        candidates = [("ngram", 0.0)]
-        if cfg.layer_mode is not None and self.auto_layer_draft:
-            candidates.append((cfg.layer_mode, self._draft_cost_prior))
-        for mode, prior in candidates:
-            if mode == "ngram" and not ngram_proposal(seq.tokens, 1, cfg.ngram_min, cfg.ngram_max):
-                continue
-            acc = seq.acceptance(mode)
-            draft_cost, token_cost = self.runner.costs.relative(mode, batch, prior)
-            gain, k = best_length([acc.rate(i) for i in range(room)], draft_cost, token_cost)
-            best = max(best, (gain, mode, k))
-        return best[1], best[2]
+            return "off", 0, []
+        costs = self.runner.costs
+        proposal = ngram_proposal(seq.tokens, room, cfg.ngram_min, cfg.ngram_max)
+        ngram = seq.acceptance("ngram")
+        ngram_rates = [ngram.rate(i) for i in range(len(proposal))]
+        _, token_cost = costs.relative("ngram", batch, 0.0)
+        options = [(1.0, 0, "off")]
+        if proposal:
+            options.append((*best_length(ngram_rates, 0.0, token_cost), "ngram"))
+        layer = cfg.layer_mode if self.auto_layer_draft else None
+        if layer is not None:
+            draft_cost, token_cost = costs.relative(layer, batch, self._draft_cost_prior)
+            acc = seq.acceptance(layer)
+            rates = [acc.rate(i) for i in range(room)]
+            options.append((*best_length(rates, draft_cost, token_cost), layer))
+            lead = len(proposal)
+            if 0 < lead < room:  # the proposal runs out: the layer draft may continue it
+                per_pass = [0.0] * lead + [draft_cost] * (room - lead)
+                gain, k = best_length(ngram_rates + rates[lead:], per_pass, token_cost, lead + 1)
+                options.append((gain, k, f"ngram+{layer}"))
+        gain, k, mode = max(options, key=lambda o: o[0])
+        return (mode, k, proposal) if k else ("off", 0, proposal)
 
     @staticmethod
     def _first_token(seq: Sequence, logits: torch.Tensor) -> int:

@@ -4,7 +4,9 @@ Expected gain of drafting k tokens in a mode: the tokens a verification yields,
 1 + a1 + a1*a2 + ... (a_i: the sequence's running acceptance at draft position
 i in that mode), divided by the step's cost, k draft passes plus a
 verification of k + 1 tokens, in units of one plain decode step at the current
-batch size. Costs are measured as the engine runs. Where nothing beats 1
+batch size. An n-gram proposal shorter than the room left may be continued by the
+layer draft (`ngram+skip`): n-gram acceptance and no draft cost for its tokens, the
+layer draft's for the rest. Costs are measured as the engine runs. Where nothing beats 1
 (plain decoding), as at large batches where verification stops being nearly
 free, the sequence drafts nothing.
 """
@@ -16,12 +18,19 @@ import threading
 from dataclasses import dataclass, field
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-PRIOR_ACCEPT = {"ngram": (1.0, 2.0), "skip": (3.0, 2.0), "early_exit": (1.0, 2.0)}
+LAYER_MODES = ("skip", "early_exit")
+CONFIDENCE_BINS = 10  # a layer draft's top probability, in bins of 0.1
+# Optimistic for the skip draft (0.8), so that it is tried and measured; still a probability.
+PRIOR_ACCEPT = {"ngram": (1.0, 2.0), "skip": (1.6, 2.0), "early_exit": (1.0, 2.0)}
 DECAY = 0.9  # older acceptance counts fade, so a sequence's changing text is followed
 
 
 def bucket(batch: int) -> int:
     return next((b for b in BUCKETS if batch <= b), BUCKETS[-1])
+
+
+def confidence_bin(confidence: float) -> int:
+    return min(max(int(confidence * CONFIDENCE_BINS), 0), CONFIDENCE_BINS - 1)
 
 
 @dataclass
@@ -37,11 +46,12 @@ class Acceptance:
             a, n = a + self.counts[i][0], n + self.counts[i][1]
         return a / n
 
-    def update(self, drafted: int, accepted: int) -> None:
-        while len(self.counts) < drafted:
+    def update(self, drafted: int, accepted: int, start: int = 0) -> None:
+        """`drafted` tokens at positions from `start`, of which the first `accepted` were."""
+        while len(self.counts) < start + drafted:
             self.counts.append([0.0, 0.0])
         for i in range(drafted):
-            c = self.counts[i]
+            c = self.counts[start + i]
             c[0] = c[0] * DECAY + (1.0 if i < accepted else 0.0)
             c[1] = c[1] * DECAY + 1.0
 
@@ -55,16 +65,25 @@ class Costs:
     draft_pass: dict[tuple[str, int], float] = field(default_factory=dict)
 
     @staticmethod
-    def _ema(table: dict, key, value: float, weight: float = 0.2) -> None:
+    def _ema(table: dict, key, value: float, floor: float = 0.0, weight: float = 0.2) -> None:
+        """Move the average a step towards `value`, clipped to three times the average (or
+        `floor`): one stall (a collection, a noisy neighbour) must not make drafting look
+        so dear that it stops, and with it the measurements that would correct it. A
+        lasting change still comes through, by up to 40% a step."""
         old = table.get(key)
-        table[key] = value if old is None else old + weight * (value - old)
+        if old is None:
+            table[key] = value
+            return
+        value = min(value, 3.0 * max(old, floor))
+        table[key] = old + weight * (value - old)
 
     def observe_verify(self, batch: int, tokens: int, seconds: float) -> None:
         b = bucket(batch)
         if tokens == batch:
             self._ema(self.decode, b, seconds)
         elif b in self.decode:
-            self._ema(self.per_token, b, max(0.0, seconds - self.decode[b]) / (tokens - batch))
+            extra = max(0.0, seconds - self.decode[b]) / (tokens - batch)
+            self._ema(self.per_token, b, extra, floor=0.01 * self.decode[b])
 
     def observe_draft(self, mode: str, batch: int, seconds_per_pass: float) -> None:
         self._ema(self.draft_pass, (mode, bucket(batch)), seconds_per_pass)
@@ -97,25 +116,39 @@ class Costs:
         return draft, (0.02 * b if per_token is None else per_token * b / decode)
 
 
-def best_length(rates: list[float], draft_cost: float, token_cost: float) -> tuple[float, int]:
-    """(expected speedup, k) for k = 0..len(rates), k = 0 being plain decoding (speedup 1):
-    tokens per verification over the step's cost, both relative to plain decoding."""
-    best, tokens, survive = (1.0, 0), 1.0, 1.0
-    for k, a in enumerate(rates, start=1):
+def best_length(
+    rates: list[float], draft_cost: float | list[float], token_cost: float, min_k: int = 1
+) -> tuple[float, int]:
+    """(expected speedup, k) for k = 0 (plain decoding, speedup 1) or min_k..len(rates):
+    tokens per verification over the step's cost, both relative to plain decoding.
+    `draft_cost`: of one draft pass, or of the pass for each position."""
+    costs = draft_cost if isinstance(draft_cost, list) else [draft_cost] * len(rates)
+    best, tokens, survive, cost = (1.0, 0), 1.0, 1.0, 1.0
+    for k, (a, d) in enumerate(zip(rates, costs, strict=False), start=1):
         survive *= a
         tokens += survive
-        best = max(best, (tokens / (1.0 + k * (draft_cost + token_cost)), k))
+        cost += d + token_cost
+        if k >= min_k:
+            best = max(best, (tokens / cost, k))
     return best
 
 
 @dataclass
 class Telemetry:
     """What the engine drafted and kept, per mode, batch bucket and draft position, and
-    how often each mode was chosen: the figures a fleet controller reads."""
+    how often each mode was chosen: the figures a fleet controller reads.
+
+    `confidence[mode]` is ([tokens], [agreed]) per confidence bin of greedy layer
+    drafts: tokens whose fate verification told (those up to the first rejection), and
+    those the full model agreed with. A token the draft dropped under its threshold
+    counts too when everything before it was accepted, since the verification's next
+    token says what the full model chose there; so a threshold can be judged from below
+    as well as from above."""
 
     drafted: dict[tuple[str, int], list[int]] = field(default_factory=dict)
     accepted: dict[tuple[str, int], list[int]] = field(default_factory=dict)
     decisions: dict[tuple[str, int], int] = field(default_factory=dict)
+    confidence: dict[str, tuple[list[int], list[int]]] = field(default_factory=dict)
     # Readers on other threads (the fleet link) copy under it; the engine never waits long.
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -129,11 +162,34 @@ class Telemetry:
                 for i in range(n):
                     counts[i] += 1
 
+    def record_confidence(
+        self,
+        mode: str,
+        confidence: list[float],
+        accepted: int,
+        dropped: tuple[int, float] | None,
+        next_token: int,
+    ) -> None:
+        """One greedy layer draft's tokens by confidence, and whether each was accepted."""
+        told = [(c, j < accepted) for j, c in enumerate(confidence[: accepted + 1])]
+        if dropped is not None and accepted == len(confidence):
+            told.append((dropped[1], dropped[0] == next_token))
+        with self._lock:
+            tokens, agreed = self.confidence.setdefault(
+                mode, ([0] * CONFIDENCE_BINS, [0] * CONFIDENCE_BINS)
+            )
+            for c, ok in told:
+                tokens[confidence_bin(c)] += 1
+                agreed[confidence_bin(c)] += ok
+
     def snapshot(self) -> Telemetry:
         """A consistent copy of the running totals, for readers on other threads."""
         with self._lock:
             return Telemetry(
-                copy.deepcopy(self.drafted), copy.deepcopy(self.accepted), dict(self.decisions)
+                copy.deepcopy(self.drafted),
+                copy.deepcopy(self.accepted),
+                dict(self.decisions),
+                copy.deepcopy(self.confidence),
             )
 
     def since(self, earlier: Telemetry) -> Telemetry:
@@ -149,6 +205,14 @@ class Telemetry:
                     c - (before[i] if i < len(before) else 0) for i, c in enumerate(counts)
                 ]
         window.decisions = {k: v for k, v in window.decisions.items() if v}
+        for mode, (tokens, agreed) in self.confidence.items():
+            old = earlier.confidence.get(mode, ([0] * CONFIDENCE_BINS, [0] * CONFIDENCE_BINS))
+            delta = (
+                [a - b for a, b in zip(tokens, old[0], strict=True)],
+                [a - b for a, b in zip(agreed, old[1], strict=True)],
+            )
+            if any(delta[0]):
+                window.confidence[mode] = delta
         return window
 
     def as_dict(self) -> dict:

@@ -25,6 +25,7 @@ from services.engine.sampler import probabilities, sample
 from services.engine.sequence import Sequence
 
 BULK_TOKENS = 64  # prefill chunks longer than this take the many-row products
+LAYERS = ("skip", "early_exit")  # the layer drafts
 
 
 @dataclass
@@ -51,6 +52,13 @@ class Drafts:
     # Per sampling sequence, the `[k, vocab]` distributions its tokens were drawn from;
     # None for greedy sequences and for n-gram proposals (certain, a point mass).
     probs: list[torch.Tensor | None] | None = None
+    # Layer drafts only, per sequence: the draft's confidence in each token it kept, and
+    # the (token, confidence) it stopped at for falling under the threshold, if it did.
+    confidence: list[list[float]] | None = None
+    dropped: list[tuple[int, float] | None] | None = None
+    # Per sequence, how many of its tokens lead from an n-gram proposal (`ngram+` modes).
+    prefix: list[int] | None = None
+    passes: int = 0  # layer-draft passes run
 
 
 def draft_plan(cfg: DraftConfig, num_layers: int) -> tuple[LayerPlan, int, int]:
@@ -118,73 +126,123 @@ class ModelRunner:
         return self.draft_mixed(seqs, cfg, [(cfg.mode, m) for m in max_lens])
 
     @torch.inference_mode()
-    def draft_mixed(self, seqs: list[Sequence], cfg: DraftConfig, plans: list[tuple[str, int]]):
-        """Draft each sequence in its own mode (`off`, `ngram`, or the layer draft of `cfg`),
-        at most the given number of tokens; one verification then serves them all."""
+    def draft_mixed(
+        self,
+        seqs: list[Sequence],
+        cfg: DraftConfig,
+        plans: list[tuple[str, int]],
+        proposals: list[list[int] | None] | None = None,
+    ) -> Drafts:
+        """Draft each sequence in its own mode, at most the given number of tokens; one
+        verification then serves them all. Modes: `off`, `ngram`, the layer draft of `cfg`
+        (`skip` or `early_exit`), or `ngram+` that layer draft: the n-gram proposal,
+        continued by the layer draft up to the length. `proposals`: n-gram proposals the
+        caller already looked up (None: look them up here)."""
+        proposals = proposals or [None] * len(seqs)
         tokens: list[list[int]] = [[] for _ in seqs]
         for i, (mode, k) in enumerate(plans):
-            if mode == "ngram" and k > 0:
-                tokens[i] = ngram_proposal(seqs[i].tokens, k, cfg.ngram_min, cfg.ngram_max)
-        layered = [i for i, (mode, k) in enumerate(plans) if mode in ("skip", "early_exit") and k]
+            if k > 0 and mode.startswith("ngram"):
+                found = proposals[i]
+                if found is None:
+                    found = ngram_proposal(seqs[i].tokens, k, cfg.ngram_min, cfg.ngram_max)
+                tokens[i] = found[: k - 1] if mode != "ngram" else found[:k]
+        layered = [
+            i for i, (mode, k) in enumerate(plans) if k and mode.removeprefix("ngram+") in LAYERS
+        ]
         if not layered:
             return Drafts(tokens)
         t0 = time.perf_counter()
-        part = self._layer_draft([seqs[i] for i in layered], cfg, [plans[i][1] for i in layered])
-        passes = max(map(len, part.tokens), default=0)
+        part = self._layer_draft(
+            [seqs[i] for i in layered],
+            cfg,
+            [plans[i][1] for i in layered],
+            [tokens[i] for i in layered],
+        )
         elapsed = time.perf_counter() - t0
         self.timing.draft_s += elapsed
-        self.timing.draft_passes += passes
-        if passes:
-            self.costs.observe_draft(cfg.layer_mode, len(layered), elapsed / passes)
+        self.timing.draft_passes += part.passes
+        if part.passes:
+            self.costs.observe_draft(cfg.layer_mode, len(layered), elapsed / part.passes)
         hidden: list[torch.Tensor | None] = [None] * len(seqs)
         probs: list[torch.Tensor | None] = [None] * len(seqs)
+        confidence: list[list[float]] = [[] for _ in seqs]
+        dropped: list[tuple[int, float] | None] = [None] * len(seqs)
+        prefix = [0] * len(seqs)
         for j, i in enumerate(layered):
+            prefix[i] = len(tokens[i])
             tokens[i], hidden[i], probs[i] = part.tokens[j], part.hidden[j], part.probs[j]
-        return Drafts(tokens, hidden, part.start_layer, probs)
+            confidence[i], dropped[i] = part.confidence[j], part.dropped[j]
+        return Drafts(tokens, hidden, part.start_layer, probs, confidence, dropped, prefix)
 
-    def _layer_draft(self, seqs, cfg: DraftConfig, max_lens: list[int]) -> Drafts:
+    def _layer_draft(
+        self, seqs, cfg: DraftConfig, max_lens: list[int], prefixes: list[list[int]]
+    ) -> Drafts:
+        """The layer draft of `cfg`, continuing each sequence's `prefixes` (n-gram tokens,
+        run through the draft's layers together in its first pass) up to `max_lens`."""
         model = self.model
         plan, first, end = draft_plan(cfg, model.num_layers)
         head = self._draft_head(seqs, cfg.shortlist)
-        tokens: list[list[int]] = [[] for _ in seqs]
+        tokens = [list(p) for p in prefixes]
+        done = [0] * len(seqs)  # this step's rows ([last] + tokens) below `first` so far
         hidden: list[list[torch.Tensor]] = [[] for _ in seqs]
-        probs: list[list[torch.Tensor]] = [[] for _ in seqs]
-        active = [i for i, m in enumerate(max_lens) if m > 0]
+        probs = [self._point_masses(s, p) for s, p in zip(seqs, prefixes, strict=True)]
+        confidence: list[list[float]] = [[] for _ in seqs]
+        dropped: list[tuple[int, float] | None] = [None] * len(seqs)
+        active = [i for i, m in enumerate(max_lens) if m > len(tokens[i])]
+        passes = 0
         while active:
+            passes += 1
             still = []
-            h, batch = self._newest_below(seqs, tokens, active, first)
-            for j, i in enumerate(active):
-                hidden[i].append(h[j])
+            h, batch, ends = self._rows_below(seqs, tokens, done, active, first, hidden)
             h = model.run_layers(h, batch, self.pool.kv, first, end, plan)
-            for j, (tok, conf, q) in enumerate(self._pick(head(h), [seqs[i] for i in active])):
+            for j, (tok, conf, q) in enumerate(
+                self._pick(head(h[ends]), [seqs[i] for i in active])
+            ):
                 i = active[j]
                 if conf < cfg.threshold:
-                    continue  # not confident: its token was processed, nothing more to do
+                    dropped[i] = (tok, conf)  # processed, not proposed: drafting stops
+                    continue
                 tokens[i].append(tok)
+                confidence[i].append(conf)
                 if q is not None:
                     probs[i].append(q)
                 if len(tokens[i]) < max_lens[i]:
                     still.append(i)
             active = still
-        # The newest drafted token of each sequence still needs the layers below `first`.
-        todo = [i for i in range(len(seqs)) if len(hidden[i]) == len(tokens[i])]
+        # The newest drafted tokens still need the layers below `first`.
+        todo = [i for i in range(len(seqs)) if done[i] < len(tokens[i]) + 1]
         if todo:
-            h, _ = self._newest_below(seqs, tokens, todo, first)
-            for j, i in enumerate(todo):
-                hidden[i].append(h[j])
+            self._rows_below(seqs, tokens, done, todo, first, hidden)
         q = [torch.stack(p) if p else None for p in probs]
-        return Drafts(tokens, [torch.stack(x) for x in hidden], first, q)
+        return Drafts(
+            tokens, [torch.cat(x) for x in hidden], first, q, confidence, dropped, passes=passes
+        )
 
-    def _newest_below(self, seqs, tokens, which: list[int], first: int):
-        """Run the newest token of sequences `which` (the last drafted one, else the last
-        accepted one) through the layers below `first`; returns the hidden states and the
-        attention batch of that pass."""
+    def _rows_below(self, seqs, tokens, done, which: list[int], first: int, hidden):
+        """Run the rows of sequences `which` not yet run (the last accepted token, then the
+        drafted ones) through the layers below `first`, keeping their hidden states in
+        `hidden`. Returns the hidden states, the attention batch of the pass, and the row
+        of each sequence's newest token."""
         group = [seqs[i] for i in which]
-        starts = [seqs[i].table.num_tokens + len(tokens[i]) for i in which]
-        batch = self._batch(group, starts, [1] * len(which))
-        newest = [tokens[i][-1] if tokens[i] else seqs[i].last for i in which]
-        h = self.model.embed_tokens(self._tensor(newest))
-        return self.model.run_layers(h, batch, self.pool.kv, 0, first), batch
+        rows = [([seqs[i].last] + tokens[i])[done[i] :] for i in which]
+        starts = [seqs[i].table.num_tokens + done[i] for i in which]
+        lengths = [len(r) for r in rows]
+        batch = self._batch(group, starts, lengths)
+        h = self.model.embed_tokens(self._tensor([t for r in rows for t in r]))
+        h = self.model.run_layers(h, batch, self.pool.kv, 0, first)
+        for i, part in zip(which, h.split(lengths), strict=True):
+            hidden[i].append(part)
+            done[i] += len(part)
+        ends = torch.tensor(lengths, device=h.device).cumsum(0) - 1
+        return h, batch, ends
+
+    def _point_masses(self, seq: Sequence, prefix: list[int]) -> list[torch.Tensor]:
+        """A sampling sequence's n-gram tokens were proposed with certainty: as draft
+        distributions, point masses; greedy sequences keep none."""
+        if seq.params.greedy or not prefix:
+            return []
+        masses = F.one_hot(self._tensor(prefix), self.model.vocab_size).float()
+        return list(masses.unbind(0))
 
     def _draft_head(self, seqs: list[Sequence], shortlist: int):
         """A function from hidden states to (logits, the token id of each logit column)

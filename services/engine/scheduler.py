@@ -11,6 +11,7 @@ tokens, until the pool needs them (least recently used first).
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -122,6 +123,7 @@ class Scheduler:
                 return
             with self.lock:
                 self.waiting.popleft()
+            seq.stats.queue_seconds = time.monotonic() - seq.arrived
             if cached:
                 self._reuse(seq, cached)
             seq.table.reserve(seq.need)

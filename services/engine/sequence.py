@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ class Stats:
     accepted: int = 0
     cached_prompt_tokens: int = 0
     prompt_tokens: int = 0
+    queue_seconds: float = 0.0  # from arrival to admission
 
     def record(self, drafted: int, accepted: int) -> None:
         self.steps += 1
@@ -32,6 +34,7 @@ class Stats:
             "acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
             "cached_prompt_tokens": self.cached_prompt_tokens,
             "prompt_tokens": self.prompt_tokens,
+            "queue_seconds": self.queue_seconds,
         }
 
 
@@ -49,6 +52,7 @@ class Sequence:
         self.params = params
         self.table = table
         self.finish_reason: str | None = None
+        self.arrived = time.monotonic()
         self.stats = Stats(prompt_tokens=len(prompt))
         self.need = 0  # tokens of KV this sequence may ever hold, reserved at admission
         self.text_end: int | None = None  # where a stop string begins in the output text

@@ -9,7 +9,9 @@ import os
 import signal
 import sys
 
-from services.common import telemetry
+from prometheus_client import REGISTRY
+
+from services.common import metrics_push, telemetry
 from services.gateway import metrics
 from services.gateway.auth import TokenSource
 from services.gateway.server import GatewayConfig, GatewayServer, Upstream
@@ -65,7 +67,10 @@ def main(argv: list[str]) -> int:
         if args.metrics_port:
             host = config.listen.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
             metrics.serve(args.metrics_port, host)
+        push = metrics_push.start(REGISTRY, "selfspec-gateway")  # when OTLP is configured
         asyncio.run(_run(config))
+        if push is not None:
+            push.stop()
     except (ValueError, OSError) as exc:
         print(f"selfspec gateway: error: {exc}", file=sys.stderr)
         return 2

@@ -20,6 +20,11 @@ TPOT = Histogram(
     "Time per output token after the first.",
     buckets=TOKEN_BUCKETS,
 )
+ITL = Histogram(
+    "vllm:inter_token_latency_seconds",
+    "Time between successive replies carrying tokens (a verify step may yield several).",
+    buckets=TOKEN_BUCKETS,
+)
 E2E = Histogram(
     "vllm:e2e_request_latency_seconds", "Request latency, end to end.", buckets=LATENCY_BUCKETS
 )
@@ -45,12 +50,19 @@ class RequestClock:
     def __init__(self) -> None:
         self.start = time.perf_counter()
         self.first: float | None = None
+        self.last: float | None = None  # when the latest tokens arrived
         IN_FLIGHT.inc()
 
     def saw(self, response: pb.GenerateResponse) -> None:
-        if self.first is None and response.token_ids:
-            self.first = time.perf_counter()
-            TTFT.observe(self.first - self.start)
+        if not response.token_ids:
+            return
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now
+            TTFT.observe(now - self.start)
+        else:
+            ITL.observe(now - self.last)
+        self.last = now
 
     def finish(self, last: pb.GenerateResponse | None) -> None:
         IN_FLIGHT.dec()

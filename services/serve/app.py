@@ -26,7 +26,7 @@ import grpc
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from services.common import api, telemetry
+from services.common import api, metrics_push, telemetry
 from services.gen.selfspec.v1 import generation_pb2 as pb
 from services.serve.metrics import ReplicaMetrics
 
@@ -100,6 +100,7 @@ class EngineServer:
         if self.settings.metrics_port is not None:
             port = metrics.serve(self.settings.metrics_port)
             log.info("replica %s: /metrics on port %d", self.replica_id, port)
+        self.metrics_push = metrics_push.start(metrics.registry, "selfspec-engine")
         return metrics
 
     def _join_fleet(self):
@@ -179,6 +180,8 @@ class EngineServer:
     def __del__(self) -> None:
         if getattr(self, "fleet", None) is not None:
             self.fleet.stop()
+        if getattr(self, "metrics_push", None) is not None:
+            self.metrics_push.stop()
         if getattr(self, "engine", None) is not None:
             self.engine.shutdown()
 
@@ -249,6 +252,7 @@ class EngineServer:
             )
             # The first step of the stream queues the request: refusals surface here.
             delta = await anext(stream)
+            self.metrics.queue_time.observe(delta.stats.get("queue_seconds", 0.0))
         except ValueError as exc:
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         except QueueFull as exc:

@@ -7,10 +7,10 @@ one node). Why not Ray's metrics agent (`ray.serve.metrics`): Ray renames metric
 built on them, would not work, and it needs the per-node agent running to test.
 
 Nothing is recorded in the engine loop: a scrape reads the engine's own running totals
-(`Engine.stats()`, its `Telemetry` and measured `Costs`), copied under their locks, and
-the prefix-cache counters are added once per finished request, on the replica's event
-loop. Series carry `model_name` (as vLLM's) and `replica`, which also tells them apart
-from the gateway's series of the same name.
+(`Engine.stats()`, its `Telemetry` and measured `Costs`), copied under their locks; the
+queue time is observed as a request starts and the prefix-cache counters are added as
+it finishes, both on the replica's event loop. Series carry `model_name` (as vLLM's) and
+`replica`, which also tells them apart from the gateway's series of the same name.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import errno
 import logging
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 PORT_TRIES = 16
 LABELS = ["model_name", "replica"]
+QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
 class ReplicaMetrics(Collector):
@@ -39,6 +40,14 @@ class ReplicaMetrics(Collector):
         self.cached_prompt_tokens = 0  # vllm:prefix_cache_hits, in tokens
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
+        # Observed once per request as it starts (the engine times it), so a histogram.
+        self.queue_time = Histogram(
+            "vllm:request_queue_time_seconds",
+            "Time a request waited for admission (KV blocks) before its prefill.",
+            LABELS,
+            buckets=QUEUE_BUCKETS,
+            registry=self.registry,
+        ).labels(model_name, replica)
         self.port: int | None = None
 
     def request_done(self, usage) -> None:

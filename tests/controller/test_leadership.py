@@ -86,6 +86,21 @@ def test_version_floor_survives_a_counter_reset(redis_server):
     assert store.publish(record(), lease.token, floor=v).version == v + 1
 
 
+def test_history_keeps_the_newest_versions(redis_server):
+    """The history is bounded: each write drops the oldest beyond `keep`, and rollback
+    still finds the previous config."""
+    client = redis_server.client()
+    store = ConfigStore(client, keep=3)
+    client.hset(rs.model_key("m", "history"), "junk", "{not a record")  # never counted
+    versions = [store.publish(record(max_draft=k % 2 + 2), None).version for k in range(6)]
+    kept = store.history("m", limit=100)
+    assert [r.version for r in kept] == versions[:-4:-1]
+    assert client.hexists(rs.model_key("m", "history"), "junk")
+    back = store.rollback("m", by="test")
+    assert back.draft["max_draft"] != kept[0].draft["max_draft"]
+    assert [r.version for r in store.history("m", limit=100)] == [back.version, *versions[:-3:-1]]
+
+
 def test_lease_renewal_and_release(redis_server):
     client = redis_server.client()
     a, b = Lease(client, "a", LEASE_S), Lease(client, "b", LEASE_S)

@@ -1,6 +1,8 @@
 """Traces and metrics of a real fleet: one engine replica, Serve's gRPC proxy and the
 gateway, with spans written to JSON-lines files and the replica's /metrics scraped.
 
+Every component also pushes its metrics by OTLP to a receiver on loopback.
+
 Twice: with Serve's own tracing on (our hook installed in its proxy and replicas), and
 off, where the replica continues the gateway's `traceparent` from the gRPC metadata."""
 
@@ -35,14 +37,18 @@ def traces(tmp_path_factory, mode) -> Path:
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory, traces, mode) -> Fleet:
+def fleet(tmp_path_factory, traces, mode, otlp_receiver) -> Fleet:
     config = fleet_config(replicas=1)
     config["applications"][0]["args"]["metrics_port"] = 0
     with running_fleet(
         config,
         tmp_path_factory.mktemp("fleet"),
         num_cpus=1,
-        env={"SELFSPEC_TRACE_FILE": str(traces / "spans.jsonl"), **MODES[mode]},
+        env={
+            "SELFSPEC_TRACE_FILE": str(traces / "spans.jsonl"),
+            **otlp_receiver.env(),
+            **MODES[mode],
+        },
     ) as fleet:
         yield fleet
 
@@ -197,8 +203,33 @@ def test_spec_decode_counters_add_up_to_the_replies(stub):
     assert added("vllm:prefix_cache_hits_total") == sum(
         r.usage.cached_prompt_tokens for r in replies
     )
+    assert added("vllm:request_queue_time_seconds_count") == len(replies)
     assert total(after, "vllm:num_requests_running") == 0
     assert total(after, "vllm:num_requests_waiting") == 0
     assert 0 <= total(after, "vllm:kv_cache_usage_perc") <= 1
     assert "selfspec_config_version" in {k.split("{")[0] for k in after}
     assert total(after, "selfspec_draft_cost_ratio") > 0
+
+
+def test_metrics_reach_an_otlp_collector(stub, otlp_receiver):
+    """The gateway's latency histograms and the replica's counters, pushed by OTLP."""
+    replies = list(stub.Generate(chat("Count from one to ten.", 12), timeout=120))
+    assert sum(len(r.token_ids) for r in replies) == 12 and len(replies) > 1
+
+    def count(service: str, name: str) -> float:
+        metric = otlp_receiver.latest(service).get(name)
+        if metric is None:
+            return 0
+        kind = metric.WhichOneof("data")
+        points = getattr(metric, kind).data_points
+        return sum(p.count if kind == "histogram" else p.as_double for p in points)
+
+    def arrived():
+        return (
+            count("selfspec-gateway", "vllm:time_to_first_token_seconds") >= 1
+            and count("selfspec-gateway", "vllm:inter_token_latency_seconds") >= 1
+            and count("selfspec-engine", "vllm:request_queue_time_seconds") >= 1
+        ) or None
+
+    wait_until(arrived, 30, "the fleet's metrics at the OTLP receiver")
+    assert "vllm:spec_decode_num_draft_tokens" in otlp_receiver.latest("selfspec-engine")

@@ -1,0 +1,64 @@
+"""The engine's telemetry adds up to what its completions report, and its counts of
+layer-draft tokens by confidence say which tokens verification accepted."""
+
+from __future__ import annotations
+
+from services.engine import DraftConfig, SamplingParams
+from services.engine.policy import confidence_bin
+
+PROMPTS = [
+    "Write a haiku about the sea.",
+    "List three prime numbers and explain why they are prime.",
+    "What is the capital of France? Answer in one sentence.",
+]
+
+
+def run(engine, draft: DraftConfig):
+    before = engine.telemetry.snapshot()
+    ids = [engine.encode(p, chat=True) for p in PROMPTS]
+    outs = engine.generate(ids, SamplingParams(max_tokens=24, ignore_eos=True), draft=draft)
+    return outs, engine.telemetry.snapshot().since(before)
+
+
+def test_counts_per_position_add_up_to_the_completions(engine):
+    outs, window = run(engine, DraftConfig(mode="skip", skip_attn=(3, 9, 17), max_draft=4))
+    drafted = sum(sum(v) for v in window.drafted.values())
+    accepted = sum(sum(v) for v in window.accepted.values())
+    assert drafted == sum(o.stats["drafted_tokens"] for o in outs) > 0
+    assert accepted == sum(o.stats["accepted_tokens"] for o in outs)
+    assert sum(window.decisions.values()) == sum(o.stats["steps"] for o in outs)
+
+
+def test_confidence_bins_tell_accepted_rejected_and_dropped_tokens(engine):
+    threshold = 0.5
+    draft = DraftConfig(mode="skip", skip_attn=(3, 9, 17), max_draft=4, threshold=threshold)
+    outs, window = run(engine, draft)
+    tokens, agreed = window.confidence["skip"]
+    assert all(0 <= a <= t for t, a in zip(tokens, agreed, strict=True))
+    edge = confidence_bin(threshold)
+    accepted = sum(o.stats["accepted_tokens"] for o in outs)
+    # At or above the threshold: the drafted tokens whose fate was told. Every accepted
+    # token agreed; each other told token is a step's first rejection.
+    assert sum(agreed[edge:]) == accepted > 0
+    rejections = sum(tokens[edge:]) - accepted
+    assert 0 < rejections <= sum(o.stats["steps"] for o in outs)
+    # Under it: tokens the draft dropped after an all-accepted draft, judged against the
+    # full model's next token; the default model is confident often, but not always.
+    assert sum(tokens[:edge]) > 0
+
+
+def test_one_stall_does_not_make_drafting_look_dear_for_good():
+    from services.engine.policy import Costs
+
+    costs = Costs()
+    for _ in range(10):
+        costs.observe_verify(1, 1, 0.020)  # plain steps: 20 ms
+        costs.observe_verify(1, 3, 0.024)  # two extra tokens: 2 ms each
+    assert abs(costs.per_token[1] - 0.002) < 1e-4
+    costs.observe_verify(1, 3, 0.200)  # one stall of 180 ms
+    assert costs.per_token[1] < 0.004
+    _, token_cost = costs.relative("ngram", 1, 0.0)
+    assert token_cost < 0.2  # still cheap enough to draft, and so to measure again
+    for _ in range(30):  # a lasting change comes through
+        costs.observe_verify(1, 3, 0.060)
+    assert costs.per_token[1] > 0.015
