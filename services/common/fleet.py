@@ -4,9 +4,9 @@
 touches Redis. Each interval the link diffs the engine's telemetry totals into a
 window (drafted and accepted tokens per draft position, per mode and batch bucket,
 with the measured costs, candidate scores and layer-draft tokens by confidence) and
-queues it in a bounded deque; the
-queue is flushed with XADD (trimmed with MAXLEN ~) whenever Redis answers, and the
-oldest windows are dropped when it has been away for long.
+queues it in a bounded deque; the queue is flushed with XADD (trimmed with MAXLEN ~)
+whenever Redis answers, and the oldest windows are dropped when it has been away for
+long.
 
 Configs arrive on the announcement channel, and by polling the current record as a
 fallback. A record is validated (ours, hash intact, layers that exist, lengths in

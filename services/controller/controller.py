@@ -26,6 +26,7 @@ from services.controller.lease import Lease
 from services.controller.search import Search
 from services.controller.store import ConfigStore, Fenced, Pinned
 from services.engine.params import MAX_DRAFT_TOKENS
+from services.engine.policy import LAYER_MODES
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +206,7 @@ class Controller:
         layers = int(shape["num_layers"])
         if search.incumbent != rs.layer_key(base, layers):
             base.update(rs.with_layer_draft(base, search.incumbent, layers))
-            if base.get("mode") in decide.LAYER_MODES:
+            if base.get("mode") in LAYER_MODES:
                 base["mode"] = rs.layer_mode(search.incumbent, layers)
             return True
         return False
@@ -272,7 +273,7 @@ class Controller:
         # Earlier choices of a layer draft now name the one in force (a skip set may
         # have given way to an early exit, or back).
         state.choices = {
-            b: replace(c, mode=layer) if c.mode in decide.LAYER_MODES else c
+            b: replace(c, mode=layer) if c.mode in LAYER_MODES else c
             for b, c in state.choices.items()
         }
         choices = {}

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 
 from services.controller.evidence import ModelEvidence, Z, wilson
 from services.engine.params import MAX_DRAFT_TOKENS
-from services.engine.policy import best_length
+from services.engine.policy import LAYER_MODES, best_length
 
 MODES = ("off", "ngram", "skip", "early_exit", "auto")
-LAYER_MODES = ("skip", "early_exit")
 SWITCH_GAIN = 1.03  # a bucket's choice changes only for a predicted gain of 3%
 MIN_STEPS = 20  # steps a bucket needs under the current config before it is decided
 MIN_TOLD = 30  # tokens a confidence bin needs before it may raise the threshold

@@ -2,10 +2,9 @@
 
 Windows from every replica are summed per (config version, mode, batch bucket) and
 draft position, so a decision about the current config uses only what was seen
-under it. Costs are the replicas' latest measurements, averaged. Layer-draft tokens by draft
-confidence are summed per (config version, mode). Candidate scores
-(teacher-forced agreement) do not depend on the config that was running, so they
-are summed across versions.
+under it, and so are layer-draft tokens by draft confidence. Costs are the replicas'
+latest measurements, averaged. Candidate scores (teacher-forced agreement) do not
+depend on the config that was running, so they are summed across versions.
 """
 
 from __future__ import annotations

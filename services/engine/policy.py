@@ -6,8 +6,8 @@ i in that mode), divided by the step's cost, k draft passes plus a
 verification of k + 1 tokens, in units of one plain decode step at the current
 batch size. An n-gram proposal shorter than the room left may be continued by the
 layer draft (`ngram+skip`): n-gram acceptance and no draft cost for its tokens, the
-layer draft's for the rest. Costs are measured as the engine runs. Where nothing beats 1
-(plain decoding), as at large batches where verification stops being nearly
+layer draft's for the rest. Costs are measured as the engine runs. Where nothing
+beats 1 (plain decoding), as at large batches where verification stops being nearly
 free, the sequence drafts nothing.
 """
 

@@ -20,12 +20,11 @@ from kernels.attention import AttentionBatch
 from services.engine.kv_pool import KVPool
 from services.engine.model import FULL, LayerPlan, Linear, Model
 from services.engine.params import DraftConfig
-from services.engine.policy import Costs
+from services.engine.policy import LAYER_MODES, Costs
 from services.engine.sampler import probabilities, sample
 from services.engine.sequence import Sequence
 
 BULK_TOKENS = 64  # prefill chunks longer than this take the many-row products
-LAYERS = ("skip", "early_exit")  # the layer drafts
 
 
 @dataclass
@@ -146,9 +145,8 @@ class ModelRunner:
                 if found is None:
                     found = ngram_proposal(seqs[i].tokens, k, cfg.ngram_min, cfg.ngram_max)
                 tokens[i] = found[: k - 1] if mode != "ngram" else found[:k]
-        layered = [
-            i for i, (mode, k) in enumerate(plans) if k and mode.removeprefix("ngram+") in LAYERS
-        ]
+        layer_plans = [k if m.removeprefix("ngram+") in LAYER_MODES else 0 for m, k in plans]
+        layered = [i for i, k in enumerate(layer_plans) if k]
         if not layered:
             return Drafts(tokens)
         t0 = time.perf_counter()
