@@ -4,11 +4,11 @@ that maximise expected tokens per second, by the engine's own speedup model.
 For each bucket with enough steps under the current config: the layer draft's (its
 skip set or early exit) expected speedup from its measured acceptance per draft
 position (or, before it has any, its teacher-forced agreement) and measured costs;
-n-gram's from its measured acceptance; plain decoding is 1. Drafting is off where nothing beats 1,
-`auto` where both drafts pay (the engine then picks per sequence). A bucket changes
-its choice only for a clear gain, so versions do not flap on noise. Where the layer
-draft runs, the confidence threshold is set from its measured acceptance by draft
-confidence: drafting stops where tokens are shown not to pay for themselves.
+n-gram's from its measured acceptance; plain decoding is 1. Drafting is off where
+nothing beats 1, `auto` where both drafts pay (the engine then picks per sequence).
+A bucket changes its choice only for a clear gain, so versions do not flap on noise.
+Where the layer draft runs, the confidence threshold is set from its measured
+acceptance by draft confidence: drafting stops where tokens are shown not to pay.
 """
 
 from __future__ import annotations
