@@ -37,14 +37,14 @@ PROMPT = "Copy this list twice: apple, banana, cherry, date, elderberry, fig, gr
 
 def force_continuation(engine, monkeypatch) -> None:
     """Make `auto` continue every n-gram proposal shorter than the room with the layer
-    draft: the mechanism under test, whatever the policy would judge."""
-    choose = engine._choose
+    draft, and draft with the layer draft alone otherwise: the mechanism under test,
+    whatever the policy would judge, and decisions that do not depend on timings."""
 
     def forced(seq, cfg, room, batch):
         proposal = ngram_proposal(seq.tokens, room, cfg.ngram_min, cfg.ngram_max)
         if 0 < len(proposal) < room:
             return f"ngram+{cfg.layer_mode}", room, proposal
-        return choose(seq, cfg, room, batch)
+        return (cfg.layer_mode, room, proposal) if room else ("off", 0, proposal)
 
     monkeypatch.setattr(engine, "_choose", forced)
     monkeypatch.setattr(engine, "auto_layer_draft", True)
