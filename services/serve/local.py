@@ -26,6 +26,7 @@ from pathlib import Path
 import yaml
 
 DEFAULT_CONFIG = Path(__file__).with_name("fleet.yaml")
+RAY_START_TRIES = 3
 
 
 @dataclass
@@ -107,13 +108,23 @@ class Fleet:
 
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         cpus = self.options.num_cpus or os.cpu_count() or 1
-        ray.init(
-            num_cpus=cpus,
-            include_dashboard=False,
-            namespace="serve",
-            log_to_driver=False,
-            runtime_env={"env_vars": dict(self.options.env)} if self.options.env else None,
-        )
+        for attempt in range(1, RAY_START_TRIES + 1):
+            try:
+                ray.init(
+                    num_cpus=cpus,
+                    include_dashboard=False,
+                    namespace="serve",
+                    log_to_driver=False,
+                    runtime_env={"env_vars": dict(self.options.env)} if self.options.env else None,
+                )
+                break
+            # Ray gives a node 30 s to register and then raises a bare Exception; on a busy
+            # machine its raylet now and then misses that, and a second start succeeds.
+            except Exception as exc:
+                if "timed out during startup" not in str(exc) or attempt == RAY_START_TRIES:
+                    raise
+                ray.shutdown()
+                self.say(f"      ray         the local node did not come up ({exc}); again")
         self.say(f"[2/5] ray         local cluster, {cpus} CPUs")
 
     def _deploy(self, timeout_s: float) -> None:
