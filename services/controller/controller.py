@@ -199,7 +199,8 @@ class Controller:
                 adopted = search.conclude(ranked, s.min_positions)
                 if adopted:
                     log.info("controller: %s adopts skip set %s", model, adopted)
-            search.next_round(int(shape["num_layers"]), s.seed)
+            # An exit may win only where the operator allows early-exit drafting.
+            search.next_round(int(shape["num_layers"]), s.seed, "early_exit" in s.modes)
             self._save_search(model, search)
         elif not self.redis.exists(rs.model_key(model, "candidates")):
             self._save_search(model, search)  # Redis restarted empty: tell replicas again

@@ -20,6 +20,7 @@ import sys
 import time
 
 from services.common import redis_schema as rs
+from services.controller.decide import MODES
 
 COMMANDS = ("run", "status", "history", "pin", "unpin", "rollback")
 DEFAULT_ADMIN = "127.0.0.1:50052"
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--modes",
-        default=",".join(("off", "ngram", "skip", "auto")),
+        default=",".join(MODES),
         help="drafting modes decisions may choose, comma-separated",
     )
     run.add_argument("--no-search", action="store_true", help="do not search skip sets")
@@ -96,9 +97,9 @@ def _run(args) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
-    bad = set(modes) - {"off", "ngram", "skip", "auto"}
+    bad = set(modes) - set(MODES)
     if bad or not modes:
-        print(f"--modes takes off, ngram, skip and auto; got {args.modes!r}", file=sys.stderr)
+        print(f"--modes takes {', '.join(MODES)}; got {args.modes!r}", file=sys.stderr)
         return 2
     settings = Settings(
         lease_s=args.lease_seconds,

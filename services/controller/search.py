@@ -46,10 +46,12 @@ class Search:
         """What replicas should score: the incumbent and this round's candidates."""
         return [self.incumbent, *self.candidates]
 
-    def next_round(self, num_layers: int, seed: int) -> None:
+    def next_round(self, num_layers: int, seed: int, exits: bool = True) -> None:
+        """Propose this round's candidates; early exits only with `exits`."""
         self.round += 1
         self.started_at = time.time()
-        self.candidates = neighbours(self.incumbent, num_layers, random.Random(seed + self.round))
+        rng = random.Random(seed + self.round)
+        self.candidates = neighbours(self.incumbent, num_layers, rng, exits)
 
     def due(self, counts: dict[str, int], min_positions: int, timeout_s: float) -> bool:
         """Whether this round has its evidence (or has waited long enough)."""
@@ -88,7 +90,7 @@ class Search:
         return best["key"]
 
 
-def neighbours(key: str, num_layers: int, rng: random.Random) -> list[str]:
+def neighbours(key: str, num_layers: int, rng: random.Random, exits: bool = True) -> list[str]:
     """Up to PER_ROUND skip sets near `key`, each valid (not empty, not everything)."""
     attn, mlp = parse_skip_key(key)
     chosen = [("a", i) for i in attn] + [("m", i) for i in mlp]
@@ -112,9 +114,11 @@ def neighbours(key: str, num_layers: int, rng: random.Random) -> list[str]:
         k = skip_key(a, m)
         if (a or m) and len(a) + len(m) < 2 * num_layers and k != key and k not in out:
             out.append(k)
-    exits = [exit_key(e, num_layers) for e in exit_moves(key, num_layers, rng)]
-    exits = [k for k in exits if k != key and k not in out]
-    return out[: PER_ROUND - len(exits)] + exits
+    if not exits:
+        return out[:PER_ROUND]
+    tries = [exit_key(e, num_layers) for e in exit_moves(key, num_layers, rng)]
+    tries = [k for k in tries if k != key and k not in out]
+    return out[: PER_ROUND - len(tries)] + tries
 
 
 def exit_moves(key: str, num_layers: int, rng: random.Random) -> list[int]:

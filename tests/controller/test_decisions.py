@@ -104,6 +104,9 @@ def test_neighbours_are_valid_skip_sets():
             attn, mlp = rs.parse_skip_key(k)
             assert (attn or mlp) and len(attn) + len(mlp) < 8 and k != key
             assert all(0 <= i < 4 for i in attn + mlp)
+        # Without early exits allowed, no candidate is one.
+        for k in neighbours(key, 30, random.Random(1), exits=False):
+            assert rs.exit_layer_of(k, 30) is None
 
 
 def test_choices_hold_unless_a_clear_gain():
