@@ -200,11 +200,12 @@ def _random(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
 def weight_bytes(model: Model) -> int:
     """Bytes a decode step reads: every layer's matrices and the LM head."""
     linears = [model.head] + [
-        getattr(layer, n) for layer in model.layers for n in ("qkv", "o", "gate", "up", "down")
+        getattr(layer, n) for layer in model.layers for n in ("qkv", "o", "gate_up", "down")
     ]
     total = 0
     for lin in linears:
-        w = lin.weight if lin.weight is not None else lin.packed
+        held = (lin.weight, lin.packed, lin.kernel and lin.kernel.data)
+        w = next(t for t in held if t is not None)
         total += w.numel() * w.element_size()
     return total
 

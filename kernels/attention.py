@@ -6,8 +6,10 @@ Queries are padded to `[B, Tq]` and keys gathered to `[B, Lk]` through each
 sequence's block table; the mask keeps every query causal.
 
 CUDA tensors go to the Triton kernels (`kernels.paged_attention`, `kernels.kv_append`),
-which compute the same thing without padding or gathering; everything else runs the
-reference below. `SELFSPEC_KERNELS=reference` keeps CUDA on the reference too.
+which compute the same thing without padding or gathering; on the CPU, a batch built
+without the reference's fields goes to `kernels.cpu_attention` (the engine builds
+those for decode and verification passes); everything else runs the reference below.
+`SELFSPEC_KERNELS=reference` keeps CUDA on the reference too.
 """
 
 from __future__ import annotations
@@ -57,47 +59,46 @@ class AttentionBatch:
         """Sequence b writes `lengths[b]` new tokens at positions `starts[b]`...
 
         `reference`: build what the PyTorch reference reads (default: where it will run).
-        The Triton kernels do without it, saving a mask of B * Tq * Lk bytes per step."""
+        The kernels do without it, saving a mask of B * Tq * Lk bytes per step; on the
+        CPU a batch built without it goes to `kernels.cpu_attention`."""
         if reference is None:
             reference = not (torch.device(device).type == "cuda" and _triton_enabled())
         B, Tq = len(starts), max(lengths)
         Lk = max(s + n for s, n in zip(starts, lengths, strict=True))
         nb = -(-Lk // block_size)
         tables = torch.tensor([t[:nb] + [0] * (nb - len(t[:nb])) for t in block_tables])
-        key_pos = torch.arange(Lk)
-        kv_slots = tables[:, key_pos // block_size] * block_size + key_pos % block_size  # [B, Lk]
-
         start = torch.tensor(starts)[:, None]
         n = torch.tensor(lengths)[:, None]
         offs = torch.arange(Tq)[None, :]
         valid = offs < n  # [B, Tq]
         q_pos = torch.where(valid, start + offs, 0)  # padding rows look at key 0 only
-        mask = key_pos[None, None, :] <= q_pos[:, :, None]
-        if sliding_window is not None:
-            mask &= key_pos[None, None, :] > q_pos[:, :, None] - sliding_window
-
         positions = q_pos[valid]
-        slots = kv_slots.gather(1, q_pos)[valid]
-        uniform = all(x == Tq for x in lengths)
-        q_index = out_index = None
-        if not uniform:
-            flat = torch.cumsum(n.flatten(), 0) - n.flatten()
-            q_index = torch.where(valid, flat[:, None] + offs, 0).flatten()
-            out_index = (torch.arange(B)[:, None] * Tq + offs)[valid]
+        slots = (tables.gather(1, q_pos // block_size) * block_size + q_pos % block_size)[valid]
+        kv_index = mask = q_index = out_index = None
+        if reference:
+            key_pos = torch.arange(Lk)
+            kv_index = (
+                tables[:, key_pos // block_size] * block_size + key_pos % block_size
+            ).flatten()
+            mask = key_pos[None, None, :] <= q_pos[:, :, None]
+            if sliding_window is not None:
+                mask &= key_pos[None, None, :] > q_pos[:, :, None] - sliding_window
+            mask = mask[:, None]
+            if not all(x == Tq for x in lengths):
+                flat = torch.cumsum(n.flatten(), 0) - n.flatten()
+                q_index = torch.where(valid, flat[:, None] + offs, 0).flatten()
+                out_index = (torch.arange(B)[:, None] * Tq + offs)[valid]
 
         def dev(x):
             return None if x is None else x.to(device)
 
-        def ref(x):
-            return dev(x) if reference else None
-
         return cls(
             positions=dev(positions),
             slots=dev(slots),
-            kv_index=ref(kv_slots.flatten()),
-            mask=ref(mask[:, None]),
-            q_index=ref(q_index),
-            out_index=ref(out_index),
+            kv_index=dev(kv_index),
+            mask=dev(mask),
+            q_index=dev(q_index),
+            out_index=dev(out_index),
             batch=B,
             q_len=Tq,
             kv_len=Lk,
@@ -133,6 +134,10 @@ def paged_attention(
         from kernels.paged_attention import paged_attention as triton_attention
 
         return triton_attention(q, kv_cache, batch, num_kv_heads, scale)
+    if batch.mask is None and kv_cache.device.type == "cpu":
+        from kernels import cpu_attention
+
+        return cpu_attention.paged_attention(q, kv_cache, batch, num_kv_heads, scale)
     return paged_attention_reference(q, kv_cache, batch, num_kv_heads, scale)
 
 

@@ -2,93 +2,80 @@
 
 `y = x @ w.T` with `w` bfloat16 `[N, K]`, `x` float32 `[m, K]`, `y` float32 `[m, N]`.
 Decoding a few tokens at a time is bound by reading the weights, so the kernel reads
-each weight row from memory once for all `m` rows of `x`, widens bfloat16 to float32
-in registers (a bfloat16 is the top half of a float32) and accumulates in float32
-with FMA. PyTorch's own paths read twice the bytes (float32 weights) or redo the
-emulated bfloat16 product once per row.
+each weight from memory once for all `m` rows of `x`, widens bfloat16 to float32 in
+registers (a bfloat16 is the top half of a float32) and accumulates in float32 with
+FMA. PyTorch's own paths read twice the bytes (float32 weights) or redo the emulated
+bfloat16 product once per row.
+
+The weights are packed once at load (`pack`) so that the kernel reads one sequential
+stream: groups of 4 rows, and within a group each step of 8 columns is one 64-byte
+line holding the 4 rows' values interleaved in pairs. Packed with `swiglu=True`, the
+matrix `[gate; up]` puts 2 gate rows and the 2 matching up rows in each group, and the
+kernel returns `silu(x @ gate.T) * (x @ up.T)`. The kernel can also apply the RMSNorm
+before the product (`norm`), and add a residual after it (`linear_bf16_add`).
 
 Row invariance: row `r` of the result depends only on `x[r]` and `w`, bit for bit,
 whatever `m` is, whatever the other rows hold and however the work is split among
 threads. Each output `(r, n)` has its own 8-lane accumulator that takes the products
-of `k = 0, 8, 16, ...` in order, is summed across lanes in a fixed tree, then takes the
-`K % 8` leftover products one by one with scalar FMA; tiling only chooses which
-outputs are computed side by side. Run to run the result is deterministic.
+of `k = 0, 8, 16, ...` in order (`K` is padded with zeros to a multiple of 8) and is
+summed across lanes in a fixed tree; the norm's sum of squares has one fixed order per
+row too. Run to run the result is deterministic.
 
-Work: the weight rows are split among `torch.get_num_threads()` OpenMP threads in
-blocks of 24; within a block, tiles of 4 rows of `x` by 3 weight rows keep 12
-accumulators in registers, and each weight row is prefetched 8 KiB ahead. `m` may be
-anything; the kernel is meant for m <= 16 or so, where it beats PyTorch's paths.
+Work: the groups are split among `torch.get_num_threads()` OpenMP threads in blocks
+of 6; within a group, tiles of 2 rows of `x` keep 8 accumulators in registers, and the
+stream is prefetched 1 KiB ahead.
 
-The C++ source is compiled on first use with `torch.utils.cpp_extension.load_inline`
-(cached in torch's extension directory; needs a C++ compiler and `ninja`) and
-registered as `torch.ops.selfspec_cpu_linear.linear_bf16_epi`.
+The C++ source is compiled on first use (`kernels.cpu_build`) into a Python module.
 `available()` says whether it could be built here; it never raises.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import sys
-import threading
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+
+from kernels.cpu_build import InlineExtension
 
 __all__ = [
+    "Packed",
     "available",
     "unavailable_reason",
+    "pack",
     "linear_bf16",
     "linear_bf16_add",
-    "linear_bf16_silu",
-    "linear_bf16_mul",
+    "linear_bf16_swiglu",
     "linear_bf16_reference",
 ]
 
-# Epilogues, applied per output after the bias: keep in step with `enum Epi` below.
-EPI_NONE, EPI_ADD, EPI_SILU, EPI_MUL = 0, 1, 2, 3
+# Epilogues: keep in step with `enum Epi` below.
+EPI_NONE, EPI_ADD, EPI_SWIGLU = 0, 1, 2
 
 _SOURCE = r"""
-// Only the headers needed (not <torch/extension.h>): the first build takes a quarter
-// of the time. The op is registered with the dispatcher: torch.ops.selfspec_cpu_linear.
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <immintrin.h>
 #include <omp.h>
-#include <torch/library.h>
+#include <torch/extension.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
+#include <vector>
 
 namespace {
 
-enum Epi : int { EPI_NONE = 0, EPI_ADD = 1, EPI_SILU = 2, EPI_MUL = 3 };
+enum Epi : int { EPI_NONE = 0, EPI_ADD = 1, EPI_SWIGLU = 2 };
 
 struct Args {
-  const float* x;         // [m, K], row stride xs
+  const float* x;         // [m, ks * 8], row stride xs, zero past K
   int64_t xs;
-  const uint16_t* w;      // [N, K] bfloat16 bits, contiguous
-  const float* bias;      // [N] or null
-  const float* other;     // [m, N] contiguous (residual or multiplier) or null
-  float* y;               // [m, N] contiguous
-  int64_t m, N, K;
+  const uint16_t* w;      // packed bfloat16 bits [groups, ks, 2, 8, 2]
+  const float* bias;      // [n] or null
+  const float* other;     // [m, n] contiguous residual, or null
+  float* y;               // [m, n] contiguous
+  int64_t m, n, ks, groups;
   int epi;
 };
-
-// Widen 8 bfloat16 to 8 float32: zero-extend to 32 bits, shift into the top half.
-static inline __m256 load_bf16x8(const uint16_t* p) {
-  __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
-}
-
-static inline float bf16_to_f32(uint16_t h) {
-  uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
 
 // Lane sum in one fixed tree: (l0+l4, l1+l5, l2+l6, l3+l7) -> (a0+a2, a1+a3) -> b0+b1.
 static inline float hsum8(__m256 v) {
@@ -98,275 +85,272 @@ static inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-static inline float finish(const Args& a, float s, int64_t r, int64_t n) {
-  if (a.bias) s += a.bias[n];
-  switch (a.epi) {
-    case EPI_ADD: return s + a.other[r * a.N + n];
-    case EPI_SILU: return s / (1.0f + std::exp(-s));
-    case EPI_MUL: return s * a.other[r * a.N + n];
-    default: return s;
-  }
-}
+static inline float silu(float s) { return s / (1.0f + std::exp(-s)); }
 
-// Software prefetch distance along a weight row, in elements (8 KiB): the hardware
-// prefetchers alone leave a single core at about half the bandwidth of a plain sum.
-// Prefetches never fault, so running past the end of the matrix is harmless.
-constexpr int64_t PREFETCH = 4096;
+// Software prefetch distance along a group's stream, in bytes: with it a thread reads
+// about a tenth faster than with the hardware prefetchers alone.
+constexpr int64_t PREFETCH = 1024;
 
-// Outputs (r0..r0+R) x (n0..n0+NB): each weight vector is loaded and widened once
-// for the R rows of x; R * NB accumulators stay in registers.
-template <int R, int NB>
-static inline void tile(const Args& a, int64_t r0, int64_t n0) {
-  const int64_t K = a.K, K8 = K & ~int64_t(7);
-  const uint16_t* wb = a.w + n0 * K;
-  const float* xr[R];
-  for (int r = 0; r < R; ++r) xr[r] = a.x + (r0 + r) * a.xs;
-  __m256 acc[R][NB];
+// Rows r0..r0+R of x against the 4 weight rows of group g. One k-step of a group is one
+// 64-byte line: two 32-byte loads, each holding two rows' bfloat16 interleaved, so the
+// low halves widen to float32 by a shift and the high halves by a mask.
+template <int R>
+static inline void tile(const Args& a, int64_t r0, int64_t g) {
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const uint16_t* wg = a.w + g * a.ks * 32;
+  __m256 acc[R][4];
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NB; ++j) acc[r][j] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K8; k += 8) {
-    if ((k & 31) == 0)  // one cache line of each weight row per 4 steps
-      for (int j = 0; j < NB; ++j)
-        _mm_prefetch(reinterpret_cast<const char*>(
-                         reinterpret_cast<uintptr_t>(wb + j * K + k) + 2 * PREFETCH),
-                     _MM_HINT_T0);
-    __m256 wv[NB];
-    for (int j = 0; j < NB; ++j) wv[j] = load_bf16x8(wb + j * K + k);
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_ps();
+  for (int64_t s = 0; s < a.ks; ++s) {
+    const uint16_t* ws = wg + s * 32;
+    if (r0 == 0)  // later tiles of the group find it in L1
+      _mm_prefetch(reinterpret_cast<const char*>(ws) + PREFETCH, _MM_HINT_NTA);
+    const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws));
+    const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + 16));
+    const __m256 w[4] = {_mm256_castsi256_ps(_mm256_slli_epi32(p, 16)),
+                         _mm256_castsi256_ps(_mm256_and_si256(p, high)),
+                         _mm256_castsi256_ps(_mm256_slli_epi32(q, 16)),
+                         _mm256_castsi256_ps(_mm256_and_si256(q, high))};
     for (int r = 0; r < R; ++r) {
-      const __m256 xv = _mm256_loadu_ps(xr[r] + k);
-      for (int j = 0; j < NB; ++j) acc[r][j] = _mm256_fmadd_ps(xv, wv[j], acc[r][j]);
+      const __m256 xv = _mm256_loadu_ps(a.x + (r0 + r) * a.xs + s * 8);
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_fmadd_ps(xv, w[j], acc[r][j]);
     }
   }
   for (int r = 0; r < R; ++r) {
-    for (int j = 0; j < NB; ++j) {
-      float s = hsum8(acc[r][j]);
-      for (int64_t k = K8; k < K; ++k) s = std::fma(xr[r][k], bf16_to_f32(wb[j * K + k]), s);
-      a.y[(r0 + r) * a.N + n0 + j] = finish(a, s, r0 + r, n0 + j);
+    const int64_t row = r0 + r;
+    float v[4];
+    for (int j = 0; j < 4; ++j) v[j] = hsum8(acc[r][j]);
+    if (a.epi == EPI_SWIGLU) {  // the group is gate rows 2g, 2g+1 then up rows 2g, 2g+1
+      for (int j = 0; j < 2; ++j)
+        if (2 * g + j < a.n) a.y[row * a.n + 2 * g + j] = silu(v[j]) * v[2 + j];
+      continue;
+    }
+    for (int j = 0; j < 4; ++j) {
+      const int64_t col = 4 * g + j;
+      if (col >= a.n) break;
+      float s = a.bias ? v[j] + a.bias[col] : v[j];
+      if (a.epi == EPI_ADD) s += a.other[row * a.n + col];
+      a.y[row * a.n + col] = s;
     }
   }
 }
 
-// Rows r0..r0+rows of x, rows < R: those left over after the full tiles.
-template <int R, int NB>
-static inline void tail_rows(const Args& a, int64_t rows, int64_t r0, int64_t n) {
-  if constexpr (R > 1) {
-    if (rows == R - 1) return tile<R - 1, NB>(a, r0, n);
-    return tail_rows<R - 1, NB>(a, rows, r0, n);
+// All rows of x against groups g0..g1: two rows at a time (8 accumulators), the
+// group's weights read from memory by the first tile and from L1 after.
+static void groups(const Args& a, int64_t g0, int64_t g1) {
+  for (int64_t g = g0; g < g1; ++g) {
+    int64_t r = 0;
+    for (; r + 2 <= a.m; r += 2) tile<2>(a, r, g);
+    if (r < a.m) tile<1>(a, r, g);
   }
 }
 
-// All rows of x against weight rows n0..n0+nb, in tiles of R rows x NB weight rows.
-// The block's weights are read from memory by the first tile, from cache after.
-template <int R, int NB>
-static void rows_block(const Args& a, int64_t n0, int64_t nb) {
-  int64_t n = n0;
-  for (; n + NB <= n0 + nb; n += NB) {
-    int64_t r = 0;
-    for (; r + R <= a.m; r += R) tile<R, NB>(a, r, n);
-    if (r < a.m) tail_rows<R, NB>(a, a.m - r, r, n);
-  }
-  for (; n < n0 + nb; ++n) {
-    int64_t r = 0;
-    for (; r + R <= a.m; r += R) tile<R, 1>(a, r, n);
-    if (r < a.m) tail_rows<R, 1>(a, a.m - r, r, n);
-  }
-}
+constexpr int64_t BLOCK = 6;  // groups (24 weight rows) per unit of work
 
-constexpr int BLOCK = 24;  // weight rows per unit of work
-
-// The weight rows split among threads in blocks of BLOCK, statically: which thread
-// computes an output does not change its value.
-template <int R, int NB>
-static void run_tiles(const Args& a) {
-  const int64_t nblocks = (a.N + BLOCK - 1) / BLOCK;
+// The groups split among threads in blocks, statically: which thread computes an
+// output does not change its value.
+static void run(const Args& a) {
+  const int64_t nblocks = (a.groups + BLOCK - 1) / BLOCK;
   int64_t nt = std::max<int64_t>(1, at::get_num_threads());
   nt = std::min(nt, nblocks);
-  if (a.N * a.K * a.m < (int64_t(1) << 15)) nt = 1;  // too small to be worth a wake-up
+  if (a.groups * a.ks * a.m < (int64_t(1) << 10)) nt = 1;  // too small to be worth a wake-up
 #pragma omp parallel for num_threads(static_cast<int>(nt)) schedule(static) if (nt > 1)
-  for (int64_t b = 0; b < nblocks; ++b) {
-    const int64_t n0 = b * BLOCK;
-    rows_block<R, NB>(a, n0, std::min<int64_t>(BLOCK, a.N - n0));
-  }
+  for (int64_t b = 0; b < nblocks; ++b)
+    groups(a, b * BLOCK, std::min<int64_t>(a.groups, (b + 1) * BLOCK));
 }
 
-// One tile shape for every m, the fastest measured on Zen 3 for m = 1..16 (with m = 1
-// and 2 as fast as 1x8 or 2x4 tiles). Any shape gives the same bits (see the module
-// docstring); only the speed differs.
-static void run(const Args& a) {
-  run_tiles<4, 3>(a);  // 12 accumulators + 3 weight vectors + x: the 16 ymm registers
+// x copied to [m, ks * 8], zero past K, each row scaled by 1 / sqrt(n_eps + sum x^2)
+// and by the gain when `norm`: an RMSNorm whose sum has one fixed order per row.
+static std::vector<float> prepare(const at::Tensor& x, int64_t ks, bool norm,
+                                  const float* gain, double n_eps) {
+  const int64_t m = x.size(0), K = x.size(1), K8 = K & ~int64_t(7), xs = x.stride(0);
+  const float* src = x.data_ptr<float>();
+  std::vector<float> out(m * ks * 8, 0.0f);
+  for (int64_t r = 0; r < m; ++r) {
+    const float* xr = src + r * xs;
+    float scale = 1.0f;
+    if (norm) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t k = 0; k < K8; k += 8) {
+        const __m256 v = _mm256_loadu_ps(xr + k);
+        acc = _mm256_fmadd_ps(v, v, acc);
+      }
+      float ss = hsum8(acc);
+      for (int64_t k = K8; k < K; ++k) ss = std::fma(xr[k], xr[k], ss);
+      scale = 1.0f / std::sqrt(static_cast<float>(n_eps) + ss);
+    }
+    float* o = out.data() + r * ks * 8;
+    for (int64_t k = 0; k < K; ++k) o[k] = gain ? xr[k] * scale * gain[k] : xr[k] * scale;
+  }
+  return out;
 }
 
 }  // namespace
 
-at::Tensor linear_bf16_epi(const at::Tensor& x, const at::Tensor& w,
+at::Tensor linear_bf16_epi(const at::Tensor& x, const at::Tensor& w, int64_t n,
                            const std::optional<at::Tensor>& bias,
-                           const std::optional<at::Tensor>& other, int64_t epi) {
+                           const std::optional<at::Tensor>& other, bool norm,
+                           const std::optional<at::Tensor>& gain, double n_eps, int64_t epi) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "cpu_linear: CPU tensors only");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat,
               "cpu_linear: x must be a 2-D float32 tensor, got ", x.sizes(), " ", x.scalar_type());
   TORCH_CHECK(x.stride(1) == 1, "cpu_linear: x rows must be contiguous");
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.is_contiguous(),
-              "cpu_linear: w must be a contiguous 2-D bfloat16 tensor, got ", w.sizes(), " ",
+  TORCH_CHECK(epi >= EPI_NONE && epi <= EPI_SWIGLU, "cpu_linear: unknown epilogue ", epi);
+  TORCH_CHECK(w.dim() == 5 && w.scalar_type() == at::kBFloat16 && w.is_contiguous() &&
+                  w.size(2) == 2 && w.size(3) == 8 && w.size(4) == 2,
+              "cpu_linear: w must be packed by cpu_linear.pack, got ", w.sizes(), " ",
               w.scalar_type());
-  const int64_t m = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(w.size(1) == K, "cpu_linear: x is [", m, ", ", K, "] but w is ", w.sizes());
-  TORCH_CHECK(epi >= EPI_NONE && epi <= EPI_MUL, "cpu_linear: unknown epilogue ", epi);
+  const int64_t m = x.size(0), K = x.size(1), groups = w.size(0), ks = w.size(1);
+  const int64_t per_group = epi == EPI_SWIGLU ? 2 : 4;  // outputs per group
+  TORCH_CHECK(n > 0 && (n + per_group - 1) / per_group == groups,
+              "cpu_linear: ", n, " outputs do not fit a packed weight of ", groups, " groups");
+  TORCH_CHECK(K > (ks - 1) * 8 && K <= ks * 8, "cpu_linear: x is [", m, ", ", K,
+              "] but the packed weight takes ", ks * 8 - 7, "..", ks * 8, " columns");
   Args a{};
   if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(epi != EPI_SWIGLU, "cpu_linear: the SwiGLU epilogue takes no bias");
     TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == at::kFloat &&
-                    bias->is_contiguous() && bias->numel() == N,
-                "cpu_linear: bias must be a contiguous float32 [", N, "] tensor");
+                    bias->is_contiguous() && bias->numel() == n,
+                "cpu_linear: bias must be a contiguous float32 [", n, "] tensor");
     a.bias = bias->data_ptr<float>();
   }
-  if (epi == EPI_ADD || epi == EPI_MUL) {
+  if (epi == EPI_ADD) {
     TORCH_CHECK(other.has_value() && other->defined(), "cpu_linear: epilogue needs a tensor");
     TORCH_CHECK(other->device().is_cpu() && other->scalar_type() == at::kFloat &&
                     other->is_contiguous() && other->dim() == 2 && other->size(0) == m &&
-                    other->size(1) == N,
-                "cpu_linear: epilogue tensor must be contiguous float32 [", m, ", ", N, "], got ",
+                    other->size(1) == n,
+                "cpu_linear: residual must be contiguous float32 [", m, ", ", n, "], got ",
                 other->sizes(), " ", other->scalar_type());
     a.other = other->data_ptr<float>();
   }
-  at::Tensor y = at::empty({m, N}, x.options());
-  if (m == 0 || N == 0) return y;
-  a.x = x.data_ptr<float>();
-  a.xs = x.stride(0);
+  const float* g = nullptr;
+  if (gain.has_value() && gain->defined()) {
+    TORCH_CHECK(gain->device().is_cpu() && gain->scalar_type() == at::kFloat &&
+                    gain->is_contiguous() && gain->numel() == K,
+                "cpu_linear: gain must be a contiguous float32 [", K, "] tensor");
+    g = gain->data_ptr<float>();
+  }
+  at::Tensor y = at::empty({m, n}, x.options());
+  if (m == 0) return y;
+  std::vector<float> padded;
+  if (norm || g || K != ks * 8) {
+    padded = prepare(x, ks, norm, g, n_eps);
+    a.x = padded.data();
+    a.xs = ks * 8;
+  } else {
+    a.x = x.data_ptr<float>();
+    a.xs = x.stride(0);
+  }
   a.w = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   a.y = y.data_ptr<float>();
   a.m = m;
-  a.N = N;
-  a.K = K;
+  a.n = n;
+  a.ks = ks;
+  a.groups = groups;
   a.epi = static_cast<int>(epi);
   run(a);
   return y;
 }
-
-TORCH_LIBRARY(selfspec_cpu_linear, m) {
-  m.def("linear_bf16_epi(Tensor x, Tensor w, Tensor? bias, Tensor? other, int epi) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(selfspec_cpu_linear, CPU, m) { m.impl("linear_bf16_epi", &linear_bf16_epi); }
 """
 
-_lock = threading.Lock()
-_ext = None
-_error: str | None = None
-
-
-def _cpu_supported() -> str | None:
-    """None when this CPU has AVX2 and FMA, else why not."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    missing = {"avx2", "fma"} - flags
-                    return f"CPU lacks {', '.join(sorted(missing))}" if missing else None
-    except OSError:
-        pass
-    cap = torch.backends.cpu.get_cpu_capability()
-    if cap in ("AVX2", "AVX512"):
-        return None  # every x86 CPU with AVX2 that PyTorch dispatches to also has FMA
-    return f"CPU capability is {cap}, not AVX2"
-
-
-def _find_ninja() -> str | None:
-    """None when ninja can be run, else why not. torch runs `ninja` from PATH: add the
-    venv's bin folder (where the `ninja` PyPI package puts it) when PATH lacks it."""
-    if shutil.which("ninja"):
-        return None
-    dirs = [os.path.dirname(sys.executable)]
-    try:
-        import ninja  # type: ignore[import-not-found]
-
-        dirs.append(getattr(ninja, "BIN_DIR", ""))
-    except ImportError:
-        pass
-    for d in dirs:
-        if d and shutil.which("ninja", path=d):
-            os.environ["PATH"] = d + os.pathsep + os.environ.get("PATH", "")
-            return None
-    return "ninja not found (pip install ninja)"
-
-
-def _load():
-    """The compiled extension, built on first call; raises RuntimeError when it can't be."""
-    global _ext, _error
-    if _ext is not None:
-        return _ext
-    with _lock:
-        if _ext is None and _error is None:
-            reason = None
-            if os.environ.get("SELFSPEC_NO_CPU_KERNEL"):
-                reason = "disabled by SELFSPEC_NO_CPU_KERNEL"
-            reason = reason or _cpu_supported() or _find_ninja()
-            if reason is None:
-                try:
-                    from torch.utils.cpp_extension import load_inline
-
-                    load_inline(
-                        name="selfspec_cpu_linear",
-                        cpp_sources=[_SOURCE],
-                        extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
-                        extra_ldflags=["-fopenmp"],
-                        is_python_module=False,  # loaded into torch.ops instead
-                        no_implicit_headers=True,
-                        verbose=False,
-                    )
-                    _ext = torch.ops.selfspec_cpu_linear
-                except Exception as e:  # any build failure means "unavailable"
-                    reason = f"build failed: {type(e).__name__}: {str(e)[-2000:]}"
-            _error = reason
-    if _ext is None:
-        raise RuntimeError(f"cpu_linear unavailable: {_error}")
-    return _ext
+_EXT = InlineExtension("selfspec_cpu_linear", _SOURCE, ["linear_bf16_epi"])
 
 
 def available() -> bool:
     """True when the kernel runs here: AVX2 and FMA, and the extension builds. Never raises."""
-    try:
-        _load()
-        return True
-    except Exception:
-        return False
+    return _EXT.available()
 
 
 def unavailable_reason() -> str | None:
     """Why `available()` is False (after calling it), or None."""
-    return None if available() else _error
+    return _EXT.unavailable_reason()
 
 
-def _run(x, w, bias, other, epi: int) -> torch.Tensor:
-    return _load().linear_bf16_epi(x, w, bias, other, epi)
+@dataclass(frozen=True)
+class Packed:
+    """A bfloat16 matrix in the kernel's layout: `data` is `[groups, ceil(k / 8), 2, 8, 2]`.
+
+    `n` is the number of outputs: the matrix's rows, or for `swiglu` its gate rows."""
+
+    data: torch.Tensor
+    n: int
+    k: int
+    swiglu: bool = False
+
+    def unpack(self) -> torch.Tensor:
+        """The matrix `[rows, k]` as it was given to `pack`."""
+        g, ks = self.data.shape[:2]
+        w = self.data.permute(0, 2, 4, 1, 3).reshape(g * 4, ks * 8)[:, : self.k]
+        if not self.swiglu:
+            return w[: self.n]
+        w = w.view(g, 2, 2, self.k).transpose(0, 1).reshape(2, g * 2, self.k)
+        return w[:, : self.n].reshape(2 * self.n, self.k)
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows `index` (1-D ids) of the matrix, unpacked, without unpacking the rest."""
+        if self.swiglu:
+            raise ValueError("rows of a [gate; up] matrix: unpack it instead")
+        index = index.long()
+        picked = self.data[index // 4, :, (index % 4) // 2, :, index % 2]  # [len, ks, 8]
+        return picked.reshape(len(index), -1)[:, : self.k].contiguous()
 
 
-def linear_bf16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None):
-    """`x @ w.float().T (+ bias)`: x float32 [m, K], w bfloat16 [N, K], bias float32 [N]."""
-    return _run(x, w, bias, None, EPI_NONE)
+def pack(w: torch.Tensor, *, swiglu: bool = False) -> Packed:
+    """Pack a bfloat16 `[N, K]` matrix for the kernel; with `swiglu`, `w` is `[gate; up]`
+    (2I rows) and each group holds gate rows 2g, 2g+1 and up rows 2g, 2g+1."""
+    if w.dtype != torch.bfloat16 or w.dim() != 2:
+        raise ValueError(f"pack takes a 2-D bfloat16 matrix, got {tuple(w.shape)} {w.dtype}")
+    rows, k = w.shape
+    if swiglu:
+        if rows % 2:
+            raise ValueError(f"a [gate; up] matrix has an even number of rows, got {rows}")
+        n = rows // 2
+        pairs = -(-n // 2)
+        halves = F.pad(w.view(2, n, k), (0, 0, 0, 2 * pairs - n))  # [2, 2 * pairs, k]
+        w = halves.view(2, pairs, 2, k).transpose(0, 1).reshape(4 * pairs, k)
+    else:
+        n = rows
+    groups, ks = -(-w.shape[0] // 4), -(-k // 8)
+    w = F.pad(w, (0, 8 * ks - k, 0, 4 * groups - w.shape[0]))
+    data = w.view(groups, 2, 2, ks, 8).permute(0, 3, 1, 4, 2).contiguous()
+    return Packed(data, n, k, swiglu)
+
+
+Norm = tuple[torch.Tensor | None, float]  # (gain or None, n * eps): see `linear_bf16`
+
+
+def _run(x, w: Packed, bias, other, norm: Norm | None, epi: int) -> torch.Tensor:
+    if (epi == EPI_SWIGLU) != w.swiglu:
+        raise ValueError("linear_bf16_swiglu takes a matrix packed with swiglu=True, and only it")
+    gain, n_eps = norm if norm is not None else (None, 0.0)
+    op = _EXT.ops().linear_bf16_epi
+    return op(x, w.data, w.n, bias, other, norm is not None, gain, n_eps, epi)
+
+
+def linear_bf16(
+    x: torch.Tensor, w: Packed, bias: torch.Tensor | None = None, *, norm: Norm | None = None
+) -> torch.Tensor:
+    """`x @ w.T (+ bias)`: x float32 [m, K], bias float32 [N]. With `norm = (gain, n_eps)`
+    each row of x is first scaled by `1 / sqrt(n_eps + sum(x ** 2))` and by `gain`
+    (float32 [K], or None): an RMSNorm with `n_eps = K * eps` and a gain times sqrt(K)."""
+    return _run(x, w, bias, None, norm, EPI_NONE)
 
 
 def linear_bf16_add(
-    x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, bias: torch.Tensor | None = None
-):
+    x: torch.Tensor, w: Packed, residual: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """`linear_bf16(x, w, bias) + residual`, residual float32 [m, N], in one pass."""
-    return _run(x, w, bias, residual, EPI_ADD)
+    return _run(x, w, bias, residual, None, EPI_ADD)
 
 
-def linear_bf16_silu(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None):
-    """`silu(linear_bf16(x, w, bias))` in one pass."""
-    return _run(x, w, bias, None, EPI_SILU)
-
-
-def linear_bf16_mul(
-    x: torch.Tensor, w: torch.Tensor, other: torch.Tensor, bias: torch.Tensor | None = None
-):
-    """`linear_bf16(x, w, bias) * other`, other float32 [m, N], in one pass."""
-    return _run(x, w, bias, other, EPI_MUL)
+def linear_bf16_swiglu(x: torch.Tensor, w: Packed, *, norm: Norm | None = None) -> torch.Tensor:
+    """`silu(x @ gate.T) * (x @ up.T)` for `w = pack([gate; up], swiglu=True)`, in one pass."""
+    return _run(x, w, None, None, norm, EPI_SWIGLU)
 
 
 def linear_bf16_reference(
     x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The plain PyTorch definition the kernel is tested against."""
+    """The plain PyTorch definition the kernel is tested against (w unpacked)."""
     y = x @ w.float().T
     return y if bias is None else y + bias

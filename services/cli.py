@@ -53,12 +53,17 @@ def _draft(args, engine):
 
 
 def cmd_prepare(args) -> int:
-    """Convert and cache a model so that later loads are fast."""
+    """Convert and cache a model, and build the CPU kernels, so that later loads are fast."""
+    from kernels import cpu_attention, cpu_linear
     from services.engine import checkpoint
 
     path = checkpoint.resolve(args.model)
     checkpoint.load_config(path)
     print(f"model ready: {path}", file=sys.stderr)
+    print("building the CPU kernels (the first time takes a minute or two)", file=sys.stderr)
+    for name, kernel in (("linear", cpu_linear), ("attention", cpu_attention)):
+        state = "ready" if kernel.available() else f"unavailable, {kernel.unavailable_reason()}"
+        print(f"CPU {name} kernel {state}", file=sys.stderr)
     return 0
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_linear
+from kernels import cpu_attention, cpu_linear
 from kernels.attention import AttentionBatch, paged_attention, write_kv
 
 log = logging.getLogger(__name__)
@@ -35,80 +35,99 @@ def native_bf16(device: torch.device) -> bool:
     return device.type != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+@dataclass(frozen=True)
+class Norm:
+    """An RMSNorm as `normalize` computes it, then the gain (which holds the sqrt(n)
+    `normalize` leaves out; None when folded into the next product's weights)."""
+
+    gain: torch.Tensor | None
+    n_eps: float
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = normalize(x, self.n_eps)
+        return x if self.gain is None else x * self.gain
+
+
 class Linear:
     """A weight prepared once at load for the fastest product the device offers.
 
     On the CPU: float32 (or bfloat16 where the CPU has it) goes to oneDNN's packed
     layout, which reads weights faster than `F.linear`, costs about the same for 1 to a
     few rows and fuses the op that follows; bfloat16 on CPUs without native bfloat16
-    goes to our AVX2 kernel, which reads each bfloat16 weight once for all rows. Both
-    give each row the same result whatever the number of rows, which keeps drafting
-    exact.
+    goes to our AVX2 kernel, which reads each bfloat16 weight once for all rows and
+    fuses the RMSNorm before the product too. Both give each row the same result
+    whatever the number of rows, which keeps drafting exact.
+
+    `swiglu`: the weight is `[gate; up]`, multiplied by `swiglu()`.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, swiglu: bool = False
+    ) -> None:
         self.bias = bias
-        self.weight = weight
-        self.packed = None
-        self.bf16_kernel = False
+        self.weight: torch.Tensor | None = weight
+        self.packed = None  # oneDNN's layout
+        self.kernel: cpu_linear.Packed | None = None  # our kernel's layout
         if weight.device.type != "cpu":
             return
         if weight.dtype == torch.bfloat16 and not native_bf16(weight.device):
-            self.bf16_kernel = cpu_linear.available()
-            if not self.bf16_kernel:  # no compiler here: emulated bfloat16 is far slower
-                self.weight = weight.float()
-                self.bias = None if bias is None else bias.float()
-        if self.weight.dtype == torch.float32 or (
-            self.weight.dtype == torch.bfloat16 and native_bf16(weight.device)
-        ):
+            if cpu_linear.available():
+                self.kernel = cpu_linear.pack(weight, swiglu=swiglu)
+                self.weight = None
+                return
+            # no compiler here: emulated bfloat16 is far slower than float32
+            self.weight = weight.float()
+            self.bias = None if bias is None else bias.float()
+        if self.weight.dtype in (torch.float32, torch.bfloat16):  # what oneDNN packs
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, None)
             self.weight = None
 
     def _plain(self, x: torch.Tensor) -> torch.Tensor:
         """`F.linear`, widening bfloat16 weights: for prefill, where many rows make the
         product compute-bound and MKL's float32 GEMM beats a kernel made for few rows."""
-        w = self.weight.float() if self.bf16_kernel else self.weight
+        w = self.kernel.unpack().float() if self.kernel is not None else self.weight
         return F.linear(x, w, self.bias)
 
-    def __call__(self, x: torch.Tensor, bulk: bool = False) -> torch.Tensor:
-        if self.bf16_kernel and not bulk:
-            return cpu_linear.linear_bf16(x, self.weight, self.bias)
+    def __call__(self, x: torch.Tensor, bulk: bool = False, norm: Norm | None = None):
+        """`norm(x) @ W.T + bias`; `bulk`: many rows (prefill)."""
+        if self.kernel is not None and not bulk:
+            return cpu_linear.linear_bf16(x, self.kernel, self.bias, norm=_pair(norm))
+        x = x if norm is None else norm(x)
         if self.packed is None:
             return self._plain(x)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
-    def silu(self, x: torch.Tensor, bulk: bool = False) -> torch.Tensor:
-        if self.bf16_kernel and not bulk:
-            return cpu_linear.linear_bf16_silu(x, self.weight, self.bias)
-        if self.packed is None:
-            return F.silu(self._plain(x))
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "swish", [], "")
-
     def add(self, x: torch.Tensor, other: torch.Tensor, bulk: bool = False) -> torch.Tensor:
         """`self(x) + other` in one op."""
-        if self.bf16_kernel and not bulk:
-            return cpu_linear.linear_bf16_add(x, self.weight, other, self.bias)
+        if self.kernel is not None and not bulk:
+            return cpu_linear.linear_bf16_add(x, self.kernel, other, self.bias)
         if self.packed is None:
             return self._plain(x) + other
         return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.packed, self.bias, "add")
 
-    def mul(self, x: torch.Tensor, other: torch.Tensor, bulk: bool = False) -> torch.Tensor:
-        """`self(x) * other` in one op."""
-        if self.bf16_kernel and not bulk:
-            return cpu_linear.linear_bf16_mul(x, self.weight, other, self.bias)
-        if self.packed is None:
-            return self._plain(x) * other
-        return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.packed, self.bias, "mul")
+    def swiglu(self, x: torch.Tensor, bulk: bool = False, norm: Norm | None = None):
+        """`silu(norm(x) @ gate.T) * (norm(x) @ up.T)`."""
+        if self.kernel is not None and not bulk:
+            return cpu_linear.linear_bf16_swiglu(x, self.kernel, norm=_pair(norm))
+        gate, up = self(x, bulk, norm).chunk(2, -1)
+        return F.silu(gate) * up
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor | None:
+        """Rows `index` of a kernel's weight, or None where oneDNN holds it."""
+        return None if self.kernel is None else self.kernel.rows(index)
+
+
+def _pair(norm: Norm | None) -> cpu_linear.Norm | None:
+    return None if norm is None else (norm.gain, norm.n_eps)
 
 
 @dataclass
 class Layer:
-    attn_gain: torch.Tensor | None  # RMSNorm gains, None when folded into the weights
-    mlp_gain: torch.Tensor | None
+    attn_norm: Norm
+    mlp_norm: Norm
     qkv: Linear  # q and k rows permuted so RoPE is one complex product
     o: Linear
-    gate: Linear
-    up: Linear
+    gate_up: Linear  # [gate; up], multiplied by `swiglu`
     down: Linear
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
@@ -180,9 +199,11 @@ class Model:
         # Tied checkpoints may store the shared matrix under either name.
         embed, head = "model.embed_tokens.weight", "lm_head.weight"
         self.embed = self._w(embed if embed in tensors else head)
-        self.head_weight = self._w(head if head in tensors else embed, gain="model.norm.weight")
-        self.final_gain = self._gain("model.norm.weight")
-        self.head = Linear(self.head_weight)
+        head_weight = self._w(head if head in tensors else embed, gain="model.norm.weight")
+        self.final = self._norm("model.norm.weight")
+        self.head = Linear(head_weight)
+        # oneDNN's layout can't give rows back: keep the matrix for `head_rows`.
+        self._head_weight = head_weight if self.head.kernel is None else None
         self.layers = [self._layer(f"model.layers.{i}.") for i in range(self.num_layers)]
         self.rope = _rope_table(c, self.head_dim, self.device)
         del self._tensors
@@ -203,6 +224,9 @@ class Model:
         g = self._tensors[name].to(self._dtype).float()
         return (g * g.shape[-1] ** 0.5).to(self.device)
 
+    def _norm(self, name: str) -> Norm:
+        return Norm(self._gain(name), self.n_eps)
+
     def _vector(self, name: str) -> torch.Tensor | None:
         """Biases and q/k norms: small, kept in the compute dtype."""
         if name not in self._tensors:
@@ -221,13 +245,13 @@ class Model:
             qb, kb, vb = (self._vector(a + f"{x}_proj.bias") for x in "qkv")
             bias = torch.cat([interleave_halves(qb, H), interleave_halves(kb, KV), vb])
         q_norm, k_norm = self._vector(a + "q_norm.weight"), self._vector(a + "k_norm.weight")
+        gate, up = (self._w(m + f"{x}_proj.weight", mlp_gain) for x in ("gate", "up"))
         return Layer(
-            attn_gain=self._gain(attn_gain),
-            mlp_gain=self._gain(mlp_gain),
+            attn_norm=self._norm(attn_gain),
+            mlp_norm=self._norm(mlp_gain),
             qkv=Linear(torch.cat([q, k, v]), bias),
             o=Linear(self._w(a + "o_proj.weight")),
-            gate=Linear(self._w(m + "gate_proj.weight", mlp_gain)),
-            up=Linear(self._w(m + "up_proj.weight", mlp_gain)),
+            gate_up=Linear(torch.cat([gate, up]), swiglu=True),
             down=Linear(self._w(m + "down_proj.weight")),
             q_norm=None if q_norm is None else interleave_halves(q_norm, 1),
             k_norm=None if k_norm is None else interleave_halves(k_norm, 1),
@@ -235,10 +259,6 @@ class Model:
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.embedding(tokens, self.embed).to(self.dtype)
-
-    def _norm(self, h: torch.Tensor, gain: torch.Tensor | None) -> torch.Tensor:
-        x = normalize(h, self.n_eps)
-        return x if gain is None else x * gain
 
     def run_layers(
         self,
@@ -253,19 +273,25 @@ class Model:
         """Run layers [start, end) on hidden states `[T, hidden]`, skipping what `plan` says.
         `bulk`: many tokens at once (prefill), where throughput matters more than the
         few-row kernels."""
-        rope = self.rope[batch.positions][:, None]
+        rope = self.rope[batch.positions]
         for i in range(start, self.num_layers if end is None else end):
             layer = self.layers[i]
             if i not in plan.skip_attn:
                 h = self._attention(layer, h, batch, kv_cache[i], rope, bulk)
             if i not in plan.skip_mlp:
-                x = self._norm(h, layer.mlp_gain)
-                h = layer.down.add(layer.up.mul(x, layer.gate.silu(x, bulk), bulk), h, bulk)
+                h = layer.down.add(layer.gate_up.swiglu(h, bulk, layer.mlp_norm), h, bulk)
         return h
 
     def _attention(self, layer: Layer, h, batch, kv_cache, rope, bulk: bool) -> torch.Tensor:
         T, H, KV, D = h.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = layer.qkv(self._norm(h, layer.attn_gain), bulk)
+        qkv = layer.qkv(h, bulk, layer.attn_norm)
+        if batch.mask is None and kv_cache.device.type == "cpu" and layer.q_norm is None:
+            # A batch built for our CPU kernel: RoPE, the KV write and attention in one op.
+            heads = (H, KV, D)
+            out = cpu_attention.rope_attention(
+                qkv, kv_cache, batch, torch.view_as_real(rope), heads, self.scale
+            )
+            return layer.o.add(out, h, bulk)
         qk = qkv[:, : (H + KV) * D].view(T, H + KV, D)
         if layer.q_norm is not None:
             qk = torch.cat(
@@ -275,7 +301,9 @@ class Model:
                 ),
                 1,
             )
-        qk = torch.view_as_real(torch.view_as_complex(qk.view(T, H + KV, D // 2, 2)) * rope)
+        qk = torch.view_as_real(
+            torch.view_as_complex(qk.view(T, H + KV, D // 2, 2)) * rope[:, None]
+        )
         qk = qk.view(T, (H + KV) * D)
         write_kv(kv_cache, batch, torch.cat((qk[:, H * D :], qkv[:, (H + KV) * D :]), 1))
         q = qk[:, : H * D].view(T, H, D)
@@ -283,11 +311,16 @@ class Model:
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         """The last RMSNorm (its gain may be folded into the head's weights)."""
-        return self._norm(h, self.final_gain)
+        return self.final(h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and the full LM head: `[T, vocab]` in float32."""
-        return self.head(self.final_norm(h)).float()
+        return self.head(h, norm=self.final).float()
+
+    def head_rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows `index` of the LM head's matrix (final norm's gain folded in where `fold`)."""
+        rows = self.head.rows(index)
+        return self._head_weight[index] if rows is None else rows
 
 
 def _uses_window(config) -> bool:

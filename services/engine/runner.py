@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from numpy.lib.stride_tricks import sliding_window_view
 
+from kernels import cpu_attention
 from kernels.attention import AttentionBatch
 from services.engine.kv_pool import KVPool
 from services.engine.model import FULL, LayerPlan, Linear, Model
@@ -88,8 +89,14 @@ class ModelRunner:
         self._low_head: tuple[int, Linear] | None = None
         self.timing = Timing()
         self.costs = Costs()
+        # Passes of a few tokens per sequence attend through our CPU kernel where it runs.
+        self._cpu_attention = (
+            pool.kv[0].device.type == "cpu"
+            and pool.kv[0].dtype == torch.float32
+            and cpu_attention.available()
+        )
 
-    def _batch(self, seqs: list[Sequence], starts: list[int], lengths: list[int]):
+    def _batch(self, seqs: list[Sequence], starts: list[int], lengths: list[int], bulk=False):
         return AttentionBatch.build(
             [s.table.blocks for s in seqs],
             starts,
@@ -97,6 +104,7 @@ class ModelRunner:
             self.pool.block_size,
             sliding_window=self.model.sliding_window,
             device=self.model.device,
+            reference=False if self._cpu_attention and not bulk else None,
         )
 
     def _tensor(self, ids: list[int]) -> torch.Tensor:
@@ -111,9 +119,10 @@ class ModelRunner:
         a = seq.table.num_tokens
         b = min(n, a + chunk)
         seq.table.reserve(b)
-        batch = self._batch([seq], [a], [b - a])
+        bulk = b - a > BULK_TOKENS
+        batch = self._batch([seq], [a], [b - a], bulk)
         h = self.model.embed_tokens(self._tensor(seq.prompt[a:b]))
-        h = self.model.run_layers(h, batch, self.pool.kv, bulk=b - a > BULK_TOKENS)
+        h = self.model.run_layers(h, batch, self.pool.kv, bulk=bulk)
         seq.table.commit(b)
         if b < n:
             return None
@@ -250,10 +259,13 @@ class ModelRunner:
         if shortlist <= 0 or shortlist >= model.vocab_size:
             return lambda h: (model.logits(h), None)
         if self._low_head is None or self._low_head[0] != shortlist:
-            self._low_head = (shortlist, Linear(model.head_weight[:shortlist].contiguous()))
+            self._low_head = (
+                shortlist,
+                Linear(model.head_rows(torch.arange(shortlist, device=model.device))),
+            )
         low = self._low_head[1]
         extra = self._tensor(sorted({t for s in seqs for t in s.tokens if t >= shortlist}))
-        extra_w = model.head_weight[extra]
+        extra_w = model.head_rows(extra)
         ids = torch.cat((torch.arange(shortlist, device=model.device), extra))
 
         def short(h):

@@ -1,0 +1,397 @@
+"""Paged attention for a few new tokens per sequence on x86 CPUs with AVX2 and FMA.
+
+Decode and verification passes attend 1 to a few dozen new queries per sequence over
+the whole KV pool. The PyTorch reference gathers every key through the block table,
+pads and masks, and runs SDPA; for a few queries its fixed cost is most of the work.
+This kernel reads keys and values in place through the block table instead. A unit of
+work is one query, one KV head (its query heads take turns on each chunk of keys while
+it is in L1) and one split of 256 key positions; units are spread over OpenMP threads
+and each query's splits are merged in order, as flash-decoding does.
+
+Row invariance: a query's output depends only on that query, its position and the
+keys and values at positions up to it, bit for bit, whatever else is in the pass,
+how many queries it holds and however the work is split among threads. Splits start
+at multiples of 256 positions; within one, scores come 8 keys at a time (8-lane dot
+products summed in a fixed tree), their exponentials elementwise, the normaliser as 8
+lane sums in key order then a fixed tree, the weighted values in key order. So
+decoding one token and verifying it among drafted tokens give the same bits, which
+keeps drafting exact.
+
+The pool holds float32 `[slots, 2 * kv_heads * head_dim]`, keys then values. The C++
+source is compiled on first use (`kernels.cpu_build`) into a Python module.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.cpu_build import InlineExtension
+
+__all__ = ["available", "unavailable_reason", "paged_attention", "rope_attention"]
+
+_SOURCE = r"""
+#include <immintrin.h>
+#include <omp.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace {
+
+static inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 0x55));
+  return _mm_cvtss_f32(s);
+}
+
+// exp(x) for x <= 0 (Cephes' expf polynomial), 0 below -87: padding at -inf adds nothing.
+static inline __m256 exp_neg(__m256 x) {
+  const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_GT_OQ);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_floor_ps(
+      _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
+}
+
+// The 8 lane sums of 8 vectors, lane i of the result from v[i], each in one fixed tree:
+// ((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7)).
+static inline __m256 sum8x8(const __m256* v) {
+  const __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
+  const __m256 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                       _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+struct Args {
+  const float* q;  // [T, H * D], row stride qs
+  int64_t qs;
+  const float* kv;  // [slots, 2 * KV * D]
+  const int32_t* tables;  // [B, nb]
+  int64_t nb, block_size, H, KV, D, window;
+  float scale;
+};
+
+constexpr int64_t CHUNK = 64;  // keys whose values stay in L1 while every head uses them
+constexpr int64_t AHEAD = 16;  // keys ahead to prefetch
+constexpr int64_t SPLIT = 256;  // key positions per unit of work
+
+static inline void prefetch_row(const float* p, int64_t D) {
+  for (int64_t d = 0; d < D; d += 16)
+    _mm_prefetch(reinterpret_cast<const char*>(p + d), _MM_HINT_T0);
+}
+
+struct Scratch {
+  std::vector<const float*> keys;  // pool row of each key, padded to a multiple of 8
+  std::vector<float> p;            // per head: scores, then softmax numerators
+};
+
+// Where a unit leaves its softmax over its keys, per head: the top score, the sum of
+// exp(score - top) and the values weighted by them.
+struct Partial {
+  float* top;  // [G]
+  float* sum;  // [G]
+  float* acc;  // [G, D]
+};
+
+// The queries of one row for the heads of KV head `kvh`, over keys lo..hi (positions);
+// `table`: its sequence's blocks. The heads take turns on each chunk of keys, which
+// stays in L1; each head's arithmetic runs in key order whatever the others do.
+static void attend(const Args& a, int64_t row, int64_t kvh, const int32_t* table, int64_t lo,
+                   int64_t hi, Scratch& sc, const Partial& out) {
+  const int64_t D = a.D, D8 = D & ~int64_t(7), G = a.H / a.KV;
+  const int64_t rs = 2 * a.KV * D, bs = a.block_size;
+  const int64_t n = hi - lo + 1, n8 = (n + 7) & ~int64_t(7);
+  const float ninf = -std::numeric_limits<float>::infinity();
+  sc.keys.resize(n8);
+  for (int64_t pos = lo; pos <= hi;) {  // one table lookup per block
+    const int64_t block = pos / bs, end = std::min(hi + 1, (block + 1) * bs);
+    const float* base = a.kv + int64_t(table[block]) * bs * rs + kvh * D;
+    for (; pos < end; ++pos) sc.keys[pos - lo] = base + (pos - block * bs) * rs;
+  }
+  std::fill(sc.keys.begin() + n, sc.keys.end(), sc.keys[0]);  // read, then masked
+  sc.p.resize(G * n8);
+  // Scores 8 keys at a time: 8 independent accumulators, each summed in the fixed tree.
+  for (int64_t j0 = 0; j0 < n8; j0 += 8) {
+    if (kvh == 0 && j0 + AHEAD < n8)  // whole rows, keys and values of every KV head
+      for (int i = 0; i < 8; ++i) prefetch_row(sc.keys[j0 + AHEAD + i], 2 * a.KV * D);
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qv = a.q + row * a.qs + (kvh * G + g) * D;
+      __m256 acc[8];
+      for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < D8; d += 8) {
+        const __m256 x = _mm256_loadu_ps(qv + d);
+        for (int i = 0; i < 8; ++i)
+          acc[i] = _mm256_fmadd_ps(x, _mm256_loadu_ps(sc.keys[j0 + i] + d), acc[i]);
+      }
+      alignas(32) float s[8];
+      _mm256_store_ps(s, sum8x8(acc));
+      for (int i = 0; i < 8; ++i) {
+        for (int64_t d = D8; d < D; ++d) s[i] = std::fma(qv[d], sc.keys[j0 + i][d], s[i]);
+        sc.p[g * n8 + j0 + i] = j0 + i < n ? s[i] * a.scale : ninf;
+      }
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    float* p = sc.p.data() + g * n8;
+    const float top = *std::max_element(p, p + n8);  // a max is exact in any order
+    const __m256 vtop = _mm256_set1_ps(top);
+    __m256 total = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n8; j += 8) {
+      const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(p + j), vtop));
+      _mm256_storeu_ps(p + j, e);
+      total = _mm256_add_ps(total, e);
+    }
+    out.top[g] = top;
+    out.sum[g] = hsum8(total);
+  }
+  // Weighted sums of values, keys in order, one chunk of keys at a time.
+  std::fill(out.acc, out.acc + G * D, 0.0f);
+  for (int64_t c0 = 0; c0 < n; c0 += CHUNK) {
+    const int64_t c1 = std::min(n, c0 + CHUNK);
+    for (int64_t g = 0; g < G; ++g) {
+      const float* p = sc.p.data() + g * n8;
+      float* o = out.acc + g * D;
+      int64_t d0 = 0;
+      for (; d0 + 64 <= D8; d0 += 64) {  // 8 vectors in registers
+        __m256 acc[8];
+        for (int i = 0; i < 8; ++i) acc[i] = _mm256_loadu_ps(o + d0 + 8 * i);
+        for (int64_t j = c0; j < c1; ++j) {
+          const float* v = sc.keys[j] + a.KV * D + d0;
+          const __m256 w = _mm256_set1_ps(p[j]);
+          for (int i = 0; i < 8; ++i)
+            acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * i), acc[i]);
+        }
+        for (int i = 0; i < 8; ++i) _mm256_storeu_ps(o + d0 + 8 * i, acc[i]);
+      }
+      for (; d0 < D8; d0 += 8) {  // what is left, a vector at a time
+        __m256 acc = _mm256_loadu_ps(o + d0);
+        for (int64_t j = c0; j < c1; ++j)
+          acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j]),
+                                _mm256_loadu_ps(sc.keys[j] + a.KV * D + d0), acc);
+        _mm256_storeu_ps(o + d0, acc);
+      }
+      for (int64_t d = D8; d < D; ++d)
+        for (int64_t j = c0; j < c1; ++j) o[d] = std::fma(p[j], sc.keys[j][a.KV * D + d], o[d]);
+    }
+  }
+}
+
+}  // namespace
+
+// Rotates q and k of each new token (RoPE on adjacent pairs: x0 + i x1 times cos + i sin),
+// writes k and v to the token's pool slot, and returns the rotated queries [T, H * D].
+static at::Tensor rope_and_write(const at::Tensor& qkv, const at::Tensor& kv,
+                                 const at::Tensor& rope, const at::Tensor& slots, int64_t H,
+                                 int64_t KV, int64_t D) {
+  const int64_t T = qkv.size(0), half = D / 2, rs = 2 * KV * D;
+  TORCH_CHECK(qkv.size(1) == (H + 2 * KV) * D, "cpu_attention: qkv has ", qkv.size(1),
+              " columns, expected (heads + 2 kv_heads) x head_dim = ", (H + 2 * KV) * D);
+  TORCH_CHECK(D % 2 == 0 && rope.scalar_type() == at::kFloat && rope.is_contiguous() &&
+                  rope.numel() == T * D,
+              "cpu_attention: rope must be contiguous float32 [T, head_dim / 2, 2]");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == T,
+              "cpu_attention: slots must be int64, one per token");
+  at::Tensor q = at::empty({T, H * D}, qkv.options());
+  const float* cs = rope.data_ptr<float>();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  float* pool = kv.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(slot[t] >= 0 && slot[t] < kv.size(0), "cpu_attention: slot outside the pool");
+    const float* x = qkv.data_ptr<float>() + t * qkv.stride(0);
+    const float* c = cs + t * D;
+    float* qt = q.data_ptr<float>() + t * H * D;
+    float* kt = pool + slot[t] * rs;
+    for (int64_t h = 0; h < H + KV; ++h) {
+      float* y = h < H ? qt + h * D : kt + (h - H) * D;
+      const float* xh = x + h * D;
+      for (int64_t i = 0; i < half; ++i) {
+        const float x0 = xh[2 * i], x1 = xh[2 * i + 1], cos = c[2 * i], sin = c[2 * i + 1];
+        y[2 * i] = x0 * cos - x1 * sin;
+        y[2 * i + 1] = x0 * sin + x1 * cos;
+      }
+    }
+    std::copy(x + (H + KV) * D, x + (H + 2 * KV) * D, kt + KV * D);
+  }
+  return q;
+}
+
+// Attention of new queries over the pool. With `rope` and `slots`, `q` is the fused qkv
+// projection [T, (H + 2 KV) * D]: q and k are rotated and k and v written first.
+at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& kv,
+                           const std::optional<at::Tensor>& rope,
+                           const std::optional<at::Tensor>& slots, const at::Tensor& tables,
+                           const at::Tensor& starts, const at::Tensor& q_lens,
+                           const at::Tensor& q_offsets, int64_t block_size, int64_t num_heads,
+                           int64_t num_kv_heads, int64_t head_dim, double scale, int64_t window) {
+  TORCH_CHECK(q_in.dim() == 2 && q_in.scalar_type() == at::kFloat && q_in.stride(1) == 1,
+              "cpu_attention: q must be float32 [T, columns] with contiguous rows");
+  TORCH_CHECK(kv.dim() == 2 && kv.scalar_type() == at::kFloat && kv.is_contiguous() &&
+                  kv.size(1) == 2 * num_kv_heads * head_dim,
+              "cpu_attention: the pool must be contiguous float32 [slots, ",
+              2 * num_kv_heads * head_dim, "], got ", kv.sizes(), " ", kv.scalar_type());
+  const int64_t T = q_in.size(0), H = num_heads, B = tables.size(0);
+  TORCH_CHECK(H > 0 && num_kv_heads > 0 && H % num_kv_heads == 0, "cpu_attention: ", H,
+              " heads do not share ", num_kv_heads, " KV heads evenly");
+  TORCH_CHECK(rope.has_value() == slots.has_value(), "cpu_attention: rope and slots go together");
+  at::Tensor q = q_in;
+  if (rope.has_value()) {
+    q = rope_and_write(q_in, kv, *rope, *slots, H, num_kv_heads, head_dim);
+  } else {
+    TORCH_CHECK(q.size(1) == H * head_dim, "cpu_attention: q has ", q.size(1),
+                " columns, not heads x head_dim = ", H * head_dim);
+  }
+  for (const at::Tensor* t : {&tables, &starts, &q_lens, &q_offsets})
+    TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous() && t->size(0) == B,
+                "cpu_attention: tables, starts, q_lens and q_offsets: int32, one per sequence");
+  Args a{q.data_ptr<float>(), q.stride(0), kv.data_ptr<float>(), tables.data_ptr<int32_t>(),
+         tables.size(1), block_size, H, num_kv_heads, head_dim, window,
+         static_cast<float>(scale)};
+  at::Tensor out = at::empty({T, H * head_dim}, q.options());
+  // One unit per (query, head): its sequence and position.
+  const int32_t* st = starts.data_ptr<int32_t>();
+  const int32_t* ql = q_lens.data_ptr<int32_t>();
+  const int32_t* qo = q_offsets.data_ptr<int32_t>();
+  std::vector<int64_t> seq_of(T, -1), pos_of(T, 0);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < ql[b]; ++i) {
+      const int64_t row = qo[b] + i;
+      TORCH_CHECK(row >= 0 && row < T, "cpu_attention: q_offsets/q_lens overrun ", T, " rows");
+      seq_of[row] = b;
+      pos_of[row] = st[b] + i;
+      TORCH_CHECK(pos_of[row] / block_size < a.nb, "cpu_attention: position past the table");
+    }
+  for (int64_t row = 0; row < T; ++row)
+    TORCH_CHECK(seq_of[row] >= 0, "cpu_attention: row ", row, " belongs to no sequence");
+  // Units of work: (query, KV head, key split), splits at multiples of SPLIT positions,
+  // so a query's splits do not depend on the rest of the pass.
+  // A unit's partial result goes to slot (query, KV head, split); the units run split by
+  // split, the KV heads of a split one after another: the first reads whole pool rows
+  // into cache for the others.
+  struct Unit {
+    int64_t row, kvh, lo, hi, slot;
+  };
+  std::vector<Unit> units;
+  std::vector<int64_t> first(T * num_kv_heads + 1);  // slots of (query, KV head) start here
+  for (int64_t row = 0, base = 0; row < T; ++row) {
+    const int64_t pos = pos_of[row];
+    const int64_t lo = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
+    const int64_t splits = pos / SPLIT - lo / SPLIT + 1;
+    for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh)
+      first[row * num_kv_heads + kvh] = base + kvh * splits;
+    for (int64_t i = 0, k0 = lo; i < splits; ++i, k0 = (k0 / SPLIT + 1) * SPLIT)
+      for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh)
+        units.push_back({row, kvh, k0, std::min(pos, (k0 / SPLIT + 1) * SPLIT - 1),
+                         base + kvh * splits + i});
+    base += num_kv_heads * splits;
+  }
+  first.back() = units.size();
+  const int64_t U = units.size(), G = H / num_kv_heads, D = head_dim;
+  std::vector<float> tops(U * G), sums(U * G), accs(U * G * D);
+  int nt = static_cast<int>(std::min<int64_t>(std::max(1, at::get_num_threads()), U));
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    Scratch scratch;
+#pragma omp for schedule(static)
+    for (int64_t u = 0; u < U; ++u) {
+      const Unit& w = units[u];
+      const int64_t k = w.slot;
+      const Partial part{&tops[k * G], &sums[k * G], &accs[k * G * D]};
+      attend(a, w.row, w.kvh, a.tables + seq_of[w.row] * a.nb, w.lo, w.hi, scratch, part);
+    }
+  }
+  // Each (query, head): its splits merged in order.
+  float* o = out.data_ptr<float>();
+  for (int64_t rk = 0; rk < T * num_kv_heads; ++rk) {
+    const int64_t row = rk / num_kv_heads, kvh = rk % num_kv_heads;
+    for (int64_t g = 0; g < G; ++g) {
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t u = first[rk]; u < first[rk + 1]; ++u) top = std::max(top, tops[u * G + g]);
+      float total = 0.0f;
+      float* y = o + row * H * D + (kvh * G + g) * D;
+      std::fill(y, y + D, 0.0f);
+      for (int64_t u = first[rk]; u < first[rk + 1]; ++u) {
+        const float scale = std::exp(tops[u * G + g] - top);
+        total = std::fma(sums[u * G + g], scale, total);
+        const float* acc = &accs[(u * G + g) * D];
+        for (int64_t d = 0; d < D; ++d) y[d] = std::fma(acc[d], scale, y[d]);
+      }
+      const float inv = 1.0f / total;
+      for (int64_t d = 0; d < D; ++d) y[d] *= inv;
+    }
+  }
+  return out;
+}
+"""
+
+_EXT = InlineExtension("selfspec_cpu_attention", _SOURCE, ["paged_attention"])
+
+
+def available() -> bool:
+    """True when the kernel runs here: AVX2 and FMA, and the extension builds. Never raises."""
+    return _EXT.available()
+
+
+def unavailable_reason() -> str | None:
+    """Why `available()` is False (after calling it), or None."""
+    return _EXT.unavailable_reason()
+
+
+def paged_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, batch, num_kv_heads: int, scale: float
+) -> torch.Tensor:
+    """Attention of new queries `[T, H, D]` over the pool (an `AttentionBatch` says where
+    they sit); returns `[T, H * D]`, as `kernels.attention.paged_attention` does."""
+    T, H, D = q.shape
+    return _call(q.reshape(T, H * D), kv_cache, None, None, batch, (H, num_kv_heads, D), scale)
+
+
+def rope_attention(
+    qkv: torch.Tensor,
+    kv_cache: torch.Tensor,
+    batch,
+    rope: torch.Tensor,
+    heads: tuple[int, int, int],
+    scale: float,
+) -> torch.Tensor:
+    """The whole attention step of new tokens from the fused projection `qkv`
+    `[T, (H + 2 KV) * D]` (q and k rows in RoPE's adjacent pairs): rotate q and k by
+    `rope` (`[T, D / 2, 2]`, cos and sin), write k and v to the tokens' slots, attend.
+    `heads` is (H, KV, D). Returns `[T, H * D]`."""
+    return _call(qkv, kv_cache, rope, batch.slots, batch, heads, scale)
+
+
+def _call(q, kv_cache, rope, slots, batch, heads: tuple[int, int, int], scale: float):
+    H, KV, D = heads
+    return _EXT.ops().paged_attention(
+        q,
+        kv_cache,
+        rope,
+        slots,
+        batch.tables,
+        batch.starts,
+        batch.q_lens,
+        batch.q_offsets,
+        batch.block_size,
+        H,
+        KV,
+        D,
+        scale,
+        batch.sliding_window or 0,
+    )

@@ -1,0 +1,113 @@
+"""Building our C++ CPU kernels: compiled on first use, cached, never fatal.
+
+Each kernel module hands its C++ source to an `InlineExtension`, which compiles it with
+`torch.utils.cpp_extension.load_inline` the first time its functions are asked for
+(cached in torch's extension directory; needs a C++ compiler and `ninja`) into a
+Python module: a pybind11 call costs about a microsecond, a quarter of a call through
+PyTorch's dispatcher, and a decode step makes some 150. When it can't be built here (no
+AVX2 or FMA, no compiler, `SELFSPEC_NO_CPU_KERNEL` set), `available()` says False and
+`unavailable_reason()` says why; callers fall back to PyTorch.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import threading
+
+import torch
+
+__all__ = ["InlineExtension"]
+
+
+def _cpu_supported() -> str | None:
+    """None when this CPU has AVX2 and FMA, else why not."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    missing = {"avx2", "fma"} - flags
+                    return f"CPU lacks {', '.join(sorted(missing))}" if missing else None
+    except OSError:
+        pass
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap in ("AVX2", "AVX512"):
+        return None  # every x86 CPU with AVX2 that PyTorch dispatches to also has FMA
+    return f"CPU capability is {cap}, not AVX2"
+
+
+def _find_ninja() -> str | None:
+    """None when ninja can be run, else why not. torch runs `ninja` from PATH: add the
+    venv's bin folder (where the `ninja` PyPI package puts it) when PATH lacks it."""
+    if shutil.which("ninja"):
+        return None
+    dirs = [os.path.dirname(sys.executable)]
+    try:
+        import ninja  # type: ignore[import-not-found]
+
+        dirs.append(getattr(ninja, "BIN_DIR", ""))
+    except ImportError:
+        pass
+    for d in dirs:
+        if d and shutil.which("ninja", path=d):
+            os.environ["PATH"] = d + os.pathsep + os.environ.get("PATH", "")
+            return None
+    return "ninja not found (pip install ninja)"
+
+
+class InlineExtension:
+    """One C++ source with AVX2 and OpenMP, exposing `functions` to Python."""
+
+    def __init__(self, name: str, source: str, functions: list[str]) -> None:
+        self.name = name
+        self.source = source
+        self.functions = functions
+        self._lock = threading.Lock()
+        self._ops = None
+        self._error: str | None = None
+
+    def ops(self):
+        """The module, built on first call; raises RuntimeError when it can't be."""
+        if self._ops is not None:
+            return self._ops
+        with self._lock:
+            if self._ops is None and self._error is None:
+                self._error = self._build()
+        if self._ops is None:
+            raise RuntimeError(f"{self.name} unavailable: {self._error}")
+        return self._ops
+
+    def _build(self) -> str | None:
+        if os.environ.get("SELFSPEC_NO_CPU_KERNEL"):
+            return "disabled by SELFSPEC_NO_CPU_KERNEL"
+        reason = _cpu_supported() or _find_ninja()
+        if reason is not None:
+            return reason
+        try:
+            from torch.utils.cpp_extension import load_inline
+
+            self._ops = load_inline(
+                name=self.name,
+                cpp_sources=[self.source],
+                functions=self.functions,
+                extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                verbose=False,
+            )
+        except Exception as e:  # any build failure means "unavailable"
+            return f"build failed: {type(e).__name__}: {str(e)[-2000:]}"
+        return None
+
+    def available(self) -> bool:
+        """True when the functions run here. Never raises."""
+        try:
+            self.ops()
+            return True
+        except Exception:
+            return False
+
+    def unavailable_reason(self) -> str | None:
+        """Why `available()` is False (after calling it), or None."""
+        return None if self.available() else self._error

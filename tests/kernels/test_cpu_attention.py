@@ -1,0 +1,84 @@
+"""The CPU paged attention kernel against the reference, and its row invariance.
+
+Reuses the Triton tests' cases: pool slots no sequence owns hold NaN, so a kernel that
+reads past a sequence's keys fails.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import attention, cpu_attention
+from kernels.attention import AttentionBatch
+from tests.kernels.test_paged_attention import CASES, Case, _reference, _setup
+
+pytestmark = pytest.mark.skipif(
+    not cpu_attention.available(),
+    reason=f"cpu_attention kernel unavailable: {cpu_attention.unavailable_reason()}",
+)
+
+
+def _kernel_batch(tables, starts, lens, case: Case) -> AttentionBatch:
+    return AttentionBatch.build(
+        tables, starts, lens, case.block_size, sliding_window=case.window, reference=False
+    )
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_matches_reference(case: Case) -> None:
+    q, pool, tables, ref_batch = _setup(case, torch.float32)
+    batch = _kernel_batch(tables, list(case.starts), list(case.lens), case)
+    got = attention.paged_attention(q, pool, batch, case.kv_heads, case.head_dim**-0.5)
+    torch.testing.assert_close(got, _reference(q, pool, ref_batch, case), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("window", [None, 300])
+def test_long_context_matches_reference(window: int | None) -> None:
+    """Several splits of 256 keys, merged; with a window that starts inside a split."""
+    case = Case(
+        "long", (1500, 40), (3, 1), heads=9, kv_heads=3, head_dim=64, block_size=16, window=window
+    )
+    q, pool, tables, ref_batch = _setup(case, torch.float32, seed=2)
+    q = q * 4  # sharper softmax: large score gaps exercise the exponential's range
+    batch = _kernel_batch(tables, list(case.starts), list(case.lens), case)
+    got = attention.paged_attention(q, pool, batch, case.kv_heads, 0.125)
+    torch.testing.assert_close(got, _reference(q, pool, ref_batch, case), rtol=2e-5, atol=2e-5)
+
+
+def test_row_invariant() -> None:
+    """A query's output is bit-identical whatever else is in the pass: a drafted token
+    verified among others equals its decode alone, and the thread count changes nothing."""
+    case = Case("verify", (61, 254, 7), (5, 4, 1), heads=8, kv_heads=2, head_dim=40)
+    q, pool, tables, _ = _setup(case, torch.float32, seed=3)
+    scale = case.head_dim**-0.5
+    full = attention.paged_attention(
+        q, pool, _kernel_batch(tables, [61, 254, 7], [5, 4, 1], case), case.kv_heads, scale
+    )
+    row = 0
+    for i, (start, n) in enumerate(zip(case.starts, case.lens, strict=True)):
+        for j in range(n):
+            batch = _kernel_batch([tables[i]], [start + j], [1], case)
+            alone = attention.paged_attention(q[row : row + 1], pool, batch, case.kv_heads, scale)
+            assert torch.equal(alone[0], full[row]), (i, j)
+            row += 1
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        batch = _kernel_batch(tables, [61, 254, 7], [5, 4, 1], case)
+        one = attention.paged_attention(q, pool, batch, case.kv_heads, scale)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, full)
+
+
+def test_rejects_bad_inputs() -> None:
+    case = Case("decode", (3,), (1,))
+    q, pool, tables, _ = _setup(case, torch.float32)
+    batch = _kernel_batch(tables, [3], [1], case)
+    with pytest.raises(RuntimeError, match="pool must be contiguous float32"):
+        cpu_attention.paged_attention(q, pool.bfloat16(), batch, case.kv_heads, 0.25)
+    with pytest.raises(RuntimeError, match="pool must be"):
+        cpu_attention.paged_attention(q, pool, batch, case.kv_heads + 1, 0.25)
+    with pytest.raises(RuntimeError, match="belongs to no sequence"):
+        cpu_attention.paged_attention(torch.cat([q, q]), pool, batch, case.kv_heads, 0.25)
