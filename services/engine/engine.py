@@ -463,13 +463,13 @@ class Engine:
         proposal = ngram_proposal(seq.tokens, room, cfg.ngram_min, cfg.ngram_max)
         ngram = seq.acceptance("ngram")
         ngram_rates = [ngram.rate(i) for i in range(len(proposal))]
-        _, token_cost = costs.relative("ngram", batch, 0.0)
+        token_cost = costs.extra_costs(batch, room)
         options = [(1.0, 0, "off")]
         if proposal:
             options.append((*best_length(ngram_rates, 0.0, token_cost), "ngram"))
         layer = cfg.layer_mode if self.auto_layer_draft else None
         if layer is not None:
-            draft_cost, token_cost = costs.relative(layer, batch, self._draft_cost_prior)
+            draft_cost, _ = costs.relative(layer, batch, self._draft_cost_prior)
             acc = seq.acceptance(layer)
             rates = [acc.rate(i) for i in range(room)]
             options.append((*best_length(rates, draft_cost, token_cost), layer))

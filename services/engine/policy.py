@@ -63,6 +63,8 @@ class Costs:
     decode: dict[int, float] = field(default_factory=dict)  # verify with no drafts
     per_token: dict[int, float] = field(default_factory=dict)  # each extra verified token
     draft_pass: dict[tuple[str, int], float] = field(default_factory=dict)
+    # What verifying k drafted tokens for every sequence adds to a plain step, per k.
+    verify_extra: dict[tuple[int, int], float] = field(default_factory=dict)
 
     @staticmethod
     def _ema(table: dict, key, value: float, floor: float = 0.0, weight: float = 0.2) -> None:
@@ -82,8 +84,12 @@ class Costs:
         if tokens == batch:
             self._ema(self.decode, b, seconds)
         elif b in self.decode:
-            extra = max(0.0, seconds - self.decode[b]) / (tokens - batch)
-            self._ema(self.per_token, b, extra, floor=0.01 * self.decode[b])
+            extra = max(0.0, seconds - self.decode[b])
+            floor = 0.01 * self.decode[b]
+            self._ema(self.per_token, b, extra / (tokens - batch), floor=floor)
+            k, uneven = divmod(tokens - batch, batch)
+            if not uneven:
+                self._ema(self.verify_extra, (b, k), extra, floor=floor)
 
     def observe_draft(self, mode: str, batch: int, seconds_per_pass: float) -> None:
         self._ema(self.draft_pass, (mode, bucket(batch)), seconds_per_pass)
@@ -115,21 +121,44 @@ class Costs:
         per_token = self.per_token.get(b)
         return draft, (0.02 * b if per_token is None else per_token * b / decode)
 
+    def extra_costs(self, batch: int, length: int) -> list[float]:
+        """What verifying k = 1..length drafted tokens per sequence adds to a plain step,
+        relative to it: as measured at each k where it has been, else k times the average
+        per token. A pass's cost grows faster than its tokens once its products stop being
+        bound by reading the weights; never decreasing in k."""
+        b = bucket(batch)
+        decode = self.decode.get(b)
+        _, per_token = self.relative("ngram", batch, 0.0)
+        out, floor = [], 0.0
+        for k in range(1, length + 1):
+            seen = self.verify_extra.get((b, k)) if decode else None
+            floor = max(floor, k * per_token if seen is None else seen / decode)
+            out.append(floor)
+        return out
+
 
 def best_length(
-    rates: list[float], draft_cost: float | list[float], token_cost: float, min_k: int = 1
+    rates: list[float],
+    draft_cost: float | list[float],
+    token_cost: float | list[float],
+    min_k: int = 1,
 ) -> tuple[float, int]:
     """(expected speedup, k) for k = 0 (plain decoding, speedup 1) or min_k..len(rates):
     tokens per verification over the step's cost, both relative to plain decoding.
-    `draft_cost`: of one draft pass, or of the pass for each position."""
+    `draft_cost`: of one draft pass, or of the pass for each position. `token_cost`: of
+    each verified draft token, or of verifying k of them for each k (`Costs.extra_costs`)."""
     costs = draft_cost if isinstance(draft_cost, list) else [draft_cost] * len(rates)
-    best, tokens, survive, cost = (1.0, 0), 1.0, 1.0, 1.0
-    for k, (a, d) in enumerate(zip(rates, costs, strict=False), start=1):
+    if isinstance(token_cost, list):
+        extra = token_cost
+    else:
+        extra = [k * token_cost for k in range(1, len(rates) + 1)]
+    best, tokens, survive, drafting = (1.0, 0), 1.0, 1.0, 0.0
+    for k, (a, d, e) in enumerate(zip(rates, costs, extra, strict=False), start=1):
         survive *= a
         tokens += survive
-        cost += d + token_cost
+        drafting += d
         if k >= min_k:
-            best = max(best, (tokens / cost, k))
+            best = max(best, (tokens / (1.0 + drafting + e), k))
     return best
 
 

@@ -62,3 +62,28 @@ def test_one_stall_does_not_make_drafting_look_dear_for_good():
     for _ in range(30):  # a lasting change comes through
         costs.observe_verify(1, 3, 0.060)
     assert costs.per_token[1] > 0.015
+
+
+def test_verify_cost_is_measured_per_draft_length():
+    """Verifying 1 extra token is nearly free but more are not (the products turn
+    compute-bound): the policy sees each length's own cost, not the average's line."""
+    from services.engine.policy import Costs, best_length
+
+    costs = Costs()
+    for _ in range(10):
+        costs.observe_verify(1, 1, 0.010)  # plain steps: 10 ms
+        for k, extra_ms in ((1, 0.5), (2, 5.0), (3, 7.0), (4, 9.0)):
+            costs.observe_verify(1, 1 + k, 0.010 + extra_ms / 1e3)
+    extra = costs.extra_costs(1, 6)
+    assert [round(e, 2) for e in extra[:4]] == [0.05, 0.5, 0.7, 0.9]
+    assert extra[5] >= extra[4] >= extra[3]  # unmeasured: never below a shorter draft
+    rates = [0.7] * 4
+    # The line through the average per-token cost makes long drafts look best; the
+    # measured costs say 1 is (1.7 tokens for 1.05 steps).
+    _, straight = best_length(rates, 0.0, costs.relative("ngram", 1, 0.0)[1])
+    gain, k = best_length(rates, 0.0, extra)
+    assert straight > 1 and k == 1 and abs(gain - 1.7 / 1.05) < 0.01
+    # A batch of 2 whose sequences drafted different lengths counts only in the average.
+    costs.observe_verify(2, 2, 0.012)
+    costs.observe_verify(2, 5, 0.020)
+    assert (2, 1) not in costs.verify_extra and 2 in costs.per_token

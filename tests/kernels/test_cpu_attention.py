@@ -82,3 +82,27 @@ def test_rejects_bad_inputs() -> None:
         cpu_attention.paged_attention(q, pool, batch, case.kv_heads + 1, 0.25)
     with pytest.raises(RuntimeError, match="belongs to no sequence"):
         cpu_attention.paged_attention(torch.cat([q, q]), pool, batch, case.kv_heads, 0.25)
+
+
+def test_rope_attention_matches_the_separate_steps() -> None:
+    """RoPE, the KV write and attention in one call equal the PyTorch steps one by one."""
+    case = Case("verify", (20, 9), (3, 2), heads=6, kv_heads=2, head_dim=16, block_size=4)
+    _, pool, tables, ref_batch = _setup(case, torch.float32, seed=4)
+    pool = torch.nan_to_num(pool, nan=0.0)
+    H, KV, D, T = case.heads, case.kv_heads, case.head_dim, sum(case.lens)
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(T, (H + 2 * KV) * D, generator=g)
+    angle = torch.rand(T, D // 2, generator=g) * 6.3
+    rope = torch.polar(torch.ones_like(angle), angle)  # [T, D / 2] complex
+    turned = torch.view_as_complex(qkv[:, : (H + KV) * D].reshape(T, H + KV, D // 2, 2))
+    qk = torch.view_as_real(turned * rope[:, None]).reshape(T, (H + KV) * D)
+    want_pool = pool.clone()
+    attention.write_kv(want_pool, ref_batch, torch.cat((qk[:, H * D :], qkv[:, (H + KV) * D :]), 1))
+    q = qk[:, : H * D].reshape(T, H, D)
+    want = attention.paged_attention_reference(q, want_pool, ref_batch, KV, D**-0.5)
+    batch = _kernel_batch(tables, list(case.starts), list(case.lens), case)
+    got = cpu_attention.rope_attention(
+        qkv, pool, batch, torch.view_as_real(rope).contiguous(), (H, KV, D), D**-0.5
+    )
+    torch.testing.assert_close(pool, want_pool, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
