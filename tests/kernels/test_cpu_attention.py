@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_paged_attention import CASES, Case, _reference, _setup  # same folder: on sys.path
 
 from kernels import attention, cpu_attention
 from kernels.attention import AttentionBatch
-from tests.kernels.test_paged_attention import CASES, Case, _reference, _setup
 
 pytestmark = pytest.mark.skipif(
     not cpu_attention.available(),
