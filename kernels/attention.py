@@ -134,11 +134,17 @@ def paged_attention(
         from kernels.paged_attention import paged_attention as triton_attention
 
         return triton_attention(q, kv_cache, batch, num_kv_heads, scale)
-    if batch.mask is None and kv_cache.device.type == "cpu":
+    if on_cpu_kernel(batch, kv_cache):
         from kernels import cpu_attention
 
         return cpu_attention.paged_attention(q, kv_cache, batch, num_kv_heads, scale)
     return paged_attention_reference(q, kv_cache, batch, num_kv_heads, scale)
+
+
+def on_cpu_kernel(batch: AttentionBatch, kv_cache: torch.Tensor) -> bool:
+    """Whether this pass goes to `kernels.cpu_attention`: a CPU pool and a batch built
+    without the reference's fields."""
+    return batch.mask is None and kv_cache.device.type == "cpu"
 
 
 def paged_attention_reference(

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import cpu_attention, cpu_linear
-from kernels.attention import AttentionBatch, paged_attention, write_kv
+from kernels.attention import AttentionBatch, on_cpu_kernel, paged_attention, write_kv
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +285,7 @@ class Model:
     def _attention(self, layer: Layer, h, batch, kv_cache, rope, bulk: bool) -> torch.Tensor:
         T, H, KV, D = h.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = layer.qkv(h, bulk, layer.attn_norm)
-        if batch.mask is None and kv_cache.device.type == "cpu" and layer.q_norm is None:
+        if on_cpu_kernel(batch, kv_cache) and layer.q_norm is None:
             # A batch built for our CPU kernel: RoPE, the KV write and attention in one op.
             heads = (H, KV, D)
             out = cpu_attention.rope_attention(
