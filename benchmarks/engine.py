@@ -19,6 +19,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -66,6 +67,8 @@ class Group:
     kinds: frozenset[str]
     tokens: int
     seconds: float
+    verify_s: float = 0.0  # the engine's full-model passes within the group
+    verify_passes: int = 0
 
 
 @dataclass
@@ -208,24 +211,34 @@ def run_system(
     max_tokens: int,
     engine: Engine,
     progress: Progress,
+    probe: Callable[[], None] | None = None,
 ) -> Run:
-    """Warm up on a short prompt, then time every group of `batch_size` prompts."""
+    """Warm up on a short prompt, then time every group of `batch_size` prompts;
+    `probe` runs before each group and after the last, outside the timings."""
     warmup = engine.encode(WARMUP_PROMPT, chat=True)
     generate([warmup] * batch_size, WARMUP_TOKENS)
-    engine.runner.timing.reset()
+    timing = engine.runner.timing
+    timing.reset()
     run = Run(name, batch_size)
     for group in chunks(prompts, batch_size):
+        if probe:
+            probe()
+        verify_s, passes = timing.verify_s, timing.verify_passes
         t0 = time.perf_counter()
         outs = generate([p.ids for p in group], max_tokens)
         seconds = time.perf_counter() - t0
         tokens = sum(len(ids) for ids, _ in outs)
         run.outputs += [ids for ids, _ in outs]
         run.stats += [stats for _, stats in outs if stats is not None]
-        run.groups.append(Group(frozenset(p.kind for p in group), tokens, seconds))
+        kinds = frozenset(p.kind for p in group)
+        verify = (timing.verify_s - verify_s, timing.verify_passes - passes)
+        run.groups.append(Group(kinds, tokens, seconds, *verify))
         label = "+".join(dict.fromkeys(p.kind for p in group))
         progress(f"{name} b={batch_size} {label}: {tokens / seconds:.1f} tok/s")
+    if probe:
+        probe()
     if name in ENGINE_SYSTEMS:
-        run.timing = asdict(engine.runner.timing)
+        run.timing = asdict(timing)
     return run
 
 
@@ -290,15 +303,37 @@ def summarize(run: Run, off: Run | None, kinds: list[str], stop: frozenset) -> d
 # -- the machine --------------------------------------------------------------------
 
 
-def memory_bandwidth(repeats: int = 5) -> float:
-    """Bytes per second read by summing a 1 GiB float32 tensor, best of `repeats`."""
-    x = torch.ones(BANDWIDTH_BYTES // 4, dtype=torch.float32)
+def memory_bandwidth(repeats: int = 5, x: torch.Tensor | None = None) -> float:
+    """Bytes per second read by summing a 1 GiB float32 tensor (or `x`), best of `repeats`."""
+    if x is None:
+        x = torch.ones(BANDWIDTH_BYTES // 4, dtype=torch.float32)
     best = math.inf
     for _ in range(repeats):
         t0 = time.perf_counter()
         x.sum().item()
         best = min(best, time.perf_counter() - t0)
-    return BANDWIDTH_BYTES / best
+    return x.numel() * x.element_size() / best
+
+
+class BandwidthProbe:
+    """Memory bandwidth sampled between the groups of the run that the roofline reads.
+
+    On a shared machine the bandwidth a run gets moves with its neighbours' load, by a
+    third from one run to the next here: sampled in between, the bound and the step it
+    is set against see the same neighbours."""
+
+    def __init__(self, repeats: int = 3) -> None:
+        self.repeats = repeats
+        self.samples: list[float] = []
+        self._x: torch.Tensor | None = None
+
+    def __call__(self) -> None:
+        if self._x is None:
+            self._x = torch.ones(BANDWIDTH_BYTES // 4, dtype=torch.float32)
+        self.samples.append(memory_bandwidth(self.repeats, self._x))
+
+    def release(self) -> None:
+        self._x = None
 
 
 def cpu_model() -> str:
@@ -324,16 +359,25 @@ def machine_info() -> dict:
     }
 
 
-def roofline(bandwidth: float, weight_bytes: int, results: dict) -> dict:
-    """How far the plain decode step at batch 1 is from reading every weight once."""
-    bound_ms = 1e3 * weight_bytes / bandwidth
-    step_ms = results.get("1", {}).get("off", {}).get("verify_step_ms")
+def roofline(samples: list[float], weight_bytes: int, off: Run | None, kinds: list[str]) -> dict:
+    """How far the plain decode step at batch 1 is from reading every weight once, at the
+    median bandwidth sampled between that run's groups."""
+    bandwidth = statistics.median(samples) if samples else None
+    bound_ms = 1e3 * weight_bytes / bandwidth if bandwidth else None
+    step_ms = 1e3 * off.timing["verify_s"] / off.timing["verify_passes"] if off else None
+    by_kind = {}
+    for kind in kinds:
+        alone = [g for g in off.groups if g.kinds == {kind}] if off else []
+        passes = sum(g.verify_passes for g in alone)
+        by_kind[kind] = 1e3 * sum(g.verify_s for g in alone) / passes if passes else None
     return {
-        "memory_bandwidth_gb_s": bandwidth / 1e9,
+        "memory_bandwidth_gb_s": bandwidth / 1e9 if bandwidth else None,
+        "memory_bandwidth_samples_gb_s": [b / 1e9 for b in samples],
         "weight_bytes": weight_bytes,
         "weight_read_bound_ms": bound_ms,
         "decode_step_ms_b1": step_ms,
-        "decode_step_over_bound": step_ms / bound_ms if step_ms else None,
+        "decode_step_ms_b1_by_kind": by_kind,
+        "decode_step_over_bound": step_ms / bound_ms if step_ms and bound_ms else None,
     }
 
 
@@ -435,8 +479,11 @@ def runs_for(system: str, batch_size: int) -> bool:
     return not (system == "hf_early_exit" and batch_size > 1)
 
 
-def run_all(engine, args, prompts, gens: dict[str, Generate]) -> dict[str, dict]:
-    """Every system at every batch size; `off` first so the others compare with it."""
+def run_all(
+    engine, args, prompts, gens: dict[str, Generate], probe: BandwidthProbe
+) -> tuple[dict[str, dict], Run | None]:
+    """Every system at every batch size; `off` first so the others compare with it.
+    Returns the results and the run of `off` at batch 1, which `probe` samples around."""
     order = sorted(gens, key=lambda s: s != "off")
     total = sum(
         math.ceil(len(prompts) / b) for s in order for b in args.batch_sizes if runs_for(s, b)
@@ -444,17 +491,23 @@ def run_all(engine, args, prompts, gens: dict[str, Generate]) -> dict[str, dict]
     progress = make_progress(total)
     kinds = list(dict.fromkeys(p.kind for p in prompts))
     results: dict[str, dict] = {}
+    off_b1 = None
     for b in args.batch_sizes:
         off, row = None, {}
         for system in order:
             if not runs_for(system, b):
                 row[system] = {"skipped": HF_BATCH_LIMIT}
                 continue
-            run = run_system(system, gens[system], prompts, b, args.max_tokens, engine, progress)
+            sample = probe if (system, b) == ("off", 1) else None
+            run = run_system(
+                system, gens[system], prompts, b, args.max_tokens, engine, progress, sample
+            )
+            probe.release()
             off = run if system == "off" else off
+            off_b1 = run if sample else off_b1
             row[system] = summarize(run, off, kinds, engine.eos_ids)
         results[str(b)] = {s: row[s] for s in args.systems}
-    return results
+    return results, off_b1
 
 
 def hf_weight_bytes(engine: Engine) -> int:
@@ -476,14 +529,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     machine = machine_info()
     print("measuring memory bandwidth", file=sys.stderr, flush=True)
-    bandwidth = memory_bandwidth()
+    machine["memory_bandwidth_start_gb_s"] = memory_bandwidth() / 1e9
     engine = Engine.from_pretrained(args.model, dtype=args.dtype)
     exit_layer = args.exit_layer
     if exit_layer is None:
         exit_layer = engine.model.num_layers * 3 // 4
     prompts = load_prompts(args.prompts, engine, args.limit)
     gens = generators(engine, args, exit_layer)
-    results = run_all(engine, args, prompts, gens)
+    probe = BandwidthProbe()
+    results, off_b1 = run_all(engine, args, prompts, gens, probe)
     kinds = list(dict.fromkeys(p.kind for p in prompts))
     machine["load_average_end"] = os.getloadavg()
     report = {
@@ -502,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
             "drafts": {s: draft_dict(c) for s, c in draft_configs(engine, exit_layer).items()},
         },
         "machine": machine,
-        "roofline": roofline(bandwidth, hf_weight_bytes(engine), results),
+        "roofline": roofline(probe.samples, hf_weight_bytes(engine), off_b1, kinds),
         "headline": headline(results, kinds),
         "results": results,
         "notes": NOTES,

@@ -270,7 +270,7 @@ def _pool(model: Model, batch_size: int, tokens: int, device) -> KVPool:
         kv_dim=model.kv_dim,
         num_blocks=blocks,
         block_size=BLOCK_SIZE,
-        dtype=model.dtype,  # bfloat16, or float32 on a CPU without bfloat16 arithmetic
+        dtype=model.kv_dtype,  # as the engine keeps it
         device=device,
     )
     for kv in pool.kv:  # cached context: random, as attention's cost does not depend on it

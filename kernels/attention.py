@@ -123,7 +123,7 @@ def write_kv(kv_cache: torch.Tensor, batch: AttentionBatch, kv: torch.Tensor) ->
 
 def write_kv_reference(kv_cache: torch.Tensor, batch: AttentionBatch, kv: torch.Tensor) -> None:
     """What `write_kv` does, on any device."""
-    kv_cache.index_copy_(0, batch.slots, kv)
+    kv_cache.index_copy_(0, batch.slots, kv.to(kv_cache.dtype))
 
 
 def paged_attention(
@@ -159,6 +159,7 @@ def paged_attention_reference(
         q = q.index_select(0, batch.q_index)
     q = q.view(B, Tq, H, D).transpose(1, 2)
     kv = kv_cache.index_select(0, batch.kv_index).view(B, Lk, 2, num_kv_heads, D)
+    kv = kv.to(q.dtype)  # a bfloat16 pool under float32 arithmetic
     k = kv[:, :, 0].transpose(1, 2)
     v = kv[:, :, 1].transpose(1, 2)
     out = F.scaled_dot_product_attention(

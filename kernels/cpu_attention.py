@@ -17,7 +17,9 @@ lane sums in key order then a fixed tree, the weighted values in key order. So
 decoding one token and verifying it among drafted tokens give the same bits, which
 keeps drafting exact.
 
-The pool holds float32 `[slots, 2 * kv_heads * head_dim]`, keys then values. The C++
+The pool holds `[slots, 2 * kv_heads * head_dim]`, keys then values, in float32 or in
+bfloat16 (rounded to nearest even when written, as PyTorch rounds; widened when read),
+which halves the bytes that long contexts read. The C++
 source is compiled on first use (`kernels.cpu_build`) into a Python module.
 """
 
@@ -37,6 +39,7 @@ _SOURCE = r"""
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -79,10 +82,31 @@ static inline __m256 sum8x8(const __m256* v) {
                        _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
+// Pool elements: float32, or bfloat16 kept as its bits (the top half of a float32).
+static inline float get(const float* p) { return *p; }
+static inline float get(const uint16_t* p) {
+  uint32_t bits = uint32_t(*p) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 load8(const uint16_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+static inline void put(float* p, float v) { *p = v; }
+static inline void put(uint16_t* p, float v) {  // round to nearest even, as PyTorch does
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  *p = std::isnan(v) ? uint16_t(0x7FC0) : uint16_t((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+template <typename E>
 struct Args {
   const float* q;  // [T, H * D], row stride qs
   int64_t qs;
-  const float* kv;  // [slots, 2 * KV * D]
+  const E* kv;  // [slots, 2 * KV * D]
   const int32_t* tables;  // [B, nb]
   int64_t nb, block_size, H, KV, D, window;
   float scale;
@@ -92,14 +116,15 @@ constexpr int64_t CHUNK = 64;  // keys whose values stay in L1 while every head 
 constexpr int64_t AHEAD = 16;  // keys ahead to prefetch
 constexpr int64_t SPLIT = 256;  // key positions per unit of work
 
-static inline void prefetch_row(const float* p, int64_t D) {
-  for (int64_t d = 0; d < D; d += 16)
-    _mm_prefetch(reinterpret_cast<const char*>(p + d), _MM_HINT_T0);
+static inline void prefetch_row(const void* p, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64)
+    _mm_prefetch(static_cast<const char*>(p) + b, _MM_HINT_T0);
 }
 
+template <typename E>
 struct Scratch {
-  std::vector<const float*> keys;  // pool row of each key, padded to a multiple of 8
-  std::vector<float> p;            // per head: scores, then softmax numerators
+  std::vector<const E*> keys;  // pool row of each key, padded to a multiple of 8
+  std::vector<float> p;        // per head: scores, then softmax numerators
 };
 
 // Where a unit leaves its softmax over its keys, per head: the top score, the sum of
@@ -113,16 +138,17 @@ struct Partial {
 // The queries of one row for the heads of KV head `kvh`, over keys lo..hi (positions);
 // `table`: its sequence's blocks. The heads take turns on each chunk of keys, which
 // stays in L1; each head's arithmetic runs in key order whatever the others do.
-static void attend(const Args& a, int64_t row, int64_t kvh, const int32_t* table, int64_t lo,
-                   int64_t hi, Scratch& sc, const Partial& out) {
+template <typename E>
+static void attend(const Args<E>& a, int64_t row, int64_t kvh, const int32_t* table, int64_t lo,
+                   int64_t hi, Scratch<E>& sc, const Partial& out) {
   const int64_t D = a.D, D8 = D & ~int64_t(7), G = a.H / a.KV;
-  const int64_t rs = 2 * a.KV * D, bs = a.block_size;
+  const int64_t rs = 2 * a.KV * D, bs = a.block_size, voff = a.KV * D;
   const int64_t n = hi - lo + 1, n8 = (n + 7) & ~int64_t(7);
   const float ninf = -std::numeric_limits<float>::infinity();
   sc.keys.resize(n8);
   for (int64_t pos = lo; pos <= hi;) {  // one table lookup per block
     const int64_t block = pos / bs, end = std::min(hi + 1, (block + 1) * bs);
-    const float* base = a.kv + int64_t(table[block]) * bs * rs + kvh * D;
+    const E* base = a.kv + int64_t(table[block]) * bs * rs + kvh * D;
     for (; pos < end; ++pos) sc.keys[pos - lo] = base + (pos - block * bs) * rs;
   }
   std::fill(sc.keys.begin() + n, sc.keys.end(), sc.keys[0]);  // read, then masked
@@ -130,7 +156,7 @@ static void attend(const Args& a, int64_t row, int64_t kvh, const int32_t* table
   // Scores 8 keys at a time: 8 independent accumulators, each summed in the fixed tree.
   for (int64_t j0 = 0; j0 < n8; j0 += 8) {
     if (kvh == 0 && j0 + AHEAD < n8)  // whole rows, keys and values of every KV head
-      for (int i = 0; i < 8; ++i) prefetch_row(sc.keys[j0 + AHEAD + i], 2 * a.KV * D);
+      for (int i = 0; i < 8; ++i) prefetch_row(sc.keys[j0 + AHEAD + i], rs * sizeof(E));
     for (int64_t g = 0; g < G; ++g) {
       const float* qv = a.q + row * a.qs + (kvh * G + g) * D;
       __m256 acc[8];
@@ -138,12 +164,12 @@ static void attend(const Args& a, int64_t row, int64_t kvh, const int32_t* table
       for (int64_t d = 0; d < D8; d += 8) {
         const __m256 x = _mm256_loadu_ps(qv + d);
         for (int i = 0; i < 8; ++i)
-          acc[i] = _mm256_fmadd_ps(x, _mm256_loadu_ps(sc.keys[j0 + i] + d), acc[i]);
+          acc[i] = _mm256_fmadd_ps(x, load8(sc.keys[j0 + i] + d), acc[i]);
       }
       alignas(32) float s[8];
       _mm256_store_ps(s, sum8x8(acc));
       for (int i = 0; i < 8; ++i) {
-        for (int64_t d = D8; d < D; ++d) s[i] = std::fma(qv[d], sc.keys[j0 + i][d], s[i]);
+        for (int64_t d = D8; d < D; ++d) s[i] = std::fma(qv[d], get(sc.keys[j0 + i] + d), s[i]);
         sc.p[g * n8 + j0 + i] = j0 + i < n ? s[i] * a.scale : ninf;
       }
     }
@@ -173,10 +199,10 @@ static void attend(const Args& a, int64_t row, int64_t kvh, const int32_t* table
         __m256 acc[8];
         for (int i = 0; i < 8; ++i) acc[i] = _mm256_loadu_ps(o + d0 + 8 * i);
         for (int64_t j = c0; j < c1; ++j) {
-          const float* v = sc.keys[j] + a.KV * D + d0;
+          const E* v = sc.keys[j] + voff + d0;
           const __m256 w = _mm256_set1_ps(p[j]);
           for (int i = 0; i < 8; ++i)
-            acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * i), acc[i]);
+            acc[i] = _mm256_fmadd_ps(w, load8(v + 8 * i), acc[i]);
         }
         for (int i = 0; i < 8; ++i) _mm256_storeu_ps(o + d0 + 8 * i, acc[i]);
       }
@@ -184,11 +210,11 @@ static void attend(const Args& a, int64_t row, int64_t kvh, const int32_t* table
         __m256 acc = _mm256_loadu_ps(o + d0);
         for (int64_t j = c0; j < c1; ++j)
           acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j]),
-                                _mm256_loadu_ps(sc.keys[j] + a.KV * D + d0), acc);
+                                load8(sc.keys[j] + voff + d0), acc);
         _mm256_storeu_ps(o + d0, acc);
       }
       for (int64_t d = D8; d < D; ++d)
-        for (int64_t j = c0; j < c1; ++j) o[d] = std::fma(p[j], sc.keys[j][a.KV * D + d], o[d]);
+        for (int64_t j = c0; j < c1; ++j) o[d] = std::fma(p[j], get(sc.keys[j] + voff + d), o[d]);
     }
   }
 }
@@ -197,7 +223,17 @@ static void attend(const Args& a, int64_t row, int64_t kvh, const int32_t* table
 
 // Rotates q and k of each new token (RoPE on adjacent pairs: x0 + i x1 times cos + i sin),
 // writes k and v to the token's pool slot, and returns the rotated queries [T, H * D].
-static at::Tensor rope_and_write(const at::Tensor& qkv, const at::Tensor& kv,
+template <typename E>
+static inline void rotate(const float* x, const float* cos_sin, E* y, int64_t half) {
+  for (int64_t i = 0; i < half; ++i) {
+    const float x0 = x[2 * i], x1 = x[2 * i + 1], cos = cos_sin[2 * i], sin = cos_sin[2 * i + 1];
+    put(y + 2 * i, x0 * cos - x1 * sin);
+    put(y + 2 * i + 1, x0 * sin + x1 * cos);
+  }
+}
+
+template <typename E>
+static at::Tensor rope_and_write(const at::Tensor& qkv, E* pool, int64_t slots_in_pool,
                                  const at::Tensor& rope, const at::Tensor& slots, int64_t H,
                                  int64_t KV, int64_t D) {
   const int64_t T = qkv.size(0), half = D / 2, rs = 2 * KV * D;
@@ -211,48 +247,34 @@ static at::Tensor rope_and_write(const at::Tensor& qkv, const at::Tensor& kv,
   at::Tensor q = at::empty({T, H * D}, qkv.options());
   const float* cs = rope.data_ptr<float>();
   const int64_t* slot = slots.data_ptr<int64_t>();
-  float* pool = kv.data_ptr<float>();
   for (int64_t t = 0; t < T; ++t) {
-    TORCH_CHECK(slot[t] >= 0 && slot[t] < kv.size(0), "cpu_attention: slot outside the pool");
+    TORCH_CHECK(slot[t] >= 0 && slot[t] < slots_in_pool, "cpu_attention: slot outside the pool");
     const float* x = qkv.data_ptr<float>() + t * qkv.stride(0);
     const float* c = cs + t * D;
     float* qt = q.data_ptr<float>() + t * H * D;
-    float* kt = pool + slot[t] * rs;
-    for (int64_t h = 0; h < H + KV; ++h) {
-      float* y = h < H ? qt + h * D : kt + (h - H) * D;
-      const float* xh = x + h * D;
-      for (int64_t i = 0; i < half; ++i) {
-        const float x0 = xh[2 * i], x1 = xh[2 * i + 1], cos = c[2 * i], sin = c[2 * i + 1];
-        y[2 * i] = x0 * cos - x1 * sin;
-        y[2 * i + 1] = x0 * sin + x1 * cos;
-      }
-    }
-    std::copy(x + (H + KV) * D, x + (H + 2 * KV) * D, kt + KV * D);
+    E* kt = pool + slot[t] * rs;
+    for (int64_t h = 0; h < H; ++h) rotate(x + h * D, c, qt + h * D, half);
+    for (int64_t h = 0; h < KV; ++h) rotate(x + (H + h) * D, c, kt + h * D, half);
+    for (int64_t i = 0; i < KV * D; ++i) put(kt + KV * D + i, x[(H + KV) * D + i]);
   }
   return q;
 }
 
-// Attention of new queries over the pool. With `rope` and `slots`, `q` is the fused qkv
-// projection [T, (H + 2 KV) * D]: q and k are rotated and k and v written first.
-at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& kv,
-                           const std::optional<at::Tensor>& rope,
-                           const std::optional<at::Tensor>& slots, const at::Tensor& tables,
-                           const at::Tensor& starts, const at::Tensor& q_lens,
-                           const at::Tensor& q_offsets, int64_t block_size, int64_t num_heads,
-                           int64_t num_kv_heads, int64_t head_dim, double scale, int64_t window) {
-  TORCH_CHECK(q_in.dim() == 2 && q_in.scalar_type() == at::kFloat && q_in.stride(1) == 1,
-              "cpu_attention: q must be float32 [T, columns] with contiguous rows");
-  TORCH_CHECK(kv.dim() == 2 && kv.scalar_type() == at::kFloat && kv.is_contiguous() &&
-                  kv.size(1) == 2 * num_kv_heads * head_dim,
-              "cpu_attention: the pool must be contiguous float32 [slots, ",
-              2 * num_kv_heads * head_dim, "], got ", kv.sizes(), " ", kv.scalar_type());
+template <typename E>
+static at::Tensor attend_pool(E* pool, const at::Tensor& q_in, const at::Tensor& kv,
+                              const std::optional<at::Tensor>& rope,
+                              const std::optional<at::Tensor>& slots, const at::Tensor& tables,
+                              const at::Tensor& starts, const at::Tensor& q_lens,
+                              const at::Tensor& q_offsets, int64_t block_size, int64_t num_heads,
+                              int64_t num_kv_heads, int64_t head_dim, double scale,
+                              int64_t window) {
   const int64_t T = q_in.size(0), H = num_heads, B = tables.size(0);
   TORCH_CHECK(H > 0 && num_kv_heads > 0 && H % num_kv_heads == 0, "cpu_attention: ", H,
               " heads do not share ", num_kv_heads, " KV heads evenly");
   TORCH_CHECK(rope.has_value() == slots.has_value(), "cpu_attention: rope and slots go together");
   at::Tensor q = q_in;
   if (rope.has_value()) {
-    q = rope_and_write(q_in, kv, *rope, *slots, H, num_kv_heads, head_dim);
+    q = rope_and_write(q_in, pool, kv.size(0), *rope, *slots, H, num_kv_heads, head_dim);
   } else {
     TORCH_CHECK(q.size(1) == H * head_dim, "cpu_attention: q has ", q.size(1),
                 " columns, not heads x head_dim = ", H * head_dim);
@@ -260,7 +282,7 @@ at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& kv,
   for (const at::Tensor* t : {&tables, &starts, &q_lens, &q_offsets})
     TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous() && t->size(0) == B,
                 "cpu_attention: tables, starts, q_lens and q_offsets: int32, one per sequence");
-  Args a{q.data_ptr<float>(), q.stride(0), kv.data_ptr<float>(), tables.data_ptr<int32_t>(),
+  Args<E> a{q.data_ptr<float>(), q.stride(0), pool, tables.data_ptr<int32_t>(),
          tables.size(1), block_size, H, num_kv_heads, head_dim, window,
          static_cast<float>(scale)};
   at::Tensor out = at::empty({T, H * head_dim}, q.options());
@@ -307,7 +329,7 @@ at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& kv,
   int nt = static_cast<int>(std::min<int64_t>(std::max(1, at::get_num_threads()), U));
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
-    Scratch scratch;
+    Scratch<E> scratch;
 #pragma omp for schedule(static)
     for (int64_t u = 0; u < U; ++u) {
       const Unit& w = units[u];
@@ -337,6 +359,29 @@ at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& kv,
     }
   }
   return out;
+}
+
+// Attention of new queries over the pool. With `rope` and `slots`, `q` is the fused qkv
+// projection [T, (H + 2 KV) * D]: q and k are rotated and k and v written first.
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& kv,
+                           const std::optional<at::Tensor>& rope,
+                           const std::optional<at::Tensor>& slots, const at::Tensor& tables,
+                           const at::Tensor& starts, const at::Tensor& q_lens,
+                           const at::Tensor& q_offsets, int64_t block_size, int64_t num_heads,
+                           int64_t num_kv_heads, int64_t head_dim, double scale, int64_t window) {
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kFloat && q.stride(1) == 1,
+              "cpu_attention: q must be float32 [T, columns] with contiguous rows");
+  const bool bf16 = kv.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(kv.dim() == 2 && (bf16 || kv.scalar_type() == at::kFloat) && kv.is_contiguous() &&
+                  kv.size(1) == 2 * num_kv_heads * head_dim,
+              "cpu_attention: the pool must be contiguous float32 or bfloat16 [slots, ",
+              2 * num_kv_heads * head_dim, "], got ", kv.sizes(), " ", kv.scalar_type());
+  if (bf16)
+    return attend_pool(reinterpret_cast<uint16_t*>(kv.data_ptr<at::BFloat16>()), q, kv, rope,
+                       slots, tables, starts, q_lens, q_offsets, block_size, num_heads,
+                       num_kv_heads, head_dim, scale, window);
+  return attend_pool(kv.data_ptr<float>(), q, kv, rope, slots, tables, starts, q_lens, q_offsets,
+                     block_size, num_heads, num_kv_heads, head_dim, scale, window);
 }
 """
 

@@ -73,7 +73,7 @@ class Engine:
             num_layers=model.num_layers,
             kv_dim=model.kv_dim,
             block_size=block_size,
-            dtype=model.dtype,
+            dtype=model.kv_dtype,
             device=model.device,
         )
         self.runner = ModelRunner(model, self.pool)

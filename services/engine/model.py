@@ -196,6 +196,9 @@ class Model:
         kernel = dtype != self.dtype and self.device.type == "cpu" and cpu_linear.available()
         self.store_dtype = dtype if kernel else self.dtype
         self.fold = not kernel
+        # The KV cache is kept like the matrices: our CPU attention kernel widens bfloat16
+        # keys and values as it reads them, which halves what long contexts read.
+        self.kv_dtype = self.store_dtype
         # Tied checkpoints may store the shared matrix under either name.
         embed, head = "model.embed_tokens.weight", "lm_head.weight"
         self.embed = self._w(embed if embed in tensors else head)

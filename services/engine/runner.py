@@ -92,7 +92,7 @@ class ModelRunner:
         # Passes of a few tokens per sequence attend through our CPU kernel where it runs.
         self._cpu_attention = (
             pool.kv[0].device.type == "cpu"
-            and pool.kv[0].dtype == torch.float32
+            and model.dtype == torch.float32  # its queries; the pool may be bfloat16
             and cpu_attention.available()
         )
 
