@@ -15,6 +15,7 @@ those for decode and verification passes); everything else runs the reference be
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from dataclasses import dataclass
 
@@ -66,35 +67,42 @@ class AttentionBatch:
         B, Tq = len(starts), max(lengths)
         Lk = max(s + n for s, n in zip(starts, lengths, strict=True))
         nb = -(-Lk // block_size)
-        tables = torch.tensor([t[:nb] + [0] * (nb - len(t[:nb])) for t in block_tables])
-        start = torch.tensor(starts)[:, None]
-        n = torch.tensor(lengths)[:, None]
-        offs = torch.arange(Tq)[None, :]
-        valid = offs < n  # [B, Tq]
-        q_pos = torch.where(valid, start + offs, 0)  # padding rows look at key 0 only
-        positions = q_pos[valid]
-        slots = (tables.gather(1, q_pos // block_size) * block_size + q_pos % block_size)[valid]
+        rows = [t[:nb] + [0] * (nb - len(t[:nb])) for t in block_tables]
+        # Plain Python for the few numbers a decode step needs: a dozen small tensor ops
+        # would cost more than the attention of a short context.
+        positions = [p for s, n in zip(starts, lengths, strict=True) for p in range(s, s + n)]
+        slots = [
+            row[p // block_size] * block_size + p % block_size
+            for row, s, n in zip(rows, starts, lengths, strict=True)
+            for p in range(s, s + n)
+        ]
+        offsets = list(itertools.accumulate(lengths, initial=0))[:-1]
+        tables = torch.tensor(rows, dtype=torch.int32)
         kv_index = mask = q_index = out_index = None
         if reference:
+            start = torch.tensor(starts)[:, None]
+            n = torch.tensor(lengths)[:, None]
+            offs = torch.arange(Tq)[None, :]
+            valid = offs < n  # [B, Tq]
+            q_pos = torch.where(valid, start + offs, 0)  # padding rows look at key 0 only
             key_pos = torch.arange(Lk)
             kv_index = (
-                tables[:, key_pos // block_size] * block_size + key_pos % block_size
+                tables.long()[:, key_pos // block_size] * block_size + key_pos % block_size
             ).flatten()
             mask = key_pos[None, None, :] <= q_pos[:, :, None]
             if sliding_window is not None:
                 mask &= key_pos[None, None, :] > q_pos[:, :, None] - sliding_window
             mask = mask[:, None]
             if not all(x == Tq for x in lengths):
-                flat = torch.cumsum(n.flatten(), 0) - n.flatten()
-                q_index = torch.where(valid, flat[:, None] + offs, 0).flatten()
+                q_index = torch.where(valid, torch.tensor(offsets)[:, None] + offs, 0).flatten()
                 out_index = (torch.arange(B)[:, None] * Tq + offs)[valid]
 
         def dev(x):
             return None if x is None else x.to(device)
 
         return cls(
-            positions=dev(positions),
-            slots=dev(slots),
+            positions=dev(torch.tensor(positions)),
+            slots=dev(torch.tensor(slots)),
             kv_index=dev(kv_index),
             mask=dev(mask),
             q_index=dev(q_index),
@@ -102,10 +110,10 @@ class AttentionBatch:
             batch=B,
             q_len=Tq,
             kv_len=Lk,
-            tables=dev(tables.to(torch.int32)),
-            starts=dev(start.flatten().to(torch.int32)),
-            q_lens=dev(n.flatten().to(torch.int32)),
-            q_offsets=dev((torch.cumsum(n.flatten(), 0) - n.flatten()).to(torch.int32)),
+            tables=dev(tables),
+            starts=dev(torch.tensor(starts, dtype=torch.int32)),
+            q_lens=dev(torch.tensor(lengths, dtype=torch.int32)),
+            q_offsets=dev(torch.tensor(offsets, dtype=torch.int32)),
             block_size=block_size,
             sliding_window=sliding_window,
         )

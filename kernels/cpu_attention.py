@@ -90,10 +90,45 @@ static inline float get(const uint16_t* p) {
   std::memcpy(&f, &bits, 4);
   return f;
 }
-static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-static inline __m256 load8(const uint16_t* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+
+// Columns of a pool row come in blocks of BLOCK<E>. A float32 block is one vector, in
+// column order. A bfloat16 block is 16 columns from one load: the even ones widen by a
+// shift and the odd ones by a mask (no shuffle, which would cap the rate here), so it
+// comes as two vectors, the 8 even columns then the 8 odd ones. Queries and weighted
+// sums are kept in that order (`to_block_order`, `from_block_order`).
+template <typename E>
+constexpr int64_t BLOCK = 8 * int64_t(sizeof(float) / sizeof(E));
+
+static inline void load_block(const float* p, __m256* v) { v[0] = _mm256_loadu_ps(p); }
+static inline void load_block(const uint16_t* p, __m256* v) {
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  v[0] = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+  v[1] = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(int(0xFFFF0000u))));
+}
+
+// The first n columns of x (a multiple of the block) into block order, y = x allowed.
+template <typename E>
+static inline void to_block_order(const float* x, float* y, int64_t n) {
+  float t[16];
+  for (int64_t b = 0; b < n; b += BLOCK<E>) {
+    std::copy(x + b, x + b + BLOCK<E>, t);
+    if constexpr (BLOCK<E> == 8) {
+      std::copy(t, t + 8, y + b);
+    } else {
+      for (int i = 0; i < 8; ++i) y[b + i] = t[2 * i], y[b + 8 + i] = t[2 * i + 1];
+    }
+  }
+}
+
+template <typename E>
+static inline void from_block_order(float* x, int64_t n) {
+  if constexpr (BLOCK<E> == 16) {
+    float t[16];
+    for (int64_t b = 0; b < n; b += 16) {
+      std::copy(x + b, x + b + 16, t);
+      for (int i = 0; i < 8; ++i) x[b + 2 * i] = t[i], x[b + 2 * i + 1] = t[8 + i];
+    }
+  }
 }
 static inline void put(float* p, float v) { *p = v; }
 static inline void put(uint16_t* p, float v) {  // round to nearest even, as PyTorch does
@@ -124,6 +159,7 @@ static inline void prefetch_row(const void* p, int64_t bytes) {
 template <typename E>
 struct Scratch {
   std::vector<const E*> keys;  // pool row of each key, padded to a multiple of 8
+  std::vector<float> q;        // per head: the query in block order
   std::vector<float> p;        // per head: scores, then softmax numerators
 };
 
@@ -141,7 +177,8 @@ struct Partial {
 template <typename E>
 static void attend(const Args<E>& a, int64_t row, int64_t kvh, const int32_t* table, int64_t lo,
                    int64_t hi, Scratch<E>& sc, const Partial& out) {
-  const int64_t D = a.D, D8 = D & ~int64_t(7), G = a.H / a.KV;
+  constexpr int64_t B = BLOCK<E>, NV = B / 8;  // columns and vectors per block
+  const int64_t D = a.D, DB = D - D % B, G = a.H / a.KV;
   const int64_t rs = 2 * a.KV * D, bs = a.block_size, voff = a.KV * D;
   const int64_t n = hi - lo + 1, n8 = (n + 7) & ~int64_t(7);
   const float ninf = -std::numeric_limits<float>::infinity();
@@ -152,24 +189,34 @@ static void attend(const Args<E>& a, int64_t row, int64_t kvh, const int32_t* ta
     for (; pos < end; ++pos) sc.keys[pos - lo] = base + (pos - block * bs) * rs;
   }
   std::fill(sc.keys.begin() + n, sc.keys.end(), sc.keys[0]);  // read, then masked
+  sc.q.resize(G * D);
+  for (int64_t g = 0; g < G; ++g) {
+    const float* qv = a.q + row * a.qs + (kvh * G + g) * D;
+    to_block_order<E>(qv, sc.q.data() + g * D, DB);
+    std::copy(qv + DB, qv + D, sc.q.data() + g * D + DB);
+  }
   sc.p.resize(G * n8);
   // Scores 8 keys at a time: 8 independent accumulators, each summed in the fixed tree.
   for (int64_t j0 = 0; j0 < n8; j0 += 8) {
     if (kvh == 0 && j0 + AHEAD < n8)  // whole rows, keys and values of every KV head
       for (int i = 0; i < 8; ++i) prefetch_row(sc.keys[j0 + AHEAD + i], rs * sizeof(E));
     for (int64_t g = 0; g < G; ++g) {
-      const float* qv = a.q + row * a.qs + (kvh * G + g) * D;
+      const float* qv = sc.q.data() + g * D;
       __m256 acc[8];
       for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
-      for (int64_t d = 0; d < D8; d += 8) {
-        const __m256 x = _mm256_loadu_ps(qv + d);
-        for (int i = 0; i < 8; ++i)
-          acc[i] = _mm256_fmadd_ps(x, load8(sc.keys[j0 + i] + d), acc[i]);
+      for (int64_t d = 0; d < DB; d += B) {
+        __m256 x[NV];
+        for (int v = 0; v < NV; ++v) x[v] = _mm256_loadu_ps(qv + d + 8 * v);
+        for (int i = 0; i < 8; ++i) {
+          __m256 k[NV];
+          load_block(sc.keys[j0 + i] + d, k);
+          for (int v = 0; v < NV; ++v) acc[i] = _mm256_fmadd_ps(x[v], k[v], acc[i]);
+        }
       }
       alignas(32) float s[8];
       _mm256_store_ps(s, sum8x8(acc));
       for (int i = 0; i < 8; ++i) {
-        for (int64_t d = D8; d < D; ++d) s[i] = std::fma(qv[d], get(sc.keys[j0 + i] + d), s[i]);
+        for (int64_t d = DB; d < D; ++d) s[i] = std::fma(qv[d], get(sc.keys[j0 + i] + d), s[i]);
         sc.p[g * n8 + j0 + i] = j0 + i < n ? s[i] * a.scale : ninf;
       }
     }
@@ -195,28 +242,36 @@ static void attend(const Args<E>& a, int64_t row, int64_t kvh, const int32_t* ta
       const float* p = sc.p.data() + g * n8;
       float* o = out.acc + g * D;
       int64_t d0 = 0;
-      for (; d0 + 64 <= D8; d0 += 64) {  // 8 vectors in registers
+      for (; d0 + 64 <= DB; d0 += 64) {  // 8 vectors in registers
         __m256 acc[8];
         for (int i = 0; i < 8; ++i) acc[i] = _mm256_loadu_ps(o + d0 + 8 * i);
         for (int64_t j = c0; j < c1; ++j) {
           const E* v = sc.keys[j] + voff + d0;
           const __m256 w = _mm256_set1_ps(p[j]);
-          for (int i = 0; i < 8; ++i)
-            acc[i] = _mm256_fmadd_ps(w, load8(v + 8 * i), acc[i]);
+          for (int b = 0; b < 64 / B; ++b) {
+            __m256 x[NV];
+            load_block(v + b * B, x);
+            for (int i = 0; i < NV; ++i)
+              acc[b * NV + i] = _mm256_fmadd_ps(w, x[i], acc[b * NV + i]);
+          }
         }
         for (int i = 0; i < 8; ++i) _mm256_storeu_ps(o + d0 + 8 * i, acc[i]);
       }
-      for (; d0 < D8; d0 += 8) {  // what is left, a vector at a time
-        __m256 acc = _mm256_loadu_ps(o + d0);
-        for (int64_t j = c0; j < c1; ++j)
-          acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j]),
-                                load8(sc.keys[j] + voff + d0), acc);
-        _mm256_storeu_ps(o + d0, acc);
+      for (; d0 < DB; d0 += B) {  // what is left, a block at a time
+        __m256 acc[NV];
+        for (int i = 0; i < NV; ++i) acc[i] = _mm256_loadu_ps(o + d0 + 8 * i);
+        for (int64_t j = c0; j < c1; ++j) {
+          __m256 x[NV];
+          load_block(sc.keys[j] + voff + d0, x);
+          for (int i = 0; i < NV; ++i) acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), x[i], acc[i]);
+        }
+        for (int i = 0; i < NV; ++i) _mm256_storeu_ps(o + d0 + 8 * i, acc[i]);
       }
-      for (int64_t d = D8; d < D; ++d)
+      for (int64_t d = DB; d < D; ++d)
         for (int64_t j = c0; j < c1; ++j) o[d] = std::fma(p[j], get(sc.keys[j] + voff + d), o[d]);
     }
   }
+  for (int64_t g = 0; g < G; ++g) from_block_order<E>(out.acc + g * D, DB);
 }
 
 }  // namespace

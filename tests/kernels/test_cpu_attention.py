@@ -54,11 +54,14 @@ def test_long_context_matches_reference(window: int | None, pool_dtype: torch.dt
     torch.testing.assert_close(got, _reference(q, pool, ref_batch, case), rtol=2e-5, atol=2e-5)
 
 
-def test_row_invariant() -> None:
+@pytest.mark.parametrize("pool_dtype", POOL_DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", [40, 64])
+def test_row_invariant(pool_dtype: torch.dtype, head_dim: int) -> None:
     """A query's output is bit-identical whatever else is in the pass: a drafted token
     verified among others equals its decode alone, and the thread count changes nothing."""
-    case = Case("verify", (61, 254, 7), (5, 4, 1), heads=8, kv_heads=2, head_dim=40)
+    case = Case("verify", (61, 254, 7), (5, 4, 1), heads=8, kv_heads=2, head_dim=head_dim)
     q, pool, tables, _ = _setup(case, torch.float32, seed=3)
+    pool = pool.to(pool_dtype)
     scale = case.head_dim**-0.5
     full = attention.paged_attention(
         q, pool, _kernel_batch(tables, [61, 254, 7], [5, 4, 1], case), case.kv_heads, scale
