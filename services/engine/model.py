@@ -277,23 +277,26 @@ class Model:
         `bulk`: many tokens at once (prefill), where throughput matters more than the
         few-row kernels."""
         rope = self.rope[batch.positions]
+        # Our CPU kernel takes RoPE, the KV write and attention in one call (q/k norms aside).
+        fused = on_cpu_kernel(batch, kv_cache[0]) and self.layers[0].q_norm is None
+        if fused:
+            rope = torch.view_as_real(rope)
         for i in range(start, self.num_layers if end is None else end):
             layer = self.layers[i]
             if i not in plan.skip_attn:
-                h = self._attention(layer, h, batch, kv_cache[i], rope, bulk)
+                h = self._attention(layer, h, batch, kv_cache[i], rope, bulk, fused)
             if i not in plan.skip_mlp:
                 h = layer.down.add(layer.gate_up.swiglu(h, bulk, layer.mlp_norm), h, bulk)
         return h
 
-    def _attention(self, layer: Layer, h, batch, kv_cache, rope, bulk: bool) -> torch.Tensor:
+    def _attention(self, layer: Layer, h, batch, kv_cache, rope, bulk: bool, fused: bool):
+        """`fused`: one call to our CPU kernel, `rope` as (cos, sin) pairs; else `rope` is
+        complex and the steps are PyTorch's (and the kernels' through `paged_attention`)."""
         T, H, KV, D = h.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = layer.qkv(h, bulk, layer.attn_norm)
-        if on_cpu_kernel(batch, kv_cache) and layer.q_norm is None:
-            # A batch built for our CPU kernel: RoPE, the KV write and attention in one op.
+        if fused:
             heads = (H, KV, D)
-            out = cpu_attention.rope_attention(
-                qkv, kv_cache, batch, torch.view_as_real(rope), heads, self.scale
-            )
+            out = cpu_attention.rope_attention(qkv, kv_cache, batch, rope, heads, self.scale)
             return layer.o.add(out, h, bulk)
         qk = qkv[:, : (H + KV) * D].view(T, H + KV, D)
         if layer.q_norm is not None:
