@@ -45,6 +45,9 @@ NOTES = {
     "draft_step_cost": "(draft_s / draft_passes) / (verify_s / verify_passes of off), same batch",
     "agreement_with_off": "common prefix with off / off tokens before off's first EOS "
     "(transformers' min_new_tokens forbids EOS, the engine's ignore_eos does not)",
+    "roofline": "weight_read_bound_ms = weight_bytes / memory_bandwidth, the median of the "
+    "samples (summing 1 GiB of float32, best of 3) taken before each group of off at batch 1 "
+    "and after the last; decode_step_ms_b1 = verify_s / verify_passes of that run",
     "hf_dtype": "transformers runs in --dtype as a user would run it (on a CPU without native "
     "bfloat16 that is its emulated bfloat16 path); the engine rounds weights to --dtype and "
     "computes in its compute dtype",

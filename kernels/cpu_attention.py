@@ -19,8 +19,8 @@ keeps drafting exact.
 
 The pool holds `[slots, 2 * kv_heads * head_dim]`, keys then values, in float32 or in
 bfloat16 (rounded to nearest even when written, as PyTorch rounds; widened when read),
-which halves the bytes that long contexts read. The C++
-source is compiled on first use (`kernels.cpu_build`) into a Python module.
+which halves the bytes that long contexts read. The C++ source is compiled on first use
+(`kernels.cpu_build`) into a Python module.
 """
 
 from __future__ import annotations
@@ -90,6 +90,12 @@ static inline float get(const uint16_t* p) {
   std::memcpy(&f, &bits, 4);
   return f;
 }
+static inline void put(float* p, float v) { *p = v; }
+static inline void put(uint16_t* p, float v) {  // round to nearest even, as PyTorch does
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  *p = std::isnan(v) ? uint16_t(0x7FC0) : uint16_t((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
 
 // Columns of a pool row come in blocks of BLOCK<E>. A float32 block is one vector, in
 // column order. A bfloat16 block is 16 columns from one load: the even ones widen by a
@@ -129,12 +135,6 @@ static inline void from_block_order(float* x, int64_t n) {
       for (int i = 0; i < 8; ++i) x[b + 2 * i] = t[i], x[b + 2 * i + 1] = t[8 + i];
     }
   }
-}
-static inline void put(float* p, float v) { *p = v; }
-static inline void put(uint16_t* p, float v) {  // round to nearest even, as PyTorch does
-  uint32_t bits;
-  std::memcpy(&bits, &v, 4);
-  *p = std::isnan(v) ? uint16_t(0x7FC0) : uint16_t((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
 }
 
 template <typename E>
@@ -276,8 +276,7 @@ static void attend(const Args<E>& a, int64_t row, int64_t kvh, const int32_t* ta
 
 }  // namespace
 
-// Rotates q and k of each new token (RoPE on adjacent pairs: x0 + i x1 times cos + i sin),
-// writes k and v to the token's pool slot, and returns the rotated queries [T, H * D].
+// RoPE on adjacent pairs: x0 + i x1 times cos + i sin.
 template <typename E>
 static inline void rotate(const float* x, const float* cos_sin, E* y, int64_t half) {
   for (int64_t i = 0; i < half; ++i) {
@@ -287,6 +286,8 @@ static inline void rotate(const float* x, const float* cos_sin, E* y, int64_t ha
   }
 }
 
+// Rotates q and k of each new token, writes k and v to the token's pool slot, and
+// returns the rotated queries [T, H * D].
 template <typename E>
 static at::Tensor rope_and_write(const at::Tensor& qkv, E* pool, int64_t slots_in_pool,
                                  const at::Tensor& rope, const at::Tensor& slots, int64_t H,
