@@ -309,6 +309,9 @@ def main(argv: list[str]) -> int:
     except ValueError as exc:
         print(f"selfspec serve: error: {exc}", file=sys.stderr)
         return 2
+    # Ctrl-C stops the fleet even where SIGINT came in ignored (a background job of a
+    # script); SIGTERM stops it the same way.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         fleet.start()

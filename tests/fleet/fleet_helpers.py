@@ -27,7 +27,7 @@ def fleet_config(replicas: int = REPLICAS) -> dict:
     config["grpc_options"]["port"] = free_port()
     app = config["applications"][0]
     # A small KV pool and a short queue, so that tests can fill them.
-    app["args"].update(kv_cache_bytes=32 << 20, max_waiting=4, threads=1)
+    app["args"].update(kv_cache_bytes=16 << 20, max_waiting=4, threads=1)
     (engine,) = app["deployments"]
     engine.pop("autoscaling_config")
     engine.update(num_replicas=replicas, graceful_shutdown_timeout_s=5)

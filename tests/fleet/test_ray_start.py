@@ -29,7 +29,8 @@ def test_a_node_that_times_out_is_started_again(monkeypatch):
     fleet = Fleet(FleetOptions(num_cpus=1, controller=False), say=said.append)
     try:
         fleet._start_ray()
-        assert ray.is_initialized() and len(calls) == 2
+        # a loaded machine may time the real start out too, and be retried again
+        assert ray.is_initialized() and len(calls) >= 2
         assert any("did not come up" in line for line in said)
         assert said[-1].startswith("[2/5] ray")
     finally:
