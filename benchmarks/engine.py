@@ -505,9 +505,10 @@ def run_all(
             run = run_system(
                 system, gens[system], prompts, b, args.max_tokens, engine, progress, sample
             )
-            probe.release()
             off = run if system == "off" else off
-            off_b1 = run if sample else off_b1
+            if sample:
+                off_b1 = run
+                probe.release()
             row[system] = summarize(run, off, kinds, engine.eos_ids)
         results[str(b)] = {s: row[s] for s in args.systems}
     return results, off_b1

@@ -112,17 +112,14 @@ static inline void load_block(const uint16_t* p, __m256* v) {
   v[1] = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(int(0xFFFF0000u))));
 }
 
-// The first n columns of x (a multiple of the block) into block order, y = x allowed.
+// The first n columns of x (a multiple of the block) into block order in y.
 template <typename E>
 static inline void to_block_order(const float* x, float* y, int64_t n) {
-  float t[16];
-  for (int64_t b = 0; b < n; b += BLOCK<E>) {
-    std::copy(x + b, x + b + BLOCK<E>, t);
-    if constexpr (BLOCK<E> == 8) {
-      std::copy(t, t + 8, y + b);
-    } else {
-      for (int i = 0; i < 8; ++i) y[b + i] = t[2 * i], y[b + 8 + i] = t[2 * i + 1];
-    }
+  if constexpr (BLOCK<E> == 8) {
+    std::copy(x, x + n, y);
+  } else {
+    for (int64_t b = 0; b < n; b += 16)
+      for (int i = 0; i < 8; ++i) y[b + i] = x[b + 2 * i], y[b + 8 + i] = x[b + 2 * i + 1];
   }
 }
 
