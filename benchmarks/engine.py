@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from kernels import cpu_memory
 from services.engine import DraftConfig, Engine, SamplingParams
 
 HF_SYSTEMS = ("hf_generate", "hf_early_exit")
@@ -307,15 +308,20 @@ def summarize(run: Run, off: Run | None, kinds: list[str], stop: frozenset) -> d
 
 
 def memory_bandwidth(repeats: int = 5, x: torch.Tensor | None = None) -> float:
-    """Bytes per second read by summing a 1 GiB float32 tensor (or `x`), best of `repeats`."""
+    """Bytes per second read by summing a 1 GiB float32 tensor (or `x`), best of `repeats`.
+    The tensor is on huge pages where Linux gives them, as the engine's weights are."""
     if x is None:
-        x = torch.ones(BANDWIDTH_BYTES // 4, dtype=torch.float32)
+        x = _bandwidth_buffer()
     best = math.inf
     for _ in range(repeats):
         t0 = time.perf_counter()
         x.sum().item()
         best = min(best, time.perf_counter() - t0)
     return x.numel() * x.element_size() / best
+
+
+def _bandwidth_buffer() -> torch.Tensor:
+    return cpu_memory.empty((BANDWIDTH_BYTES // 4,), torch.float32).fill_(1.0)
 
 
 class BandwidthProbe:
@@ -332,7 +338,7 @@ class BandwidthProbe:
 
     def __call__(self) -> None:
         if self._x is None:
-            self._x = torch.ones(BANDWIDTH_BYTES // 4, dtype=torch.float32)
+            self._x = _bandwidth_buffer()
         self.samples.append(memory_bandwidth(self.repeats, self._x))
 
     def release(self) -> None:

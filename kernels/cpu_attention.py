@@ -4,9 +4,10 @@ Decode and verification passes attend 1 to a few dozen new queries per sequence 
 the whole KV pool. The PyTorch reference gathers every key through the block table,
 pads and masks, and runs SDPA; for a few queries its fixed cost is most of the work.
 This kernel reads keys and values in place through the block table instead. A unit of
-work is one query, one KV head (its query heads take turns on each chunk of keys while
-it is in L1) and one split of 256 key positions; units are spread over OpenMP threads
-and each query's splits are merged in order, as flash-decoding does.
+work is one query and one split of 256 key positions, for every head: it reads the pool
+rows of its keys in order, whole (the keys and values of every KV head), so the reads
+from memory spread over all of its arithmetic. Units are spread over OpenMP threads and
+each query's splits are merged in order, as flash-decoding does.
 
 Row invariance: a query's output depends only on that query, its position and the
 keys and values at positions up to it, bit for bit, whatever else is in the pass,
@@ -27,11 +28,11 @@ from __future__ import annotations
 
 import torch
 
-from kernels.cpu_build import InlineExtension
+from kernels.cpu_build import CPU
 
 __all__ = ["available", "unavailable_reason", "paged_attention", "rope_attention"]
 
-_SOURCE = r"""
+SOURCE = r"""
 #include <immintrin.h>
 #include <omp.h>
 #include <torch/extension.h>
@@ -43,7 +44,7 @@ _SOURCE = r"""
 #include <limits>
 #include <vector>
 
-namespace {
+namespace attention {
 
 static inline float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -163,42 +164,44 @@ struct Scratch {
 // Where a unit leaves its softmax over its keys, per head: the top score, the sum of
 // exp(score - top) and the values weighted by them.
 struct Partial {
-  float* top;  // [G]
-  float* sum;  // [G]
-  float* acc;  // [G, D]
+  float* top;  // [H]
+  float* sum;  // [H]
+  float* acc;  // [H, D]
 };
 
-// The queries of one row for the heads of KV head `kvh`, over keys lo..hi (positions);
-// `table`: its sequence's blocks. The heads take turns on each chunk of keys, which
-// stays in L1; each head's arithmetic runs in key order whatever the others do.
+// The queries of one row for every head, over keys lo..hi (positions); `table`: its
+// sequence's blocks. Each pass reads the pool rows in order for all KV heads, so the
+// reads from memory spread over all the unit's arithmetic. Each head's arithmetic runs
+// in key order whatever the others do.
 template <typename E>
-static void attend(const Args<E>& a, int64_t row, int64_t kvh, const int32_t* table, int64_t lo,
-                   int64_t hi, Scratch<E>& sc, const Partial& out) {
+static void attend(const Args<E>& a, int64_t row, const int32_t* table, int64_t lo, int64_t hi,
+                   Scratch<E>& sc, const Partial& out) {
   constexpr int64_t B = BLOCK<E>, NV = B / 8;  // columns and vectors per block
-  const int64_t D = a.D, DB = D - D % B, G = a.H / a.KV;
+  const int64_t D = a.D, DB = D - D % B, H = a.H, G = a.H / a.KV;
   const int64_t rs = 2 * a.KV * D, bs = a.block_size, voff = a.KV * D;
   const int64_t n = hi - lo + 1, n8 = (n + 7) & ~int64_t(7);
   const float ninf = -std::numeric_limits<float>::infinity();
   sc.keys.resize(n8);
   for (int64_t pos = lo; pos <= hi;) {  // one table lookup per block
     const int64_t block = pos / bs, end = std::min(hi + 1, (block + 1) * bs);
-    const E* base = a.kv + int64_t(table[block]) * bs * rs + kvh * D;
+    const E* base = a.kv + int64_t(table[block]) * bs * rs;
     for (; pos < end; ++pos) sc.keys[pos - lo] = base + (pos - block * bs) * rs;
   }
   std::fill(sc.keys.begin() + n, sc.keys.end(), sc.keys[0]);  // read, then masked
-  sc.q.resize(G * D);
-  for (int64_t g = 0; g < G; ++g) {
-    const float* qv = a.q + row * a.qs + (kvh * G + g) * D;
-    to_block_order<E>(qv, sc.q.data() + g * D, DB);
-    std::copy(qv + DB, qv + D, sc.q.data() + g * D + DB);
+  sc.q.resize(H * D);
+  for (int64_t h = 0; h < H; ++h) {
+    const float* qv = a.q + row * a.qs + h * D;
+    to_block_order<E>(qv, sc.q.data() + h * D, DB);
+    std::copy(qv + DB, qv + D, sc.q.data() + h * D + DB);
   }
-  sc.p.resize(G * n8);
+  sc.p.resize(H * n8);
   // Scores 8 keys at a time: 8 independent accumulators, each summed in the fixed tree.
   for (int64_t j0 = 0; j0 < n8; j0 += 8) {
-    if (kvh == 0 && j0 + AHEAD < n8)  // whole rows, keys and values of every KV head
+    if (j0 + AHEAD < n8)  // whole rows: the values are read from cache in the next pass
       for (int i = 0; i < 8; ++i) prefetch_row(sc.keys[j0 + AHEAD + i], rs * sizeof(E));
-    for (int64_t g = 0; g < G; ++g) {
-      const float* qv = sc.q.data() + g * D;
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t koff = (h / G) * D;
+      const float* qv = sc.q.data() + h * D;
       __m256 acc[8];
       for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
       for (int64_t d = 0; d < DB; d += B) {
@@ -206,20 +209,26 @@ static void attend(const Args<E>& a, int64_t row, int64_t kvh, const int32_t* ta
         for (int v = 0; v < NV; ++v) x[v] = _mm256_loadu_ps(qv + d + 8 * v);
         for (int i = 0; i < 8; ++i) {
           __m256 k[NV];
-          load_block(sc.keys[j0 + i] + d, k);
+          load_block(sc.keys[j0 + i] + koff + d, k);
           for (int v = 0; v < NV; ++v) acc[i] = _mm256_fmadd_ps(x[v], k[v], acc[i]);
         }
+      }
+      float* p = sc.p.data() + h * n8 + j0;
+      if (DB == D && j0 + 8 <= n) {  // the common case, 8 at once
+        _mm256_storeu_ps(p, _mm256_mul_ps(sum8x8(acc), _mm256_set1_ps(a.scale)));
+        continue;
       }
       alignas(32) float s[8];
       _mm256_store_ps(s, sum8x8(acc));
       for (int i = 0; i < 8; ++i) {
-        for (int64_t d = DB; d < D; ++d) s[i] = std::fma(qv[d], get(sc.keys[j0 + i] + d), s[i]);
-        sc.p[g * n8 + j0 + i] = j0 + i < n ? s[i] * a.scale : ninf;
+        for (int64_t d = DB; d < D; ++d)
+          s[i] = std::fma(qv[d], get(sc.keys[j0 + i] + koff + d), s[i]);
+        p[i] = j0 + i < n ? s[i] * a.scale : ninf;
       }
     }
   }
-  for (int64_t g = 0; g < G; ++g) {
-    float* p = sc.p.data() + g * n8;
+  for (int64_t h = 0; h < H; ++h) {
+    float* p = sc.p.data() + h * n8;
     const float top = *std::max_element(p, p + n8);  // a max is exact in any order
     const __m256 vtop = _mm256_set1_ps(top);
     __m256 total = _mm256_setzero_ps();
@@ -228,22 +237,23 @@ static void attend(const Args<E>& a, int64_t row, int64_t kvh, const int32_t* ta
       _mm256_storeu_ps(p + j, e);
       total = _mm256_add_ps(total, e);
     }
-    out.top[g] = top;
-    out.sum[g] = hsum8(total);
+    out.top[h] = top;
+    out.sum[h] = hsum8(total);
   }
   // Weighted sums of values, keys in order, one chunk of keys at a time.
-  std::fill(out.acc, out.acc + G * D, 0.0f);
+  std::fill(out.acc, out.acc + H * D, 0.0f);
   for (int64_t c0 = 0; c0 < n; c0 += CHUNK) {
     const int64_t c1 = std::min(n, c0 + CHUNK);
-    for (int64_t g = 0; g < G; ++g) {
-      const float* p = sc.p.data() + g * n8;
-      float* o = out.acc + g * D;
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t off = voff + (h / G) * D;
+      const float* p = sc.p.data() + h * n8;
+      float* o = out.acc + h * D;
       int64_t d0 = 0;
       for (; d0 + 64 <= DB; d0 += 64) {  // 8 vectors in registers
         __m256 acc[8];
         for (int i = 0; i < 8; ++i) acc[i] = _mm256_loadu_ps(o + d0 + 8 * i);
         for (int64_t j = c0; j < c1; ++j) {
-          const E* v = sc.keys[j] + voff + d0;
+          const E* v = sc.keys[j] + off + d0;
           const __m256 w = _mm256_set1_ps(p[j]);
           for (int b = 0; b < 64 / B; ++b) {
             __m256 x[NV];
@@ -259,19 +269,17 @@ static void attend(const Args<E>& a, int64_t row, int64_t kvh, const int32_t* ta
         for (int i = 0; i < NV; ++i) acc[i] = _mm256_loadu_ps(o + d0 + 8 * i);
         for (int64_t j = c0; j < c1; ++j) {
           __m256 x[NV];
-          load_block(sc.keys[j] + voff + d0, x);
+          load_block(sc.keys[j] + off + d0, x);
           for (int i = 0; i < NV; ++i) acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), x[i], acc[i]);
         }
         for (int i = 0; i < NV; ++i) _mm256_storeu_ps(o + d0 + 8 * i, acc[i]);
       }
       for (int64_t d = DB; d < D; ++d)
-        for (int64_t j = c0; j < c1; ++j) o[d] = std::fma(p[j], get(sc.keys[j] + voff + d), o[d]);
+        for (int64_t j = c0; j < c1; ++j) o[d] = std::fma(p[j], get(sc.keys[j] + off + d), o[d]);
     }
   }
-  for (int64_t g = 0; g < G; ++g) from_block_order<E>(out.acc + g * D, DB);
+  for (int64_t h = 0; h < H; ++h) from_block_order<E>(out.acc + h * D, DB);
 }
-
-}  // namespace
 
 // RoPE on adjacent pairs: x0 + i x1 times cos + i sin.
 template <typename E>
@@ -354,31 +362,24 @@ static at::Tensor attend_pool(E* pool, const at::Tensor& q_in, const at::Tensor&
     }
   for (int64_t row = 0; row < T; ++row)
     TORCH_CHECK(seq_of[row] >= 0, "cpu_attention: row ", row, " belongs to no sequence");
-  // Units of work: (query, KV head, key split), splits at multiples of SPLIT positions,
-  // so a query's splits do not depend on the rest of the pass.
-  // A unit's partial result goes to slot (query, KV head, split); the units run split by
-  // split, the KV heads of a split one after another: the first reads whole pool rows
-  // into cache for the others.
+  // Units of work: (query, key split), splits at multiples of SPLIT positions, so a
+  // query's splits do not depend on the rest of the pass. Unit u leaves its partial
+  // result in slot u; a query's units are consecutive, `first[row]` the first.
   struct Unit {
-    int64_t row, kvh, lo, hi, slot;
+    int64_t row, lo, hi;
   };
   std::vector<Unit> units;
-  std::vector<int64_t> first(T * num_kv_heads + 1);  // slots of (query, KV head) start here
-  for (int64_t row = 0, base = 0; row < T; ++row) {
+  std::vector<int64_t> first(T + 1);
+  for (int64_t row = 0; row < T; ++row) {
     const int64_t pos = pos_of[row];
     const int64_t lo = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
-    const int64_t splits = pos / SPLIT - lo / SPLIT + 1;
-    for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh)
-      first[row * num_kv_heads + kvh] = base + kvh * splits;
-    for (int64_t i = 0, k0 = lo; i < splits; ++i, k0 = (k0 / SPLIT + 1) * SPLIT)
-      for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh)
-        units.push_back({row, kvh, k0, std::min(pos, (k0 / SPLIT + 1) * SPLIT - 1),
-                         base + kvh * splits + i});
-    base += num_kv_heads * splits;
+    first[row] = units.size();
+    for (int64_t k0 = lo; k0 <= pos; k0 = (k0 / SPLIT + 1) * SPLIT)
+      units.push_back({row, k0, std::min(pos, (k0 / SPLIT + 1) * SPLIT - 1)});
   }
   first.back() = units.size();
-  const int64_t U = units.size(), G = H / num_kv_heads, D = head_dim;
-  std::vector<float> tops(U * G), sums(U * G), accs(U * G * D);
+  const int64_t U = units.size(), D = head_dim;
+  std::vector<float> tops(U * H), sums(U * H), accs(U * H * D);
   int nt = static_cast<int>(std::min<int64_t>(std::max(1, at::get_num_threads()), U));
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
@@ -386,25 +387,23 @@ static at::Tensor attend_pool(E* pool, const at::Tensor& q_in, const at::Tensor&
 #pragma omp for schedule(static)
     for (int64_t u = 0; u < U; ++u) {
       const Unit& w = units[u];
-      const int64_t k = w.slot;
-      const Partial part{&tops[k * G], &sums[k * G], &accs[k * G * D]};
-      attend(a, w.row, w.kvh, a.tables + seq_of[w.row] * a.nb, w.lo, w.hi, scratch, part);
+      const Partial part{&tops[u * H], &sums[u * H], &accs[u * H * D]};
+      attend(a, w.row, a.tables + seq_of[w.row] * a.nb, w.lo, w.hi, scratch, part);
     }
   }
   // Each (query, head): its splits merged in order.
   float* o = out.data_ptr<float>();
-  for (int64_t rk = 0; rk < T * num_kv_heads; ++rk) {
-    const int64_t row = rk / num_kv_heads, kvh = rk % num_kv_heads;
-    for (int64_t g = 0; g < G; ++g) {
+  for (int64_t row = 0; row < T; ++row) {
+    for (int64_t h = 0; h < H; ++h) {
       float top = -std::numeric_limits<float>::infinity();
-      for (int64_t u = first[rk]; u < first[rk + 1]; ++u) top = std::max(top, tops[u * G + g]);
+      for (int64_t u = first[row]; u < first[row + 1]; ++u) top = std::max(top, tops[u * H + h]);
       float total = 0.0f;
-      float* y = o + row * H * D + (kvh * G + g) * D;
+      float* y = o + (row * H + h) * D;
       std::fill(y, y + D, 0.0f);
-      for (int64_t u = first[rk]; u < first[rk + 1]; ++u) {
-        const float scale = std::exp(tops[u * G + g] - top);
-        total = std::fma(sums[u * G + g], scale, total);
-        const float* acc = &accs[(u * G + g) * D];
+      for (int64_t u = first[row]; u < first[row + 1]; ++u) {
+        const float scale = std::exp(tops[u * H + h] - top);
+        total = std::fma(sums[u * H + h], scale, total);
+        const float* acc = &accs[(u * H + h) * D];
         for (int64_t d = 0; d < D; ++d) y[d] = std::fma(acc[d], scale, y[d]);
       }
       const float inv = 1.0f / total;
@@ -436,19 +435,23 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& kv,
   return attend_pool(kv.data_ptr<float>(), q, kv, rope, slots, tables, starts, q_lens, q_offsets,
                      block_size, num_heads, num_kv_heads, head_dim, scale, window);
 }
+
+}  // namespace attention
+
+using attention::paged_attention;
 """
 
-_EXT = InlineExtension("selfspec_cpu_attention", _SOURCE, ["paged_attention"])
+FUNCTIONS = ["paged_attention"]
 
 
 def available() -> bool:
     """True when the kernel runs here: AVX2 and FMA, and the extension builds. Never raises."""
-    return _EXT.available()
+    return CPU.available()
 
 
 def unavailable_reason() -> str | None:
     """Why `available()` is False (after calling it), or None."""
-    return _EXT.unavailable_reason()
+    return CPU.unavailable_reason()
 
 
 def paged_attention(
@@ -477,7 +480,7 @@ def rope_attention(
 
 def _call(q, kv_cache, rope, slots, batch, heads: tuple[int, int, int], scale: float):
     H, KV, D = heads
-    return _EXT.ops().paged_attention(
+    return CPU.ops().paged_attention(
         q,
         kv_cache,
         rope,

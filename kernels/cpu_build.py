@@ -1,16 +1,19 @@
 """Building our C++ CPU kernels: compiled on first use, cached, never fatal.
 
-Each kernel module hands its C++ source to an `InlineExtension`, which compiles it with
-`torch.utils.cpp_extension.load_inline` the first time its functions are asked for
-(cached in torch's extension directory; needs a C++ compiler and `ninja`) into a
-Python module: a pybind11 call costs about a microsecond, a quarter of a call through
-PyTorch's dispatcher, and a decode step makes some 150. When it can't be built here (no
-AVX2 or FMA, no compiler, `SELFSPEC_NO_CPU_KERNEL` set), `available()` says False and
-`unavailable_reason()` says why; callers fall back to PyTorch.
+Each kernel module holds its C++ source (`SOURCE`, its names in a namespace of its own)
+and the functions it exposes (`FUNCTIONS`). `CPU` compiles them together with
+`torch.utils.cpp_extension.load_inline` the first time a function is asked for (cached
+in torch's extension directory; needs a C++ compiler and `ninja`) into one Python module:
+one build, and one translation unit, so that `cpu_layers` calls the other kernels
+directly. A pybind11 call costs about a microsecond, a quarter of a call through
+PyTorch's dispatcher. When it can't be built here (no AVX2 or FMA, no compiler,
+`SELFSPEC_NO_CPU_KERNEL` set), `available()` says False and `unavailable_reason()` says
+why; callers fall back to PyTorch.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import sys
@@ -18,7 +21,7 @@ import threading
 
 import torch
 
-__all__ = ["InlineExtension"]
+__all__ = ["CPU", "InlineExtension"]
 
 
 def _cpu_supported() -> str | None:
@@ -58,12 +61,13 @@ def _find_ninja() -> str | None:
 
 
 class InlineExtension:
-    """One C++ source with AVX2 and OpenMP, exposing `functions` to Python."""
+    """The C++ sources of `modules` (each with `SOURCE` and `FUNCTIONS`) as one Python
+    module, with AVX2 and OpenMP. The modules are imported when it is built, not before,
+    so that they can use it themselves."""
 
-    def __init__(self, name: str, source: str, functions: list[str]) -> None:
+    def __init__(self, name: str, modules: list[str]) -> None:
         self.name = name
-        self.source = source
-        self.functions = functions
+        self.modules = modules
         self._lock = threading.Lock()
         self._ops = None
         self._error: str | None = None
@@ -88,10 +92,11 @@ class InlineExtension:
         try:
             from torch.utils.cpp_extension import load_inline
 
+            modules = [importlib.import_module(m) for m in self.modules]
             self._ops = load_inline(
                 name=self.name,
-                cpp_sources=[self.source],
-                functions=self.functions,
+                cpp_sources=[m.SOURCE for m in modules],
+                functions=[f for m in modules for f in m.FUNCTIONS],
                 extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
                 extra_ldflags=["-fopenmp"],
                 verbose=False,
@@ -111,3 +116,8 @@ class InlineExtension:
     def unavailable_reason(self) -> str | None:
         """Why `available()` is False (after calling it), or None."""
         return None if self.available() else self._error
+
+
+CPU = InlineExtension(
+    "selfspec_cpu", ["kernels.cpu_linear", "kernels.cpu_attention", "kernels.cpu_layers"]
+)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.cpu_build import InlineExtension
+from kernels.cpu_build import CPU
 
 __all__ = [
     "Packed",
@@ -52,7 +52,7 @@ __all__ = [
 # Epilogues: keep in step with `enum Epi` below.
 EPI_NONE, EPI_ADD, EPI_SWIGLU = 0, 1, 2
 
-_SOURCE = r"""
+SOURCE = r"""
 #include <immintrin.h>
 #include <omp.h>
 #include <torch/extension.h>
@@ -62,7 +62,7 @@ _SOURCE = r"""
 #include <cstdint>
 #include <vector>
 
-namespace {
+namespace linear {
 
 enum Epi : int { EPI_NONE = 0, EPI_ADD = 1, EPI_SWIGLU = 2 };
 
@@ -185,8 +185,6 @@ static std::vector<float> prepare(const at::Tensor& x, int64_t ks, bool norm,
   return out;
 }
 
-}  // namespace
-
 at::Tensor linear_bf16_epi(const at::Tensor& x, const at::Tensor& w, int64_t n,
                            const std::optional<at::Tensor>& bias,
                            const std::optional<at::Tensor>& other, bool norm,
@@ -251,19 +249,23 @@ at::Tensor linear_bf16_epi(const at::Tensor& x, const at::Tensor& w, int64_t n,
   run(a);
   return y;
 }
+
+}  // namespace linear
+
+using linear::linear_bf16_epi;
 """
 
-_EXT = InlineExtension("selfspec_cpu_linear", _SOURCE, ["linear_bf16_epi"])
+FUNCTIONS = ["linear_bf16_epi"]
 
 
 def available() -> bool:
     """True when the kernel runs here: AVX2 and FMA, and the extension builds. Never raises."""
-    return _EXT.available()
+    return CPU.available()
 
 
 def unavailable_reason() -> str | None:
     """Why `available()` is False (after calling it), or None."""
-    return _EXT.unavailable_reason()
+    return CPU.unavailable_reason()
 
 
 @dataclass(frozen=True)
@@ -323,7 +325,7 @@ def _run(x, w: Packed, bias, other, norm: Norm | None, epi: int) -> torch.Tensor
     if (epi == EPI_SWIGLU) != w.swiglu:
         raise ValueError("linear_bf16_swiglu takes a matrix packed with swiglu=True, and only it")
     gain, n_eps = norm if norm is not None else (None, 0.0)
-    op = _EXT.ops().linear_bf16_epi
+    op = CPU.ops().linear_bf16_epi
     return op(x, w.data, w.n, bias, other, norm is not None, gain, n_eps, epi)
 
 

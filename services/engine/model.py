@@ -9,12 +9,12 @@ matrix product runs once per layer for the whole batch.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_attention, cpu_linear
+from kernels import cpu_attention, cpu_layers, cpu_linear, cpu_memory
 from kernels.attention import AttentionBatch, on_cpu_kernel, paged_attention, write_kv
 
 log = logging.getLogger(__name__)
@@ -209,7 +209,27 @@ class Model:
         self._head_weight = head_weight if self.head.kernel is None else None
         self.layers = [self._layer(f"model.layers.{i}.") for i in range(self.num_layers)]
         self.rope = _rope_table(c, self.head_dim, self.device)
+        self._onto_huge_pages()
+        # Few-token passes through our CPU kernels run all their layers in one C++ call.
+        self.stack = cpu_layers.Stack.of(self) if self.device.type == "cpu" else None
         del self._tensors
+
+    def _onto_huge_pages(self) -> None:
+        """Our kernel's matrices into one allocation on huge pages (`kernels.cpu_memory`),
+        in the order a pass reads them."""
+        linears = [
+            x for layer in self.layers for x in (layer.qkv, layer.o, layer.gate_up, layer.down)
+        ]
+        packed = [x for x in [*linears, self.head] if x.kernel is not None]
+        if not packed:
+            return
+        arena = cpu_memory.empty((sum(x.kernel.data.numel() for x in packed),), torch.bfloat16)
+        offset = 0
+        for x in packed:
+            data = x.kernel.data
+            view = arena[offset : offset + data.numel()].view(data.shape).copy_(data)
+            x.kernel = replace(x.kernel, data=view)
+            offset += data.numel()
 
     def _w(self, name: str, gain: str | None = None) -> torch.Tensor:
         """A matrix rounded to the requested dtype first, so that float32 arithmetic on
@@ -276,12 +296,20 @@ class Model:
         """Run layers [start, end) on hidden states `[T, hidden]`, skipping what `plan` says.
         `bulk`: many tokens at once (prefill), where throughput matters more than the
         few-row kernels."""
+        end = self.num_layers if end is None else end
         rope = self.rope[batch.positions]
         # Our CPU kernel takes RoPE, the KV write and attention in one call (q/k norms aside).
         fused = on_cpu_kernel(batch, kv_cache[0]) and self.layers[0].q_norm is None
         if fused:
             rope = torch.view_as_real(rope)
-        for i in range(start, self.num_layers if end is None else end):
+            if self.stack is not None and not bulk and start < end:
+                plan_bits = [
+                    (i not in plan.skip_attn) * cpu_layers.ATTENTION
+                    + (i not in plan.skip_mlp) * cpu_layers.MLP
+                    for i in range(start, end)
+                ]
+                return cpu_layers.run(self.stack, h, batch, kv_cache, rope, start, plan_bits)
+        for i in range(start, end):
             layer = self.layers[i]
             if i not in plan.skip_attn:
                 h = self._attention(layer, h, batch, kv_cache[i], rope, bulk, fused)

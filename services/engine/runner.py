@@ -304,12 +304,12 @@ class ModelRunner:
         if missing:  # sequences whose draft kept no hidden states start at the bottom
             group = [seqs[i] for i in missing]
             ids = [t for i in missing for t in [seqs[i].last, *drafts.tokens[i]]]
-            sub = self._batch(
-                group, [s.table.num_tokens for s in group], [lengths[i] for i in missing]
-            )
-            h = self.model.run_layers(
-                self.model.embed_tokens(self._tensor(ids)), sub, self.pool.kv, 0, drafts.start_layer
-            )
+            h = self.model.embed_tokens(self._tensor(ids))
+            if drafts.start_layer > 0:
+                sub = self._batch(
+                    group, [s.table.num_tokens for s in group], [lengths[i] for i in missing]
+                )
+                h = self.model.run_layers(h, sub, self.pool.kv, 0, drafts.start_layer)
             hidden = list(hidden)
             for i, part in zip(missing, h.split([lengths[i] for i in missing]), strict=True):
                 hidden[i] = part

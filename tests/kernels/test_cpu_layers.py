@@ -1,0 +1,72 @@
+"""All layers of a pass in one C++ call give the bits of the Python loop over the kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import cpu_layers
+from kernels.attention import AttentionBatch
+from services.engine.model import LayerPlan
+
+pytestmark = pytest.mark.skipif(
+    not cpu_layers.CPU.available(),
+    reason=f"CPU kernels unavailable: {cpu_layers.CPU.unavailable_reason()}",
+)
+
+
+def _pass(model, plan: LayerPlan, start: int, end: int, python: bool):
+    """Two sequences (1 and 4 new tokens after 37 and 300 cached ones) through layers
+    [start, end) of `model`, on a pool of random keys and values; the hidden states out
+    and the pool after."""
+    gen = torch.Generator().manual_seed(0)
+    block_size, blocks = 16, 32
+    pool = [
+        torch.randn(blocks * block_size, 2 * model.kv_dim, generator=gen).to(model.kv_dtype)
+        for _ in range(model.num_layers)
+    ]
+    tables = [list(range(0, 6)), list(range(31, 10, -1))]
+    batch = AttentionBatch.build(tables, [37, 300], [1, 4], block_size, reference=False)
+    h = torch.randn(5, model.config.hidden_size, generator=gen)
+    stack = model.stack
+    model.stack = None if python else stack
+    try:
+        out = model.run_layers(h, batch, pool, start, end, plan)
+    finally:
+        model.stack = stack
+    return out, pool
+
+
+@pytest.mark.parametrize(
+    "plan, start, end",
+    [
+        (LayerPlan(), 0, None),
+        (LayerPlan(frozenset({3, 9}), frozenset({4, 20})), 0, None),
+        (LayerPlan(frozenset({12}), frozenset()), 5, 17),
+    ],
+    ids=["full", "skip", "range"],
+)
+def test_matches_the_python_loop(bf16_engine, plan: LayerPlan, start: int, end) -> None:
+    model = bf16_engine.model
+    assert model.stack is not None, "the default model in bfloat16 runs on the C++ loop"
+    got, got_pool = _pass(model, plan, start, end, python=False)
+    want, want_pool = _pass(model, plan, start, end, python=True)
+    assert torch.equal(got, want)
+    for layer, (a, b) in enumerate(zip(got_pool, want_pool, strict=True)):
+        assert torch.equal(a, b), f"layer {layer}'s keys and values differ"
+
+
+def test_float32_models_keep_the_python_loop(engine) -> None:
+    """Matrices in float32 go to oneDNN, which the C++ loop doesn't call."""
+    assert engine.model.stack is None
+
+
+def test_bad_plan_is_refused(bf16_engine) -> None:
+    model = bf16_engine.model
+    batch = AttentionBatch.build([[0]], [0], [1], 16, reference=False)
+    pool = [torch.zeros(16, 2 * model.kv_dim, dtype=model.kv_dtype)] * model.num_layers
+    h = torch.zeros(1, model.config.hidden_size)
+    rope = torch.view_as_real(model.rope[batch.positions])
+    plan = [cpu_layers.ATTENTION] * 3
+    with pytest.raises(RuntimeError, match="layers 29..32 of 30"):
+        cpu_layers.run(model.stack, h, batch, pool, rope, model.num_layers - 1, plan)
