@@ -384,7 +384,7 @@ static at::Tensor attend_pool(E* pool, const at::Tensor& q_in, const at::Tensor&
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     Scratch<E> scratch;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic)  // a thread the machine slows takes fewer units
     for (int64_t u = 0; u < U; ++u) {
       const Unit& w = units[u];
       const Partial part{&tops[u * H], &sums[u * H], &accs[u * H * D]};

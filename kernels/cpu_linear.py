@@ -21,9 +21,9 @@ of `k = 0, 8, 16, ...` in order (`K` is padded with zeros to a multiple of 8) an
 summed across lanes in a fixed tree; the norm's sum of squares has one fixed order per
 row too. Run to run the result is deterministic.
 
-Work: the groups are split among `torch.get_num_threads()` OpenMP threads in blocks
-of 6; within a group, tiles of 2 rows of `x` keep 8 accumulators in registers, and the
-stream is prefetched 1 KiB ahead.
+Work: the groups are handed to `torch.get_num_threads()` OpenMP threads in blocks of
+6, in guided chunks; within a group, tiles of 2 rows of `x` keep 8 accumulators in
+registers, and the stream is prefetched 1 KiB ahead.
 
 The C++ source is compiled on first use (`kernels.cpu_build`) into a Python module.
 `available()` says whether it could be built here; it never raises.
@@ -147,14 +147,16 @@ static void groups(const Args& a, int64_t g0, int64_t g1) {
 
 constexpr int64_t BLOCK = 6;  // groups (24 weight rows) per unit of work
 
-// The groups split among threads in blocks, statically: which thread computes an
-// output does not change its value.
+// The groups split among threads in blocks, handed out as threads come for them, in
+// chunks that shrink as the work runs out (`guided`): a thread slowed by the machine's
+// other load takes fewer, where a static split would have the pass wait for it. Which
+// thread computes an output does not change its value.
 static void run(const Args& a) {
   const int64_t nblocks = (a.groups + BLOCK - 1) / BLOCK;
   int64_t nt = std::max<int64_t>(1, at::get_num_threads());
   nt = std::min(nt, nblocks);
   if (a.groups * a.ks * a.m < (int64_t(1) << 10)) nt = 1;  // too small to be worth a wake-up
-#pragma omp parallel for num_threads(static_cast<int>(nt)) schedule(static) if (nt > 1)
+#pragma omp parallel for num_threads(static_cast<int>(nt)) schedule(guided) if (nt > 1)
   for (int64_t b = 0; b < nblocks; ++b)
     groups(a, b * BLOCK, std::min<int64_t>(a.groups, (b + 1) * BLOCK));
 }
