@@ -98,8 +98,6 @@ class Stack:
         linears = [x for layer in layers for x in (layer.qkv, layer.o, layer.gate_up, layer.down)]
         if any(x.kernel is None for x in linears) or layers[0].q_norm is not None:
             return None
-        if not CPU.available():
-            return None
         weights = [
             t
             for layer in layers

@@ -71,6 +71,18 @@ def make_tiny(kind: str, path, engine: Engine | None = None):
     return model
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, bf16_engine):
+    """A function that saves a tiny random model of architecture `kind` and gives its folder."""
+
+    def save(kind: str):
+        path = tmp_path_factory.mktemp(kind)
+        make_tiny(kind, path, bf16_engine)
+        return path
+
+    return save
+
+
 @pytest.fixture(scope="session", params=list(TINY))
 def tiny(request, tmp_path_factory, engine):
     """(kind, HF model, our engine) for one tiny architecture."""

@@ -7,6 +7,7 @@ import torch
 
 from kernels import cpu_layers
 from kernels.attention import AttentionBatch
+from services.engine import Engine
 from services.engine.model import LayerPlan
 
 pytestmark = pytest.mark.skipif(
@@ -15,8 +16,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _pass(model, plan: LayerPlan, start: int, end: int, python: bool):
-    """Two sequences (1 and 4 new tokens after 37 and 300 cached ones) through layers
+def _pass(model, plan: LayerPlan, start: int, end, python: bool):
+    """Two sequences (1 and 4 new tokens after 37 and 200 cached ones) through layers
     [start, end) of `model`, on a pool of random keys and values; the hidden states out
     and the pool after."""
     gen = torch.Generator().manual_seed(0)
@@ -26,7 +27,9 @@ def _pass(model, plan: LayerPlan, start: int, end: int, python: bool):
         for _ in range(model.num_layers)
     ]
     tables = [list(range(0, 6)), list(range(31, 10, -1))]
-    batch = AttentionBatch.build(tables, [37, 300], [1, 4], block_size, reference=False)
+    batch = AttentionBatch.build(
+        tables, [37, 200], [1, 4], block_size, sliding_window=model.sliding_window, reference=False
+    )
     h = torch.randn(5, model.config.hidden_size, generator=gen)
     stack = model.stack
     model.stack = None if python else stack
@@ -54,6 +57,22 @@ def test_matches_the_python_loop(bf16_engine, plan: LayerPlan, start: int, end) 
     assert torch.equal(got, want)
     for layer, (a, b) in enumerate(zip(got_pool, want_pool, strict=True)):
         assert torch.equal(a, b), f"layer {layer}'s keys and values differ"
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "mistral"])
+def test_biases_and_windows_match_the_python_loop(kind: str, tiny_checkpoint) -> None:
+    """Qwen2's q, k and v biases; Mistral's sliding window (40 positions)."""
+    path = tiny_checkpoint(kind)
+    model = Engine.from_pretrained(str(path), dtype="bfloat16", kv_cache_bytes=8 << 20).model
+    assert model.stack is not None
+    for layer in model.layers:  # random models start with zero biases
+        if layer.qkv.bias is not None:
+            layer.qkv.bias.normal_(generator=torch.Generator().manual_seed(1))
+    plan = LayerPlan(frozenset({1}), frozenset())
+    got, got_pool = _pass(model, plan, 0, None, python=False)
+    want, want_pool = _pass(model, plan, 0, None, python=True)
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(got_pool, want_pool, strict=True))
 
 
 def test_float32_models_keep_the_python_loop(engine) -> None:
