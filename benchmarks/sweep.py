@@ -3,8 +3,9 @@
 For every batch size b, both modes decode the same chat-formatted token ids greedily to
 exactly `--max-tokens` new tokens. At b=1 every prompt runs alone; above that each
 generate() call is a full batch of b prompts taken cyclically from the set, with enough
-calls to cover every prompt once. The calls of the two modes alternate, so a change in
-the machine's load hits both alike. We report tokens per second (prefill included), the
+calls to cover every prompt once, and at least two. The calls of the two modes alternate
+(off, auto, auto, off, ...), so a change in the machine's load, steady or drifting, hits
+both alike. We report tokens per second (prefill included), the
 ratio auto/off, auto's acceptance, which mode auto chose per step, and whether auto's
 outputs equal off's token for token.
 
@@ -48,7 +49,7 @@ NOTES = {
     "chosen": "share of auto's per-sequence decode steps by the mode it chose "
     "(telemetry deltas over the timed calls; 'off' = no draft that step)",
     "identical_to_off": "auto's token ids equal off's for every prompt (greedy decoding)",
-    "calls": "b=1: one call per prompt; b>1: ceil(prompts / b) full calls, prompts cycled",
+    "calls": "b=1: one call per prompt; b>1: max(2, ceil(prompts / b)) full calls, prompts cycled",
 }
 
 
@@ -91,8 +92,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def batches(prompts: list[Prompt], size: int) -> list[list[Prompt]]:
-    """ceil(n / size) full calls of `size` prompts, cycling through the set."""
-    calls = max(1, math.ceil(len(prompts) / size))
+    """ceil(n / size) full calls of `size` prompts, cycling through the set, and at least
+    two: one call per mode would leave the ratio to the load of that moment."""
+    calls = max(2, math.ceil(len(prompts) / size))
     return [[prompts[(j * size + i) % len(prompts)] for i in range(size)] for j in range(calls)]
 
 
@@ -134,13 +136,14 @@ def timed_call(engine: Engine, run: ModeRun, group: list[Prompt], max_tokens: in
 def sweep_batch(
     engine: Engine, prompts: list[Prompt], size: int, max_tokens: int, progress: Progress
 ) -> dict[str, ModeRun]:
-    """Warm both modes up at this batch size, then alternate their timed calls."""
+    """Warm both modes up at this batch size, then alternate their timed calls, each
+    mode first every other time."""
     warm_up(engine, size)
     runs = {mode: ModeRun(mode) for mode in MODES}
     groups = batches(prompts, size)
     for j, group in enumerate(groups, start=1):
         label = group[0].id if size == 1 else f"call {j}/{len(groups)}"
-        for mode in MODES:
+        for mode in MODES if j % 2 else MODES[::-1]:
             call = timed_call(engine, runs[mode], group, max_tokens)
             progress(f"{mode} b={size}: {call.tokens / call.seconds:.1f} tok/s [{label}]")
     return runs
