@@ -61,6 +61,7 @@ class Costs:
     """Measured step costs per batch bucket, as exponential moving averages (seconds)."""
 
     decode: dict[int, float] = field(default_factory=dict)  # verify with no drafts
+    decode_batch: dict[int, float] = field(default_factory=dict)  # their mean batch size
     per_token: dict[int, float] = field(default_factory=dict)  # each extra verified token
     draft_pass: dict[tuple[str, int], float] = field(default_factory=dict)
     # What verifying k drafted tokens for every sequence adds to a plain step, per k.
@@ -83,8 +84,15 @@ class Costs:
         b = bucket(batch)
         if tokens == batch:
             self._ema(self.decode, b, seconds)
+            self._ema(self.decode_batch, b, float(batch))
         elif b in self.decode:
-            extra = max(0.0, seconds - self.decode[b])
+            # A bucket's batch sizes differ (sequences finish one by one): set the pass
+            # against a plain one of its own size, the bucket's scaled in proportion.
+            # Plain passes cost less than that in small batches, which errs towards
+            # dearer drafts; unscaled, a batch of 12 set against plain passes of 16 made
+            # drafting look free.
+            plain = self.decode[b] * batch / self.decode_batch.get(b, float(batch))
+            extra = max(0.0, seconds - plain)
             floor = 0.01 * self.decode[b]
             self._ema(self.per_token, b, extra / (tokens - batch), floor=floor)
             k, uneven = divmod(tokens - batch, batch)

@@ -87,3 +87,16 @@ def test_verify_cost_is_measured_per_draft_length():
     costs.observe_verify(2, 2, 0.012)
     costs.observe_verify(2, 5, 0.020)
     assert (2, 1) not in costs.verify_extra and 2 in costs.per_token
+
+
+def test_a_smaller_batch_in_the_bucket_is_set_against_its_own_size():
+    """Bucket 16 holds batches of 9 to 16. Plain passes of 16 cost 48 ms; a batch of 12
+    that verifies 3 extra tokens in 45 ms spent about 3 ms a token over a plain pass of
+    12 (36 ms), not nothing."""
+    from services.engine.policy import Costs
+
+    costs = Costs()
+    for _ in range(10):
+        costs.observe_verify(16, 16, 0.048)
+        costs.observe_verify(12, 15, 0.045)
+    assert abs(costs.per_token[16] - 0.003) < 2e-4
