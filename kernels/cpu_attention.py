@@ -478,21 +478,15 @@ def rope_attention(
     return _call(qkv, kv_cache, rope, batch.slots, batch, heads, scale)
 
 
+def batch_fields(batch) -> tuple:
+    """What the C++ side reads of an `AttentionBatch` besides slots and window: block
+    tables, starts, query lengths and offsets, block size."""
+    return batch.tables, batch.starts, batch.q_lens, batch.q_offsets, batch.block_size
+
+
 def _call(q, kv_cache, rope, slots, batch, heads: tuple[int, int, int], scale: float):
     H, KV, D = heads
+    window = batch.sliding_window or 0
     return CPU.ops().paged_attention(
-        q,
-        kv_cache,
-        rope,
-        slots,
-        batch.tables,
-        batch.starts,
-        batch.q_lens,
-        batch.q_offsets,
-        batch.block_size,
-        H,
-        KV,
-        D,
-        scale,
-        batch.sliding_window or 0,
+        q, kv_cache, rope, slots, *batch_fields(batch), H, KV, D, scale, window
     )

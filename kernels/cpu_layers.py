@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels import cpu_attention
 from kernels.cpu_build import CPU
 
 __all__ = ["Stack", "run"]
@@ -131,6 +132,7 @@ def run(
     (an `AttentionBatch`) says where the tokens sit; `rope` is `[T, D / 2, 2]`, cos and
     sin of each token's position."""
     H, KV, D = stack.heads
+    window = batch.sliding_window or 0
     return CPU.ops().run_layers(
         h,
         stack.weights,
@@ -141,15 +143,11 @@ def run(
         plan,
         rope,
         batch.slots,
-        batch.tables,
-        batch.starts,
-        batch.q_lens,
-        batch.q_offsets,
-        batch.block_size,
+        *cpu_attention.batch_fields(batch),
         H,
         KV,
         D,
         stack.scale,
-        batch.sliding_window or 0,
+        window,
         stack.n_eps,
     )
