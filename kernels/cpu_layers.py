@@ -96,8 +96,8 @@ class Stack:
     def of(cls, model) -> Stack | None:
         """The stack of a `services.engine.model.Model`, or None when `run` can't serve it."""
         layers = model.layers
-        linears = [x for layer in layers for x in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-        if any(x.kernel is None for x in linears) or layers[0].q_norm is not None:
+        packed = all(x.kernel is not None for layer in layers for x in layer.linears)
+        if not packed or layers[0].q_norm is not None:
             return None
         weights = [
             t
@@ -112,7 +112,7 @@ class Stack:
             )
         ]
         first = layers[0]
-        outputs = [x.kernel.n for x in (first.qkv, first.o, first.gate_up, first.down)]
+        outputs = [x.kernel.n for x in first.linears]
         heads = (model.num_heads, model.num_kv_heads, model.head_dim)
         biases = [layer.qkv.bias for layer in layers]
         return cls(weights, biases, outputs, heads, model.scale, model.n_eps)

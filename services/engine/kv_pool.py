@@ -43,9 +43,10 @@ class KVPool:
         # allocation on huge pages, which a step reads faster (`kernels.cpu_memory`).
         shape = (num_layers, num_blocks * block_size, 2 * kv_dim)
         if torch.device(device).type == "cpu":
-            self.kv = list(cpu_memory.zeros(shape, dtype).unbind(0))
+            kv = cpu_memory.zeros(shape, dtype)
         else:
-            self.kv = list(torch.zeros(shape, dtype=dtype, device=device).unbind(0))
+            kv = torch.zeros(shape, dtype=dtype, device=device)
+        self.kv = list(kv.unbind(0))
         self._free = list(range(num_blocks - 1, -1, -1))
 
     @classmethod

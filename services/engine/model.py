@@ -132,6 +132,11 @@ class Layer:
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
 
+    @property
+    def linears(self) -> tuple[Linear, Linear, Linear, Linear]:
+        """The matrices in the order a pass reads them."""
+        return self.qkv, self.o, self.gate_up, self.down
+
 
 @dataclass(frozen=True)
 class LayerPlan:
@@ -217,9 +222,7 @@ class Model:
     def _onto_huge_pages(self) -> None:
         """Our kernel's matrices into one allocation on huge pages (`kernels.cpu_memory`),
         in the order a pass reads them."""
-        linears = [
-            x for layer in self.layers for x in (layer.qkv, layer.o, layer.gate_up, layer.down)
-        ]
+        linears = [x for layer in self.layers for x in layer.linears]
         packed = [x for x in [*linears, self.head] if x.kernel is not None]
         if not packed:
             return
