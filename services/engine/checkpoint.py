@@ -68,10 +68,21 @@ def resolve(model: str | os.PathLike) -> Path:
     return path
 
 
+def _content_key(gguf: Path, span: int = 1 << 20) -> str:
+    """A key for the file's content, not its path: every venv's copy of one GGUF shares a
+    cache entry. Size plus the first and last MiB tell GGUF files apart (the header carries
+    the metadata, the tail the last tensors) without reading the whole file on every load."""
+    size = gguf.stat().st_size
+    key = hashlib.sha256(str(size).encode())
+    with gguf.open("rb") as f:
+        key.update(f.read(span))
+        f.seek(max(size - span, 0))
+        key.update(f.read(span))
+    return key.hexdigest()[:12]
+
+
 def _converted(gguf: Path) -> Path:
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    out = cache_dir() / f"{gguf.stem}-{key.hexdigest()[:12]}"
+    out = cache_dir() / f"{gguf.stem}-{_content_key(gguf)}"
     if (out / "model.safetensors").is_file():
         return out
     log.warning("converting %s to safetensors in %s (once; later loads are fast)", gguf, out)
