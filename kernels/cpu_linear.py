@@ -22,8 +22,11 @@ summed across lanes in a fixed tree; the norm's sum of squares has one fixed ord
 row too. Run to run the result is deterministic.
 
 Work: the groups are handed to `torch.get_num_threads()` OpenMP threads in blocks of
-6, in guided chunks; within a group, tiles of 2 rows of `x` keep 8 accumulators in
-registers, and the stream is prefetched 1 KiB ahead.
+6, in guided chunks. Within a group, rows 0 and 1 of `x` read the packed stream
+(prefetched 1 KiB ahead) with 8 accumulators in registers. With more rows, each chunk of
+32 k-steps that rows 0-1 widen is kept in L1 as float32, and the other rows take it from
+there 3 at a time (12 accumulators): the widening is done once, not once per 2 rows,
+and the stream is read at an even pace while the arithmetic runs.
 
 The C++ source is compiled on first use (`kernels.cpu_build`) into a Python module.
 `available()` says whether it could be built here; it never raises.
@@ -91,57 +94,116 @@ static inline float silu(float s) { return s / (1.0f + std::exp(-s)); }
 // about a tenth faster than with the hardware prefetchers alone.
 constexpr int64_t PREFETCH = 1024;
 
-// Rows r0..r0+R of x against the 4 weight rows of group g. One k-step of a group is one
-// 64-byte line: two 32-byte loads, each holding two rows' bfloat16 interleaved, so the
-// low halves widen to float32 by a shift and the high halves by a mask.
-template <int R>
-static inline void tile(const Args& a, int64_t r0, int64_t g) {
+// The epilogue for row `row` of group g, from its 4 outputs' 8-lane accumulators.
+static inline void finish(const Args& a, int64_t row, int64_t g, const __m256* acc) {
+  float v[4];
+  for (int j = 0; j < 4; ++j) v[j] = hsum8(acc[j]);
+  if (a.epi == EPI_SWIGLU) {  // the group is gate rows 2g, 2g+1 then up rows 2g, 2g+1
+    for (int j = 0; j < 2; ++j)
+      if (2 * g + j < a.n) a.y[row * a.n + 2 * g + j] = silu(v[j]) * v[2 + j];
+    return;
+  }
+  for (int j = 0; j < 4; ++j) {
+    const int64_t col = 4 * g + j;
+    if (col >= a.n) break;
+    float s = a.bias ? v[j] + a.bias[col] : v[j];
+    if (a.epi == EPI_ADD) s += a.other[row * a.n + col];
+    a.y[row * a.n + col] = s;
+  }
+}
+
+// Steps s0..s1 of rows r0..r0+R against group g's packed stream `wg`, into `acc`. One
+// k-step of a group is one 64-byte line: two 32-byte loads, each holding two rows'
+// bfloat16 interleaved, so the low halves widen to float32 by a shift and the high
+// halves by a mask. With `Keep`, the widened lines are also kept in `wide` (4 x 8 floats
+// a step) for the other rows.
+template <int R, bool Keep>
+static inline void stream_steps(const Args& a, int64_t r0, const uint16_t* wg, int64_t s0,
+                                int64_t s1, float* wide, __m256 (&acc)[R][4]) {
   const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
-  const uint16_t* wg = a.w + g * a.ks * 32;
-  __m256 acc[R][4];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_ps();
-  for (int64_t s = 0; s < a.ks; ++s) {
+  for (int64_t s = s0; s < s1; ++s) {
     const uint16_t* ws = wg + s * 32;
-    if (r0 == 0)  // later tiles of the group find it in L1
-      _mm_prefetch(reinterpret_cast<const char*>(ws) + PREFETCH, _MM_HINT_NTA);
+    _mm_prefetch(reinterpret_cast<const char*>(ws) + PREFETCH, _MM_HINT_NTA);
     const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws));
     const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + 16));
     const __m256 w[4] = {_mm256_castsi256_ps(_mm256_slli_epi32(p, 16)),
                          _mm256_castsi256_ps(_mm256_and_si256(p, high)),
                          _mm256_castsi256_ps(_mm256_slli_epi32(q, 16)),
                          _mm256_castsi256_ps(_mm256_and_si256(q, high))};
+    if (Keep)
+      for (int j = 0; j < 4; ++j) _mm256_store_ps(wide + (s - s0) * 32 + j * 8, w[j]);
     for (int r = 0; r < R; ++r) {
       const __m256 xv = _mm256_loadu_ps(a.x + (r0 + r) * a.xs + s * 8);
       for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_fmadd_ps(xv, w[j], acc[r][j]);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    const int64_t row = r0 + r;
-    float v[4];
-    for (int j = 0; j < 4; ++j) v[j] = hsum8(acc[r][j]);
-    if (a.epi == EPI_SWIGLU) {  // the group is gate rows 2g, 2g+1 then up rows 2g, 2g+1
-      for (int j = 0; j < 2; ++j)
-        if (2 * g + j < a.n) a.y[row * a.n + 2 * g + j] = silu(v[j]) * v[2 + j];
-      continue;
-    }
-    for (int j = 0; j < 4; ++j) {
-      const int64_t col = 4 * g + j;
-      if (col >= a.n) break;
-      float s = a.bias ? v[j] + a.bias[col] : v[j];
-      if (a.epi == EPI_ADD) s += a.other[row * a.n + col];
-      a.y[row * a.n + col] = s;
-    }
-  }
 }
 
-// All rows of x against groups g0..g1: two rows at a time (8 accumulators), the
-// group's weights read from memory by the first tile and from L1 after.
-static void groups(const Args& a, int64_t g0, int64_t g1) {
+// The same products from the widened lines that `stream_steps` kept in `wide` (in L1):
+// no widening and no packed stream, so 3 rows (12 accumulators) fit the 16 registers.
+// The accumulators live in `accs` between chunks.
+template <int R>
+static inline void wide_steps(const Args& a, int64_t r0, int64_t s0, int64_t s1,
+                              const float* wide, __m256* accs) {
+  __m256 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = accs[r * 4 + j];
+  for (int64_t s = s0; s < s1; ++s) {
+    __m256 xv[R];
+    for (int r = 0; r < R; ++r) xv[r] = _mm256_loadu_ps(a.x + (r0 + r) * a.xs + s * 8);
+    for (int j = 0; j < 4; ++j) {
+      const __m256 w = _mm256_load_ps(wide + (s - s0) * 32 + j * 8);
+      for (int r = 0; r < R; ++r) acc[r][j] = _mm256_fmadd_ps(xv[r], w, acc[r][j]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) accs[r * 4 + j] = acc[r][j];
+}
+
+// One or two rows: the whole group from the stream, accumulators in registers.
+template <int R>
+static inline void few_rows(const Args& a, int64_t g, const uint16_t* wg) {
+  __m256 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_ps();
+  stream_steps<R, false>(a, 0, wg, 0, a.ks, nullptr, acc);
+  for (int r = 0; r < R; ++r) finish(a, r, g, acc[r]);
+}
+
+constexpr int64_t CHUNK = 32;  // k-steps of a group widened and used at a time
+
+// Three rows or more: the group goes CHUNK steps at a time. Rows 0-1 read a chunk from
+// the stream and keep it widened in `wide`; the other rows take it from there three at a
+// time. So the widening is done once, and the stream is read at a steady pace while the
+// arithmetic runs. `accs` holds 4 accumulators per row of x.
+static void many_rows(const Args& a, int64_t g, const uint16_t* wg, float* wide,
+                      __m256* accs) {
+  for (int64_t i = 0; i < a.m * 4; ++i) accs[i] = _mm256_setzero_ps();
+  for (int64_t s0 = 0; s0 < a.ks; s0 += CHUNK) {
+    const int64_t s1 = std::min(a.ks, s0 + CHUNK);
+    __m256 acc[2][4];
+    for (int j = 0; j < 8; ++j) acc[j / 4][j % 4] = accs[j];
+    stream_steps<2, true>(a, 0, wg, s0, s1, wide, acc);
+    for (int j = 0; j < 8; ++j) accs[j] = acc[j / 4][j % 4];
+    int64_t r = 2;
+    for (; r + 3 <= a.m; r += 3) wide_steps<3>(a, r, s0, s1, wide, accs + r * 4);
+    if (r + 2 <= a.m) wide_steps<2>(a, r, s0, s1, wide, accs + r * 4), r += 2;
+    if (r < a.m) wide_steps<1>(a, r, s0, s1, wide, accs + r * 4);
+  }
+  for (int64_t r = 0; r < a.m; ++r) finish(a, r, g, accs + r * 4);
+}
+
+// All rows of x against groups g0..g1. Every output's accumulator takes the same
+// products in the same order whichever tile computes it: that is the row invariance.
+static void groups(const Args& a, int64_t g0, int64_t g1, float* wide, __m256* accs) {
   for (int64_t g = g0; g < g1; ++g) {
-    int64_t r = 0;
-    for (; r + 2 <= a.m; r += 2) tile<2>(a, r, g);
-    if (r < a.m) tile<1>(a, r, g);
+    const uint16_t* wg = a.w + g * a.ks * 32;
+    if (a.m == 1)
+      few_rows<1>(a, g, wg);
+    else if (a.m == 2)
+      few_rows<2>(a, g, wg);
+    else
+      many_rows(a, g, wg, wide, accs);
   }
 }
 
@@ -156,9 +218,15 @@ static void run(const Args& a) {
   int64_t nt = std::max<int64_t>(1, at::get_num_threads());
   nt = std::min(nt, nblocks);
   if (a.groups * a.ks * a.m < (int64_t(1) << 10)) nt = 1;  // too small to be worth a wake-up
-#pragma omp parallel for num_threads(static_cast<int>(nt)) schedule(guided) if (nt > 1)
-  for (int64_t b = 0; b < nblocks; ++b)
-    groups(a, b * BLOCK, std::min<int64_t>(a.groups, (b + 1) * BLOCK));
+#pragma omp parallel num_threads(static_cast<int>(nt)) if (nt > 1)
+  {
+    // Each thread's widened chunk (32 floats a k-step) and accumulators, 32-byte aligned.
+    std::vector<__m256> wide(a.m > 2 ? CHUNK * 4 : 0), accs(a.m > 2 ? a.m * 4 : 0);
+#pragma omp for schedule(guided)
+    for (int64_t b = 0; b < nblocks; ++b)
+      groups(a, b * BLOCK, std::min<int64_t>(a.groups, (b + 1) * BLOCK),
+             reinterpret_cast<float*>(wide.data()), accs.data());
+  }
 }
 
 // x copied to [m, ks * 8], zero past K, each row scaled by 1 / sqrt(n_eps + sum x^2)

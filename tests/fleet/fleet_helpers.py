@@ -56,18 +56,21 @@ def chat(text: str, max_tokens: int = 12, **fields) -> pb.GenerateRequest:
 
 
 def replica_stats(expected: int = REPLICAS, tries: int = 60) -> dict[str, dict]:
-    """Each replica's `stats()`, keyed by replica id. Serve sends each call to a replica
-    of its choosing, so call until every replica has answered."""
+    """Each replica's `stats()`, keyed by replica id, called until every replica has
+    answered. Each call names a new session: left to the shorter queue, every call would
+    go to an idle replica and never reach a busy one; a session goes where rendezvous
+    hashing sends it, busy or not."""
     from ray import serve
 
     handle = serve.get_deployment_handle("Engine", "selfspec")
     seen: dict[str, dict] = {}
-    for _ in range(tries):
-        stats = handle.stats.remote().result(timeout_s=30)
+    for i in range(tries):
+        call = handle.options(session_id=f"stats-{i}").stats
+        stats = call.remote().result(timeout_s=30)
         seen[stats["replica_id"]] = stats
         if len(seen) >= expected:
-            break
-    return seen
+            return seen
+    raise AssertionError(f"{len(seen)} of {expected} replicas answered stats() in {tries} calls")
 
 
 def wait_until(predicate, timeout_s: float = 20.0, what: str = "condition"):
