@@ -149,9 +149,11 @@ constexpr int64_t CHUNK = 64;  // keys whose values stay in L1 while every head 
 constexpr int64_t AHEAD = 16;  // keys ahead to prefetch
 constexpr int64_t SPLIT = 256;  // key positions per unit of work
 
-static inline void prefetch_row(const void* p, int64_t bytes) {
-  for (int64_t b = 0; b < bytes; b += 64)
-    _mm_prefetch(static_cast<const char*>(p) + b, _MM_HINT_T0);
+// Line `l` of the 8 pool rows at `rows` (each `row_lines` lines) into L1.
+template <typename E>
+static inline void prefetch_line(const E* const* rows, int64_t row_lines, int64_t l) {
+  const char* row = reinterpret_cast<const char*>(rows[l / row_lines]);
+  _mm_prefetch(row + (l % row_lines) * 64, _MM_HINT_T0);
 }
 
 template <typename E>
@@ -196,10 +198,16 @@ static void attend(const Args<E>& a, int64_t row, const int32_t* table, int64_t 
   }
   sc.p.resize(H * n8);
   // Scores 8 keys at a time: 8 independent accumulators, each summed in the fixed tree.
+  // The 8 rows AHEAD keys on are prefetched whole (the values are read from cache in the
+  // next pass), a share of their lines with each head. Prefetched in one burst (about
+  // 100 lines, likely more than the core's miss buffers hold), the attention over 300 to
+  // 1000 cold keys ran 10-30% slower.
+  const int64_t row_lines = (rs * int64_t(sizeof(E)) + 63) / 64, lines = 8 * row_lines;
   for (int64_t j0 = 0; j0 < n8; j0 += 8) {
-    if (j0 + AHEAD < n8)  // whole rows: the values are read from cache in the next pass
-      for (int i = 0; i < 8; ++i) prefetch_row(sc.keys[j0 + AHEAD + i], rs * sizeof(E));
     for (int64_t h = 0; h < H; ++h) {
+      if (j0 + AHEAD < n8)
+        for (int64_t l = h * lines / H; l < (h + 1) * lines / H; ++l)
+          prefetch_line(sc.keys.data() + j0 + AHEAD, row_lines, l);
       const int64_t koff = (h / G) * D;
       const float* qv = sc.q.data() + h * D;
       __m256 acc[8];
