@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default="default")
     p.add_argument("--dtype", default="float32", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--backend", default=None, choices=("cpu", "onednn", "torch", "triton"))
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--duration", type=float, default=150.0, help="seconds of rounds")
@@ -121,7 +122,7 @@ def _run(args, url: str) -> dict:
     from services.controller.controller import Controller, Settings
     from services.engine import DraftConfig, Engine, SamplingParams
 
-    base = Engine.from_pretrained(args.model, dtype=args.dtype)
+    base = Engine.from_pretrained(args.model, dtype=args.dtype, backend=args.backend)
     middle = tuple(range(2, 2 * base.model.num_layers // 3))
     poor = DraftConfig(mode="skip", skip_attn=middle, skip_mlp=middle, max_draft=3)
     engines = [
@@ -173,6 +174,7 @@ def _run(args, url: str) -> dict:
         "benchmark": "controller",
         "model": str(base.model_path.name),
         "dtype": args.dtype,
+        "backend": base.model.backend.describe(),
         "replicas": args.replicas,
         "prompts": PROMPTS,
         "max_tokens": args.max_tokens,

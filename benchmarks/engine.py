@@ -94,6 +94,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="selfspec bench engine", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="default")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--backend", default=None, choices=("cpu", "onednn", "torch", "triton"))
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--batch-sizes", type=int_list, default=[1, 8])
@@ -450,7 +451,8 @@ def plot(report: dict, path: Path) -> None:
     by_kind = {s: [kind_tok_s(results[kind_batch][s], k) for k in kinds] for s in systems}
     bars(right, kinds, by_kind, f"per prompt kind, batch {kind_batch}")
     fig.suptitle(
-        f"{cfg['model_name']}, {cfg['dtype']} (compute {cfg['compute_dtype']}), "
+        f"{cfg['model_name']}, {cfg['dtype']} (compute {cfg['compute_dtype']}, "
+        f"backend {cfg.get('backend', {}).get('backend', '?')}), "
         f"{cfg['max_tokens']} new tokens - {report['machine']['cpu']}, "
         f"{report['machine']['torch_threads']} threads",
         fontsize=11,
@@ -540,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()
     print("measuring memory bandwidth", file=sys.stderr, flush=True)
     machine["memory_bandwidth_start_gb_s"] = memory_bandwidth() / 1e9
-    engine = Engine.from_pretrained(args.model, dtype=args.dtype)
+    engine = Engine.from_pretrained(args.model, dtype=args.dtype, backend=args.backend)
     exit_layer = args.exit_layer
     if exit_layer is None:
         exit_layer = engine.model.num_layers * 3 // 4
@@ -556,6 +558,7 @@ def main(argv: list[str] | None = None) -> int:
             "model_name": engine.model_path.name,
             "dtype": args.dtype,
             "compute_dtype": str(engine.model.dtype).removeprefix("torch."),
+            "backend": engine.model.backend.describe(),
             "max_tokens": args.max_tokens,
             "batch_sizes": args.batch_sizes,
             "systems": args.systems,

@@ -202,6 +202,7 @@ def overhead_part(args, fleet) -> dict:
     direct = asyncio.run(
         measure(direct_sender(engine, args.max_tokens, args.draft), messages, levels, "direct")
     )
+    backend = engine.model.backend.describe()
     engine.shutdown()
     torch.set_num_threads(threads)
     print(f"overhead: grpc://{fleet.options.listen} -> Serve -> one replica", flush=True)
@@ -220,6 +221,7 @@ def overhead_part(args, fleet) -> dict:
             flush=True,
         )
     return {
+        "backend": backend,
         "direct": {str(c): r for c, r in direct.items()},
         "gateway": {str(c): r for c, r in gateway.items()},
         "ratio": {str(c): overhead(direct[c], gateway[c]) for c in levels},

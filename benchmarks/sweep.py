@@ -80,6 +80,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--model", default="default")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--backend", default=None, choices=("cpu", "onednn", "torch", "triton"))
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--batch-sizes", type=int_list, default=[1, 4, 16, 64])
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.manual_seed(0)
     machine = machine_info()
-    engine = Engine.from_pretrained(args.model, dtype=args.dtype)
+    engine = Engine.from_pretrained(args.model, dtype=args.dtype, backend=args.backend)
     prompts = load_prompts(args.prompts, engine, args.limit)
     kinds = list(dict.fromkeys(p.kind for p in prompts))
     progress = make_progress(sum(len(MODES) * len(batches(prompts, b)) for b in args.batch_sizes))
@@ -309,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": args.model,
             "model_name": engine.model_path.name,
             "dtype": args.dtype,
+            "backend": engine.model.backend.describe(),
             "max_tokens": args.max_tokens,
             "batch_sizes": args.batch_sizes,
             "prompts": str(args.prompts),

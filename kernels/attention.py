@@ -1,22 +1,21 @@
-"""Paged attention over the KV pool: the PyTorch reference, and dispatch by device.
+"""Paged attention over the KV pool: the PyTorch references, and dispatch by backend.
 
 One call serves every step the engine takes: prefill chunks, single-token decode
 and multi-token verification, for a batch of sequences of different lengths.
-Queries are padded to `[B, Tq]` and keys gathered to `[B, Lk]` through each
-sequence's block table; the mask keeps every query causal.
 
-CUDA tensors go to the Triton kernels (`kernels.paged_attention`, `kernels.kv_append`),
-which compute the same thing without padding or gathering; on the CPU, a batch built
-without the reference's fields goes to `kernels.cpu_attention` (the engine builds
-those for decode and verification passes); everything else runs the reference below.
-`SELFSPEC_KERNELS=reference` keeps CUDA on the reference too.
+`impl` is the model's backend's attention (`kernels.backend`): `triton` goes to the
+Triton kernels (`kernels.paged_attention`, `kernels.kv_append`), which read the pool
+through the block tables with no padding; `cpu`, with a batch built without the
+reference's fields (few-row passes), to `kernels.cpu_attention`. The rest runs in
+PyTorch: a batch with the reference's fields pads queries to `[B, Tq]`, gathers keys to
+`[B, Lk]` and masks (one call, for prefill); a batch without them runs each query on
+its own over exactly the keys it sees, which gives a query the same bits whatever else
+is in the pass, as greedy exactness needs.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -55,15 +54,12 @@ class AttentionBatch:
         *,
         sliding_window: int | None = None,
         device: torch.device | str = "cpu",
-        reference: bool | None = None,
+        reference: bool = True,
     ) -> AttentionBatch:
         """Sequence b writes `lengths[b]` new tokens at positions `starts[b]`...
 
-        `reference`: build what the PyTorch reference reads (default: where it will run).
-        The kernels do without it, saving a mask of B * Tq * Lk bytes per step; on the
-        CPU a batch built without it goes to `kernels.cpu_attention`."""
-        if reference is None:
-            reference = not (torch.device(device).type == "cuda" and _triton_enabled())
+        `reference`: build what the padded PyTorch reference reads. The kernels and the
+        per-query reference do without it, saving a mask of B * Tq * Lk bytes per step."""
         B, Tq = len(starts), max(lengths)
         Lk = max(s + n for s, n in zip(starts, lengths, strict=True))
         nb = -(-Lk // block_size)
@@ -119,9 +115,11 @@ class AttentionBatch:
         )
 
 
-def write_kv(kv_cache: torch.Tensor, batch: AttentionBatch, kv: torch.Tensor) -> None:
+def write_kv(
+    kv_cache: torch.Tensor, batch: AttentionBatch, kv: torch.Tensor, impl: str = "torch"
+) -> None:
     """Store the new tokens' keys and values (`[T, 2 * kv_dim]`) in their slots."""
-    if _use_triton(kv_cache):
+    if impl == "triton":
         from kernels.kv_append import append_kv
 
         append_kv(kv_cache, batch.slots, kv)
@@ -135,24 +133,25 @@ def write_kv_reference(kv_cache: torch.Tensor, batch: AttentionBatch, kv: torch.
 
 
 def paged_attention(
-    q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch, num_kv_heads: int, scale: float
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    batch: AttentionBatch,
+    num_kv_heads: int,
+    scale: float,
+    impl: str = "torch",
 ) -> torch.Tensor:
     """Attention of new queries `[T, H, D]` over the pool; returns `[T, H * D]`."""
-    if _use_triton(kv_cache):
+    if impl == "triton":
         from kernels.paged_attention import paged_attention as triton_attention
 
         return triton_attention(q, kv_cache, batch, num_kv_heads, scale)
-    if on_cpu_kernel(batch, kv_cache):
+    if batch.mask is not None:
+        return paged_attention_reference(q, kv_cache, batch, num_kv_heads, scale)
+    if impl == "cpu":
         from kernels import cpu_attention
 
         return cpu_attention.paged_attention(q, kv_cache, batch, num_kv_heads, scale)
-    return paged_attention_reference(q, kv_cache, batch, num_kv_heads, scale)
-
-
-def on_cpu_kernel(batch: AttentionBatch, kv_cache: torch.Tensor) -> bool:
-    """Whether this pass goes to `kernels.cpu_attention`: a CPU pool and a batch built
-    without the reference's fields."""
-    return batch.mask is None and kv_cache.device.type == "cpu"
+    return paged_attention_by_query(q, kv_cache, batch, num_kv_heads, scale)
 
 
 def paged_attention_reference(
@@ -179,17 +178,26 @@ def paged_attention_reference(
     return out
 
 
-def _use_triton(t: torch.Tensor) -> bool:
-    return t.is_cuda and _triton_enabled()
-
-
-@functools.cache
-def _triton_enabled() -> bool:
-    """Triton kernels unless switched off or missing (then the reference, which is slower)."""
-    if os.environ.get("SELFSPEC_KERNELS", "triton") == "reference":
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def paged_attention_by_query(
+    q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch, num_kv_heads: int, scale: float
+) -> torch.Tensor:
+    """What `paged_attention` computes, one query at a time over exactly the keys it
+    sees: the same shapes, so the same bits, whatever else the pass holds."""
+    T, H, D = q.shape
+    out = torch.empty(T, H * D, dtype=q.dtype, device=q.device)
+    window, bs = batch.sliding_window, batch.block_size
+    for b in range(batch.batch):
+        table = batch.tables[b].long()
+        first, offset = int(batch.starts[b]), int(batch.q_offsets[b])
+        for t in range(int(batch.q_lens[b])):
+            p = first + t
+            keys = torch.arange(0 if window is None else max(0, p - window + 1), p + 1)
+            keys = keys.to(q.device)
+            kv = kv_cache.index_select(0, table[keys // bs] * bs + keys % bs)
+            kv = kv.view(-1, 2, num_kv_heads, D).to(q.dtype).transpose(0, 2)  # [KV, 2, L, D]
+            row = F.scaled_dot_product_attention(
+                q[offset + t, :, None], kv[:, 0], kv[:, 1], scale=scale,
+                enable_gqa=num_kv_heads != H,
+            )  # fmt: skip
+            out[offset + t] = row.flatten()
+    return out

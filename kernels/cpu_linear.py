@@ -364,7 +364,7 @@ class Packed:
             raise ValueError("rows of a [gate; up] matrix: unpack it instead")
         index = index.long()
         picked = self.data[index // 4, :, (index % 4) // 2, :, index % 2]  # [len, ks, 8]
-        return picked.reshape(len(index), -1)[:, : self.k].contiguous()
+        return picked.flatten(1)[:, : self.k].contiguous()  # none: [0, k]
 
 
 def pack(w: torch.Tensor, *, swiglu: bool = False) -> Packed:

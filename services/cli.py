@@ -17,6 +17,12 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="`default`, a checkpoint folder or a .gguf")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--backend",
+        default=None,
+        choices=["cpu", "onednn", "torch", "triton"],
+        help="compute path (default: $SELFSPEC_BACKEND, else the fastest this machine runs)",
+    )
 
 
 def _draft_args(p: argparse.ArgumentParser) -> None:
@@ -32,8 +38,11 @@ def _load(args):
 
     t0 = time.perf_counter()
     print(f"loading {args.model} ({args.dtype}) ...", file=sys.stderr, flush=True)
-    engine = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device)
-    print(f"loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    engine = Engine.from_pretrained(
+        args.model, dtype=args.dtype, device=args.device, backend=args.backend
+    )
+    elapsed = time.perf_counter() - t0
+    print(f"loaded in {elapsed:.1f} s; backend {engine.model.backend}", file=sys.stderr, flush=True)
     return engine
 
 
@@ -82,6 +91,7 @@ def cmd_generate(args) -> int:
                     "token_ids": out.token_ids,
                     "finish_reason": out.finish_reason,
                     "stats": out.stats,
+                    "backend": engine.model.backend.describe(),
                 }
             )
         )

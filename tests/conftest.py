@@ -10,7 +10,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import torch
 
-from services.engine import Engine
+# Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors, so that the
+# `triton` backend is tested on every machine. The interpreter is chosen when a kernel
+# is defined: before any test module imports one.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from services.engine import Engine  # noqa: E402
 
 
 @pytest.fixture(scope="session")

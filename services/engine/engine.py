@@ -16,6 +16,7 @@ from types import MappingProxyType
 
 import torch
 
+from kernels import backend as kernels_backend
 from services.engine import checkpoint
 from services.engine.kv_pool import KVPool
 from services.engine.model import Model
@@ -93,6 +94,7 @@ class Engine:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.consecutive_failures = 0  # loop steps in a row that raised; for health checks
 
     @classmethod
     def from_pretrained(
@@ -101,17 +103,21 @@ class Engine:
         *,
         dtype: str = "bfloat16",
         device: str = "cpu",
+        backend: str | None = None,
         **kwargs,
     ) -> Engine:
-        """Load `model`: `default`, a Hugging Face checkpoint folder, or a GGUF file."""
+        """Load `model`: `default`, a Hugging Face checkpoint folder, or a GGUF file.
+        `backend`: the compute path (`kernels.backend`; default: `SELFSPEC_BACKEND`, else
+        the fastest this machine runs)."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         from transformers import AutoTokenizer
 
         t0 = time.perf_counter()
+        chosen = kernels_backend.choose(DTYPES[dtype], device, backend)
         path = checkpoint.resolve(model)
         config = checkpoint.load_config(path)
-        weights = Model(config, checkpoint.load_tensors(path), DTYPES[dtype], device)
+        weights = Model(config, checkpoint.load_tensors(path), chosen)
         tokenizer = AutoTokenizer.from_pretrained(path)
         log.info("loaded %s in %.2f s", path, time.perf_counter() - t0)
         return cls(weights, tokenizer, path, **kwargs)
@@ -351,8 +357,11 @@ class Engine:
             try:
                 self.step_once()
             except Exception:  # never let one bad step kill the server's engine
+                self.consecutive_failures += 1
                 log.exception("engine step failed; failing the running requests")
                 self._fail_all()
+            else:
+                self.consecutive_failures = 0
 
     def _fail_all(self) -> None:
         sch = self.scheduler

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kernels.attention import AttentionBatch
 from services.engine.kv_pool import BlockTable, OutOfBlocks
 from services.engine.model import LayerPlan
 
@@ -59,17 +58,11 @@ def _forced_pass(engine: Engine, tokens: list[list[int]], plan) -> list[torch.Te
                 tables.append(BlockTable(pool))
                 tables[-1].reserve(len(seq))
             lengths = [len(t) for t in tokens]
-            batch = AttentionBatch.build(
-                [t.blocks for t in tables],
-                [0] * len(tables),
-                lengths,
-                pool.block_size,
-                sliding_window=m.sliding_window,
-                device=m.device,
-            )
+            blocks = [t.blocks for t in tables]
+            batch = m.attention_batch(blocks, [0] * len(tables), lengths, pool.block_size, True)
             ids = torch.tensor([t for seq in tokens for t in seq], device=m.device)
-            h = m.run_layers(m.embed_tokens(ids), batch, pool.kv, plan=plan)
-            return list(m.logits(h).split(lengths))
+            h = m.run_layers(m.embed_tokens(ids), batch, pool.kv, plan=plan, bulk=True)
+            return list(m.logits(h, bulk=True).split(lengths))
         except OutOfBlocks:
             return None
         finally:

@@ -8,6 +8,7 @@ matrix product runs once per layer for the whole batch.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field, replace
 
@@ -15,24 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from kernels import cpu_attention, cpu_layers, cpu_linear, cpu_memory
-from kernels.attention import AttentionBatch, on_cpu_kernel, paged_attention, write_kv
+from kernels.attention import AttentionBatch, paged_attention, write_kv
+from kernels.backend import Backend
 
 log = logging.getLogger(__name__)
-
-
-def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype arithmetic runs in: bfloat16 only where the hardware has it."""
-    if dtype == torch.bfloat16 and not native_bf16(device):
-        log.info(
-            "this CPU has no native bfloat16 arithmetic: weights stay bfloat16, activations "
-            "and accumulation are float32"
-        )
-        return torch.float32
-    return dtype
-
-
-def native_bf16(device: torch.device) -> bool:
-    return device.type != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 @dataclass(frozen=True)
@@ -49,76 +36,107 @@ class Norm:
 
 
 class Linear:
-    """A weight prepared once at load for the fastest product the device offers.
+    """A weight prepared once at load for its backend's product (`kernels.backend`).
 
-    On the CPU: float32 (or bfloat16 where the CPU has it) goes to oneDNN's packed
-    layout, which reads weights faster than `F.linear`, costs about the same for 1 to a
-    few rows and fuses the op that follows; bfloat16 on CPUs without native bfloat16
-    goes to our AVX2 kernel, which reads each bfloat16 weight once for all rows and
-    fuses the RMSNorm before the product too. Both give each row the same result
-    whatever the number of rows, which keeps drafting exact.
+    `cpu`: our AVX2 kernel's layout, which reads each bfloat16 weight once for all rows
+    and fuses the RMSNorm before the product too; `onednn`: oneDNN's packed layout, which
+    reads weights faster than `F.linear` and fuses the op that follows; `torch`:
+    `F.linear`; `triton`: `kernels.triton_linear`. Our kernels and Triton's give each row
+    the same result whatever the number of rows, which keeps drafting exact; oneDNN and
+    `F.linear` don't, so few-row passes (`bulk` False) call them one row at a time.
 
     `swiglu`: the weight is `[gate; up]`, multiplied by `swiglu()`.
     """
 
     def __init__(
-        self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, swiglu: bool = False
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        impl: str = "torch",
+        swiglu: bool = False,
     ) -> None:
+        self.impl = impl
         self.bias = bias
         self.weight: torch.Tensor | None = weight
         self.packed = None  # oneDNN's layout
         self.kernel: cpu_linear.Packed | None = None  # our kernel's layout
-        if weight.device.type != "cpu":
-            return
-        if weight.dtype == torch.bfloat16 and not native_bf16(weight.device):
-            if cpu_linear.available():
-                self.kernel = cpu_linear.pack(weight, swiglu=swiglu)
-                self.weight = None
-                return
-            # no compiler here: emulated bfloat16 is far slower than float32
-            self.weight = weight.float()
-            self.bias = None if bias is None else bias.float()
-        if self.weight.dtype in (torch.float32, torch.bfloat16):  # what oneDNN packs
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, None)
+        if impl == "cpu":
+            self.kernel = cpu_linear.pack(weight, swiglu=swiglu)
+            self.weight = None
+        elif impl == "onednn":
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
             self.weight = None
 
-    def _plain(self, x: torch.Tensor) -> torch.Tensor:
-        """`F.linear`, widening bfloat16 weights: for prefill, where many rows make the
-        product compute-bound and MKL's float32 GEMM beats a kernel made for few rows."""
+    def _one(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        """`x @ W.T + bias (+ other)` in one call of oneDNN or `F.linear`."""
+        if self.packed is not None:
+            if other is None:
+                return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            return torch.ops.mkldnn._linear_pointwise.binary(
+                x, other, self.packed, self.bias, "add"
+            )
+        # Our kernel's weights widened: for prefill, where many rows make the product
+        # compute-bound and MKL's float32 GEMM beats a kernel made for few rows.
         w = self.kernel.unpack().float() if self.kernel is not None else self.weight
-        return F.linear(x, w, self.bias)
+        y = F.linear(x, w, self.bias)
+        return y if other is None else y + other
+
+    def _rows(self, x, bulk: bool, norm: Norm | None = None, other=None) -> torch.Tensor:
+        """`norm(x) @ W.T + bias (+ other)` through `_one`: in one call for bulk passes,
+        else one row at a time for `onednn` and `torch` (the norm too: its reduction may
+        also change with the number of rows)."""
+        if bulk or x.shape[0] == 1 or self.impl == "cpu":
+            rows = [(x, other)]
+        else:
+            others = [None] * len(x) if other is None else other.split(1)
+            rows = zip(x.split(1), others, strict=True)
+        out = [self._one(r if norm is None else norm(r), o) for r, o in rows]
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     def __call__(self, x: torch.Tensor, bulk: bool = False, norm: Norm | None = None):
         """`norm(x) @ W.T + bias`; `bulk`: many rows (prefill)."""
         if self.kernel is not None and not bulk:
             return cpu_linear.linear_bf16(x, self.kernel, self.bias, norm=_pair(norm))
-        x = x if norm is None else norm(x)
-        if self.packed is None:
-            return self._plain(x)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if self.impl == "triton":
+            return _triton().linear(x, self.weight, self.bias, norm=_pair(norm))
+        return self._rows(x, bulk, norm)
 
     def add(self, x: torch.Tensor, other: torch.Tensor, bulk: bool = False) -> torch.Tensor:
         """`self(x) + other` in one op."""
         if self.kernel is not None and not bulk:
             return cpu_linear.linear_bf16_add(x, self.kernel, other, self.bias)
-        if self.packed is None:
-            return self._plain(x) + other
-        return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.packed, self.bias, "add")
+        if self.impl == "triton":
+            return _triton().linear_add(x, self.weight, other, self.bias)
+        return self._rows(x, bulk, other=other)
 
     def swiglu(self, x: torch.Tensor, bulk: bool = False, norm: Norm | None = None):
         """`silu(norm(x) @ gate.T) * (norm(x) @ up.T)`."""
         if self.kernel is not None and not bulk:
             return cpu_linear.linear_bf16_swiglu(x, self.kernel, norm=_pair(norm))
+        if self.impl == "triton":
+            return _triton().linear_swiglu(x, self.weight, norm=_pair(norm))
         gate, up = self(x, bulk, norm).chunk(2, -1)
         return F.silu(gate) * up
 
     def rows(self, index: torch.Tensor) -> torch.Tensor | None:
-        """Rows `index` of a kernel's weight, or None where oneDNN holds it."""
-        return None if self.kernel is None else self.kernel.rows(index)
+        """Rows `index` of the weight, or None where oneDNN holds it."""
+        if self.kernel is not None:
+            return self.kernel.rows(index)
+        return None if self.weight is None else self.weight[index]
 
 
 def _pair(norm: Norm | None) -> cpu_linear.Norm | None:
     return None if norm is None else (norm.gain, norm.n_eps)
+
+
+@functools.cache
+def _triton():
+    """`kernels.triton_linear`, imported on first use: Triton picks its interpreter when a
+    kernel is defined, so only once the process has chosen (`TRITON_INTERPRET`)."""
+    from kernels import triton_linear
+
+    return triton_linear
 
 
 @dataclass
@@ -177,11 +195,12 @@ def interleave_halves(w: torch.Tensor, heads: int) -> torch.Tensor:
 class Model:
     """Weights and forward pass; holds no per-request state."""
 
-    def __init__(self, config, tensors: dict[str, torch.Tensor], dtype, device) -> None:
+    def __init__(self, config, tensors: dict[str, torch.Tensor], backend: Backend) -> None:
         c = config
         self.config = config
-        self.device = torch.device(device)
-        self.dtype = compute_dtype(dtype, self.device)
+        self.backend = backend
+        self.device = torch.device(backend.device)
+        self.dtype = backend.compute
         self.num_layers = c.num_hidden_layers
         self.num_heads = c.num_attention_heads
         self.num_kv_heads = c.num_key_value_heads
@@ -193,13 +212,13 @@ class Model:
         self.scale = self.head_dim**-0.5
         self.eps = c.rms_norm_eps
         self.n_eps = c.hidden_size * c.rms_norm_eps
-        self._dtype = dtype
+        self._dtype = backend.dtype
         self._tensors = tensors
-        # Matrices stay in the requested dtype where a kernel multiplies them as they are;
+        # Matrices stay in the requested dtype where our kernel multiplies them as they are;
         # otherwise they are rounded to it, then held in the compute dtype with the RMSNorm
         # gains folded in (exact in float32, and one op fewer per norm).
-        kernel = dtype != self.dtype and self.device.type == "cpu" and cpu_linear.available()
-        self.store_dtype = dtype if kernel else self.dtype
+        kernel = backend.linear == "cpu"
+        self.store_dtype = backend.dtype if kernel else self.dtype
         self.fold = not kernel
         # The KV cache is kept like the matrices: our CPU attention kernel widens bfloat16
         # keys and values as it reads them, which halves what long contexts read.
@@ -209,15 +228,34 @@ class Model:
         self.embed = self._w(embed if embed in tensors else head)
         head_weight = self._w(head if head in tensors else embed, gain="model.norm.weight")
         self.final = self._norm("model.norm.weight")
-        self.head = Linear(head_weight)
+        self.head = self.linear(head_weight)
         # oneDNN's layout can't give rows back: keep the matrix for `head_rows`.
-        self._head_weight = head_weight if self.head.kernel is None else None
+        self._head_weight = head_weight if self.head.packed is not None else None
         self.layers = [self._layer(f"model.layers.{i}.") for i in range(self.num_layers)]
         self.rope = _rope_table(c, self.head_dim, self.device)
         self._onto_huge_pages()
         # Few-token passes through our CPU kernels run all their layers in one C++ call.
-        self.stack = cpu_layers.Stack.of(self) if self.device.type == "cpu" else None
+        self.stack = cpu_layers.Stack.of(self) if backend.linear == "cpu" else None
+        log.info("compute path: %s%s", backend, "" if self.stack is None else ", C++ layer loop")
         del self._tensors
+
+    def linear(self, weight, bias=None, *, swiglu: bool = False) -> Linear:
+        """A matrix prepared for this model's backend."""
+        return Linear(weight, bias, impl=self.backend.linear, swiglu=swiglu)
+
+    def attention_batch(self, tables, starts, lengths, block_size: int, bulk: bool = False):
+        """Where a pass's tokens sit (`AttentionBatch.build`), with what this backend's
+        attention reads: the padded reference's fields for `bulk` passes (prefill, many
+        rows), none for few-row passes and for the Triton kernels, which do without."""
+        return AttentionBatch.build(
+            tables,
+            starts,
+            lengths,
+            block_size,
+            sliding_window=self.sliding_window,
+            device=self.device,
+            reference=bulk and self.backend.attention != "triton",
+        )
 
     def _onto_huge_pages(self) -> None:
         """Our kernel's matrices into one allocation on huge pages (`kernels.cpu_memory`),
@@ -275,10 +313,10 @@ class Model:
         return Layer(
             attn_norm=self._norm(attn_gain),
             mlp_norm=self._norm(mlp_gain),
-            qkv=Linear(torch.cat([q, k, v]), bias),
-            o=Linear(self._w(a + "o_proj.weight")),
-            gate_up=Linear(torch.cat([gate, up]), swiglu=True),
-            down=Linear(self._w(m + "down_proj.weight")),
+            qkv=self.linear(torch.cat([q, k, v]), bias),
+            o=self.linear(self._w(a + "o_proj.weight")),
+            gate_up=self.linear(torch.cat([gate, up]), swiglu=True),
+            down=self.linear(self._w(m + "down_proj.weight")),
             q_norm=None if q_norm is None else interleave_halves(q_norm, 1),
             k_norm=None if k_norm is None else interleave_halves(k_norm, 1),
         )
@@ -302,7 +340,8 @@ class Model:
         end = self.num_layers if end is None else end
         rope = self.rope[batch.positions]
         # Our CPU kernel takes RoPE, the KV write and attention in one call (q/k norms aside).
-        fused = on_cpu_kernel(batch, kv_cache[0]) and self.layers[0].q_norm is None
+        fused = self.backend.attention == "cpu" and batch.mask is None
+        fused = fused and self.layers[0].q_norm is None
         if fused:
             rope = torch.view_as_real(rope)
             if self.stack is not None and not bulk and start < end:
@@ -338,21 +377,22 @@ class Model:
                 ),
                 1,
             )
-        qk = torch.view_as_real(
-            torch.view_as_complex(qk.view(T, H + KV, D // 2, 2)) * rope[:, None]
-        )
-        qk = qk.view(T, (H + KV) * D)
-        write_kv(kv_cache, batch, torch.cat((qk[:, H * D :], qkv[:, (H + KV) * D :]), 1))
+        # Rotated in float32: PyTorch has no bfloat16 complex numbers.
+        pairs = torch.view_as_complex(qk.float().view(T, H + KV, D // 2, 2))
+        qk = torch.view_as_real(pairs * rope[:, None]).to(qkv.dtype).view(T, (H + KV) * D)
+        impl = self.backend.attention
+        kv = torch.cat((qk[:, H * D :], qkv[:, (H + KV) * D :]), 1)
+        write_kv(kv_cache, batch, kv, impl)
         q = qk[:, : H * D].view(T, H, D)
-        return layer.o.add(paged_attention(q, kv_cache, batch, KV, self.scale), h, bulk)
+        return layer.o.add(paged_attention(q, kv_cache, batch, KV, self.scale, impl), h, bulk)
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         """The last RMSNorm (its gain may be folded into the head's weights)."""
         return self.final(h)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
+    def logits(self, h: torch.Tensor, bulk: bool = False) -> torch.Tensor:
         """Final norm and the full LM head: `[T, vocab]` in float32."""
-        return self.head(h, norm=self.final).float()
+        return self.head(h, bulk, self.final).float()
 
     def head_rows(self, index: torch.Tensor) -> torch.Tensor:
         """Rows `index` of the LM head's matrix (final norm's gain folded in where `fold`)."""

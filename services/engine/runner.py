@@ -16,8 +16,6 @@ import torch
 import torch.nn.functional as F
 from numpy.lib.stride_tricks import sliding_window_view
 
-from kernels import cpu_attention
-from kernels.attention import AttentionBatch
 from services.engine.kv_pool import KVPool
 from services.engine.model import FULL, LayerPlan, Linear, Model
 from services.engine.params import DraftConfig
@@ -89,23 +87,10 @@ class ModelRunner:
         self._low_head: tuple[int, Linear] | None = None
         self.timing = Timing()
         self.costs = Costs()
-        # Passes of a few tokens per sequence attend through our CPU kernel where it runs.
-        self._cpu_attention = (
-            pool.kv[0].device.type == "cpu"
-            and model.dtype == torch.float32  # its queries; the pool may be bfloat16
-            and cpu_attention.available()
-        )
 
     def _batch(self, seqs: list[Sequence], starts: list[int], lengths: list[int], bulk=False):
-        return AttentionBatch.build(
-            [s.table.blocks for s in seqs],
-            starts,
-            lengths,
-            self.pool.block_size,
-            sliding_window=self.model.sliding_window,
-            device=self.model.device,
-            reference=False if self._cpu_attention and not bulk else None,
-        )
+        blocks = [s.table.blocks for s in seqs]
+        return self.model.attention_batch(blocks, starts, lengths, self.pool.block_size, bulk)
 
     def _tensor(self, ids: list[int]) -> torch.Tensor:
         return torch.tensor(ids, dtype=torch.long, device=self.model.device)
@@ -126,7 +111,7 @@ class ModelRunner:
         seq.table.commit(b)
         if b < n:
             return None
-        return self.model.logits(h if all_logits else h[-1:])
+        return self.model.logits(h if all_logits else h[-1:], all_logits)
 
     @torch.inference_mode()
     def draft(self, seqs: list[Sequence], cfg: DraftConfig, max_lens: list[int]) -> Drafts:
@@ -261,7 +246,7 @@ class ModelRunner:
         if self._low_head is None or self._low_head[0] != shortlist:
             self._low_head = (
                 shortlist,
-                Linear(model.head_rows(torch.arange(shortlist, device=model.device))),
+                model.linear(model.head_rows(torch.arange(shortlist, device=model.device))),
             )
         low = self._low_head[1]
         extra = self._tensor(sorted({t for s in seqs for t in s.tokens if t >= shortlist}))

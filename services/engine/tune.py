@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from kernels.attention import AttentionBatch
 from services.engine.kv_pool import BlockTable
 from services.engine.model import LayerPlan
 from services.engine.params import DraftConfig, SamplingParams
@@ -106,7 +105,7 @@ class Tuner:
         m, table = self.model, BlockTable(self.engine.pool)
         try:
             table.reserve(n)
-            batch = AttentionBatch.build([table.blocks], [0], [n], self.engine.pool.block_size)
+            batch = m.attention_batch([table.blocks], [0], [n], self.engine.pool.block_size)
             tokens = torch.arange(n)
             t0 = time.perf_counter()
             m.logits(m.run_layers(m.embed_tokens(tokens), batch, self.engine.pool.kv))
@@ -125,12 +124,11 @@ class Tuner:
             for table, (prompt, output) in zip(tables, self.sequences, strict=True):
                 table.reserve(len(prompt) + len(output))
             lengths = [len(p) + len(o) for p, o in self.sequences]
-            batch = AttentionBatch.build(
-                [t.blocks for t in tables], [0] * len(tables), lengths, pool.block_size
-            )
+            blocks = [t.blocks for t in tables]
+            batch = m.attention_batch(blocks, [0] * len(tables), lengths, pool.block_size, True)
             tokens = torch.tensor([t for p, o in self.sequences for t in p + o])
-            h = m.run_layers(m.embed_tokens(tokens), batch, pool.kv, plan=plan)
-            logits = m.logits(h[self.rows])
+            h = m.run_layers(m.embed_tokens(tokens), batch, pool.kv, plan=plan, bulk=True)
+            logits = m.logits(h[self.rows], bulk=True)
             if shortlist:
                 logits = logits.masked_fill(~self._allowed(shortlist), float("-inf"))
             guess = logits.argmax(-1)

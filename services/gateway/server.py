@@ -5,9 +5,12 @@ costs anything upstream, then forwarded to Serve's gRPC proxy, which routes it t
 engine replica. Streams pass through message by message. Failures come back with the
 status a client can act on; a replica lost before any output is retried on another.
 A client that cancels, or whose deadline passes, cancels the upstream call, and the
-replica frees the request's KV blocks. When tracing is on (`services.common.telemetry`)
-each generation call gets a `gen_ai.*` span, continuing a `traceparent` the client sent,
-and passes its own `traceparent` upstream in the gRPC metadata.
+replica frees the request's KV blocks. The gateway is ready (health SERVING) while an
+engine replica answers; while none does it refuses calls at once with UNAVAILABLE, rather
+than leaving them queued in Serve's proxy until their deadlines. When tracing is on
+(`services.common.telemetry`) each generation call gets a `gen_ai.*` span, continuing a
+`traceparent` the client sent, and passes its own `traceparent` upstream in the gRPC
+metadata.
 """
 
 from __future__ import annotations
@@ -34,15 +37,23 @@ from services.gen.selfspec.v1 import generation_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 SERVICE = "selfspec.v1.Generation"
+LIVENESS = "liveness"  # the health service name that only says the process runs
 MAX_MESSAGE_BYTES = 8 << 20  # a prompt of MAX_PROMPT_CHARS in UTF-8, with room to spare
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
+# Find a Serve proxy that comes (back) up within seconds, not after gRPC's 2-minute backoff.
+UPSTREAM_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.max_reconnect_backoff_ms", 5000)]
 RETRIES = 2  # extra attempts when a replica fails before sending anything
 RETRY_BACKOFF_S = 0.5
 # Ray reports a replica lost mid-call as INTERNAL with one of these in the details.
 REPLICA_LOST = ("ActorDiedError", "RayActorError", "ActorUnavailableError", "actor died")
+# Readiness: Serve's proxy queues a call while no replica runs, so the gateway asks one
+# itself, with a cheap GetModelInfo, every PROBE_PERIOD_S.
+PROBE_PERIOD_S = 1.0
+PROBE_TIMEOUT_S = 2.0
+PROBE_MISSES = 2  # probes in a row that no replica answered before the gateway is not ready
 PASS_THROUGH = {
     grpc.StatusCode.INVALID_ARGUMENT,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -92,10 +103,12 @@ class Gateway:
 
     def __init__(self, upstream: Upstream) -> None:
         self.upstream = upstream
-        self.channel = grpc.aio.insecure_channel(upstream.address, options=CHANNEL_OPTIONS)
+        self.channel = grpc.aio.insecure_channel(upstream.address, options=UPSTREAM_OPTIONS)
         self.stub = pb_grpc.GenerationStub(self.channel)
         self.calls: dict[str, _Call] = {}
         self.draining = False
+        self.ready = False  # an engine replica answered lately; see `watch_replicas`
+        self._answered = 0.0  # when a replica last sent a call a message (monotonic)
 
     # -- the service -------------------------------------------------------------------
 
@@ -117,6 +130,7 @@ class Gateway:
 
     async def GetModelInfo(self, request, context) -> pb.ModelInfo:
         await self._check_open(request, context)
+        await self._check_ready(context)
         try:
             return await self.stub.GetModelInfo(
                 request, metadata=self._metadata(), timeout=context.time_remaining()
@@ -146,8 +160,13 @@ class Gateway:
                 grpc.StatusCode.UNAVAILABLE, "this gateway is draining; retry on another"
             )
 
+    async def _check_ready(self, context) -> None:
+        if not self.ready:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "no engine replica is ready; retry")
+
     async def _admit(self, request, context) -> pb.GenerateRequest:
         await self._check_open(request, context)
+        await self._check_ready(context)
         try:
             api.validate(request)
         except ValueError as exc:
@@ -196,6 +215,7 @@ class Gateway:
                 try:
                     async for response in _read(call):
                         sent, last = True, response
+                        self._answered = time.monotonic()
                         call.usage = response.usage
                         clock.saw(response)
                         if call.span is not None:
@@ -227,6 +247,33 @@ class Gateway:
             del self.calls[request.request_id]
             if call.upstream is not None:
                 call.upstream.cancel()  # no-op when done; frees the replica's blocks otherwise
+
+    # -- readiness -----------------------------------------------------------------------
+
+    async def probe(self) -> bool:
+        """Whether an engine replica answers now. A replica that refuses for a full queue is
+        there, and so is one that sent a call a message meanwhile: a busy fleet is ready."""
+        started = time.monotonic()
+        try:
+            await self.stub.GetModelInfo(
+                pb.GetModelInfoRequest(), metadata=self._metadata(), timeout=PROBE_TIMEOUT_S
+            )
+            return True
+        except grpc.aio.AioRpcError as err:
+            return err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED or self._answered >= started
+
+    async def watch_replicas(self, on_change) -> None:
+        """Probe forever, keeping `ready` and calling `on_change(ready)` when it changes:
+        ready at the first answer, not ready after PROBE_MISSES probes without one."""
+        misses = 0
+        while True:
+            misses = 0 if await self.probe() else misses + 1
+            ready = misses == 0 or (self.ready and misses < PROBE_MISSES)
+            if ready != self.ready:
+                self.ready = ready
+                log.warning("engine replicas %s", "ready" if ready else "not ready: none answers")
+                await on_change(ready)
+            await asyncio.sleep(PROBE_PERIOD_S)
 
     # -- draining ------------------------------------------------------------------------
 
@@ -309,6 +356,7 @@ class GatewayServer:
             (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
         self.port = self._bind(self.server, config.listen)
+        self.watcher: asyncio.Task | None = None
         self.health_server = None
         if config.health_listen:
             self.health_server = grpc.aio.server()
@@ -329,14 +377,29 @@ class GatewayServer:
         return port
 
     async def start(self) -> None:
+        # One probe before listening, so that a gateway in front of a ready fleet serves its
+        # first call; bounded by PROBE_TIMEOUT_S.
+        self.gateway.ready = await self.gateway.probe()
         await self.server.start()
         if self.health_server is not None:
             await self.health_server.start()
+        # `liveness` is SERVING while the process runs (a probe that restarts the gateway
+        # must not fire because the engines are down); the others follow readiness.
+        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_ready(self.gateway.ready)
+        self.watcher = asyncio.create_task(self.gateway.watch_replicas(self._set_ready))
+
+    async def _set_ready(self, ready: bool) -> None:
+        if self.gateway.draining:
+            return  # draining is NOT_SERVING whatever the replicas do
+        status = health_pb2.HealthCheckResponse
         for name in ("", SERVICE):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            await self.health.set(name, status.SERVING if ready else status.NOT_SERVING)
 
     async def stop(self) -> None:
         """Drain: report NOT_SERVING, refuse new calls, let running streams finish."""
+        if self.watcher is not None:
+            self.watcher.cancel()
         for name in ("", SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.gateway.drain(self.config.drain_seconds)

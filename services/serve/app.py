@@ -11,6 +11,10 @@ child of Serve's replica span when Serve traces, else of the gateway's `tracepar
 With the app arg `metrics_port` each replica serves Prometheus /metrics
 (`services.serve.metrics`).
 
+Ready means able to generate: a replica runs a short generation through its engine
+before it reports ready, and `check_health` fails (so that Serve replaces the replica)
+when that warm-up failed or when the engine's last steps all failed.
+
 `build` is the app builder that Serve config files name (`services.serve.app:build`);
 its `args` are `EngineSettings`' fields.
 """
@@ -19,8 +23,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import grpc
 from ray import serve
@@ -35,6 +40,17 @@ log = logging.getLogger(__name__)
 APP_NAME = "selfspec"
 DEPLOYMENT = "Engine"
 SERVICER = "services.gen.selfspec.v1.generation_pb2_grpc.add_GenerationServicer_to_server"
+# Engine loop steps that may fail in a row before the replica reports itself unhealthy: one
+# failed step can be one bad batch, which the engine survives; a run of them is a broken
+# engine (a lost device, a corrupted pool) that only a new replica fixes.
+FAILED_STEPS_UNHEALTHY = 5
+WARMUP_PROMPT = "Say hello."  # as a chat turn, so that the chat template is exercised too
+WARMUP_TOKENS = 8  # enough for a draft and its verification
+# Test only, never set in production: `SELFSPEC_FAULT=warmup` makes every model pass of the
+# replica's engine raise, so that its warm-up fails; `steps` lets the warm-up through and
+# makes every later pass raise. The fleet tests use it to check how failures are reported.
+FAULT_ENV = "SELFSPEC_FAULT"
+FAULTS = ("warmup", "steps")
 
 
 @dataclass(frozen=True)
@@ -44,6 +60,7 @@ class EngineSettings:
     model: str = "default"
     dtype: str = "bfloat16"
     device: str = "cpu"
+    backend: str | None = None  # compute path (`kernels.backend`); None: the machine's best
     kv_cache_bytes: int = 1 << 30
     max_waiting: int = 256
     draft: str | dict | None = None  # default drafting; None: the model's tuned profile
@@ -77,16 +94,40 @@ class EngineServer:
             s.model,
             dtype=s.dtype,
             device=s.device,
+            backend=s.backend,
             kv_cache_bytes=s.kv_cache_bytes,
             max_waiting=s.max_waiting,
         )
         if s.draft is not None:
             self.engine.default_draft = self._draft(s.draft)
+        fault = _inject_fault(self.engine, os.environ.get(FAULT_ENV))
         self.engine.start()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.warmup_error = self._warm_up()  # None once a generation went through
+        if fault is not None:
+            fault.set()  # `steps`: from now on; `warmup`: already set
         self.metrics = self._serve_metrics()
-        self.fleet = self._join_fleet()
-        log.info("replica %s serving %s", self.replica_id, self.engine.model_path)
+        self.fleet = None if self.warmup_error else self._join_fleet()
+        if self.warmup_error is None:
+            log.info("replica %s serving %s", self.replica_id, self.engine.model_path)
+
+    def _warm_up(self) -> str | None:
+        """A short chat generation through the engine's loop, as requests run, with the
+        default drafting (its layer draft, so that the draft passes run even where `auto`
+        would not draft yet). Returns why it failed, or None."""
+        from services.engine import SamplingParams
+
+        cfg = self.engine.default_draft
+        draft = replace(cfg, mode=cfg.layer_mode) if cfg.layer_mode else cfg
+        params = SamplingParams(max_tokens=WARMUP_TOKENS, ignore_eos=True)
+        try:
+            (done,) = self.engine.generate(WARMUP_PROMPT, params, draft, chat=True)
+        except Exception as exc:
+            log.exception("replica %s: the warm-up generation raised", self.replica_id)
+            return f"the warm-up generation raised {exc!r}"
+        if done.finish_reason == "error":  # the loop logged the step's exception
+            return "the warm-up generation failed: an engine step raised (see the replica's log)"
+        return None
 
     def _draft(self, value):
         from services.engine import DraftConfig
@@ -157,6 +198,7 @@ class EngineServer:
             config_version=getattr(self.engine, "config_version", 0),
         )
         info.default_draft.update(api.draft_dict(self.engine.default_draft))
+        info.backend.update(model.backend.describe())
         return info
 
     async def Abort(self, request: pb.AbortRequest, grpc_context=None) -> pb.AbortResponse:
@@ -173,9 +215,16 @@ class EngineServer:
         }
 
     def check_health(self) -> None:
-        """Serve restarts a replica whose engine loop has died."""
+        """Serve calls this once the constructor returns (a failure there is a failed start)
+        and then every `health_check_period_s`; a replica that fails it three times in a
+        row is replaced. Healthy means able to generate."""
+        if self.warmup_error is not None:
+            raise RuntimeError(f"replica {self.replica_id} is not ready: {self.warmup_error}")
         if not self.engine.serving:
             raise RuntimeError("the engine loop is not running")
+        failed = self.engine.consecutive_failures
+        if failed >= FAILED_STEPS_UNHEALTHY:
+            raise RuntimeError(f"the engine's last {failed} steps failed")
 
     def __del__(self) -> None:
         if getattr(self, "fleet", None) is not None:
@@ -299,6 +348,32 @@ def _refuse(grpc_context, refused: _Refused) -> None:
         grpc_context.set_code(refused.code)
         grpc_context.set_details(str(refused))
     raise refused
+
+
+def _inject_fault(engine, fault: str | None) -> threading.Event | None:
+    """Test only (see `FAULT_ENV`): make the engine's model passes raise once the returned
+    event is set; `warmup` sets it at once. None when no fault is asked for."""
+    if not fault:
+        return None
+    if fault not in FAULTS:
+        raise ValueError(f"{FAULT_ENV} must be one of {', '.join(FAULTS)}, got {fault!r}")
+    log.warning("%s=%s: this replica's engine is broken on purpose (tests only)", FAULT_ENV, fault)
+    armed = threading.Event()
+    if fault == "warmup":
+        armed.set()
+    runner = engine.runner
+    for name in ("prefill", "draft_mixed", "verify"):
+        setattr(runner, name, _failing(getattr(runner, name), armed))
+    return armed
+
+
+def _failing(method, armed: threading.Event):
+    def call(*args, **kwargs):
+        if armed.is_set():
+            raise RuntimeError(f"{FAULT_ENV}: a model pass failed on purpose")
+        return method(*args, **kwargs)
+
+    return call
 
 
 def build(args: dict) -> serve.Application:

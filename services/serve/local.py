@@ -39,6 +39,9 @@ class FleetOptions:
     controller_admin: str = "127.0.0.1:50052"
     controller_args: list[str] = field(default_factory=list)  # e.g. ["--decide-seconds", "1"]
     gateway_args: list[str] = field(default_factory=list)
+    # False: start the gateway without waiting for an engine replica, as on Kubernetes, where
+    # the gateway reports NOT_SERVING and refuses calls until a replica is ready.
+    wait_for_replicas: bool = True
     log_dir: Path | None = None  # where the subprocesses' output goes
     # Extra environment for every process of the fleet: the gateway, the controller, and
     # Ray's workers (Serve's proxy and replicas), e.g. tracing settings.
@@ -142,6 +145,8 @@ class Fleet:
         client.deploy_apps(schema, _blocking=False)
         model = self.app.get("args", {}).get("model", "default")
         self.say(f"[3/5] serve       deploying {self.app['name']!r} ({model}) ...")
+        if not self.options.wait_for_replicas:
+            return
         wait_for_app(self.app["name"], timeout_s, self.say)
         self.say(f"      serve       ready; Serve's gRPC proxy on {self.upstream}")
 
@@ -262,6 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="a Serve config file")
     p.add_argument("--model", help="override the app's model")
     p.add_argument("--draft", help="override the app's default drafting mode")
+    p.add_argument(
+        "--backend",
+        choices=["cpu", "onednn", "torch", "triton"],
+        help="override the replicas' compute path (default: $SELFSPEC_BACKEND, else the best)",
+    )
     p.add_argument("--replicas", type=int, help="a fixed number of engine replicas")
     p.add_argument("--listen", default="127.0.0.1:50051", help="the gateway's address")
     p.add_argument("--redis-url", help="use this Redis instead of starting one")
@@ -281,6 +291,8 @@ def options_from(args: argparse.Namespace) -> FleetOptions:
         app_args["model"] = args.model
     if args.draft:
         app_args["draft"] = args.draft
+    if args.backend:
+        app_args["backend"] = args.backend
     if args.replicas is not None:
         if args.replicas < 1:
             raise ValueError("--replicas must be at least 1")

@@ -55,6 +55,16 @@ class ReplicaMetrics(Collector):
         self.prompt_tokens += usage.prompt_tokens
         self.cached_prompt_tokens += usage.cached_prompt_tokens
 
+    def _backend(self) -> GaugeMetricFamily:
+        """The compute path as labels of a constant 1 (Prometheus' info convention)."""
+        info = self.engine.model.backend.describe()
+        keys = ["backend", "weights", "compute", "linear", "attention", "device"]
+        g = GaugeMetricFamily(
+            "selfspec_backend_info", "The replica's compute path.", labels=[*LABELS, *keys]
+        )
+        g.add_metric([*self.labels, *(info[k] for k in keys)], 1)
+        return g
+
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Serve /metrics in a background thread; returns the port bound."""
         last: OSError | None = None
@@ -73,6 +83,7 @@ class ReplicaMetrics(Collector):
     # -- prometheus_client's Collector ----------------------------------------------
 
     def collect(self) -> Iterator:
+        yield self._backend()
         yield from self._load()
         yield from self._prefix_cache()
         yield from self._spec_decode()

@@ -201,12 +201,14 @@ def test_serve_config_follows_the_contract(case):
         "model",
         "dtype",
         "device",
+        "backend",
         "kv_cache_bytes",
         "draft",
         "redis_url",
         "metrics_port",
     }
     assert args["device"] == "cuda" and args["draft"] == "auto"
+    assert args["backend"] is None  # the replica picks the GPU's best
     assert isinstance(args["kv_cache_bytes"], int)  # not 4.294967296e+09
     assert args["redis_url"] == env(gateway(docs)["containers"][0])["SELFSPEC_REDIS_URL"]["value"]
     assert args["metrics_port"] == _metrics_port(values)

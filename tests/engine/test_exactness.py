@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from backend_cases import backend_params
 
-from services.engine import DraftConfig, SamplingParams
+from services.engine import DraftConfig, Engine, SamplingParams
 
 PROMPTS = [
     "What is the capital of France?",
@@ -30,49 +31,86 @@ def modes(num_layers: int) -> list[DraftConfig]:
     ]
 
 
-def test_default_model_batch_1(engine):
-    params = SamplingParams(max_tokens=24, ignore_eos=True)
-    for prompt in PROMPTS[:3]:
-        [base] = engine.generate([prompt], params, "off", chat=True)
-        for cfg in modes(engine.model.num_layers):
-            [out] = engine.generate([prompt], params, cfg, chat=True)
+# The default model on every CPU backend (Triton's interpreter is too slow for it: the
+# tiny models below cover that backend). `onednn` and `torch` run few-row passes a row
+# at a time, slowly: PyTorch's bfloat16 path gets one prompt, the fast ones the suite.
+FAST = backend_params(("bfloat16",), ("cpu",)) + backend_params(("float32",), ("onednn",))
+SLOW = backend_params(("bfloat16",), ("torch",))  # the rest run on the tiny model below
+
+
+def _default(which) -> Engine:
+    name, dtype = which
+    return Engine.from_pretrained("default", dtype=dtype, backend=name, kv_cache_bytes=64 << 20)
+
+
+@pytest.fixture(scope="module", params=FAST)
+def fast_engine(request) -> Engine:
+    return _default(request.param)
+
+
+def test_default_model_batch_1(fast_engine):
+    _prompts_drafted_equal_off(fast_engine, PROMPTS[:3], max_tokens=24)
+
+
+@pytest.mark.parametrize("which", SLOW)
+def test_default_model_batch_1_row_by_row(which):
+    _prompts_drafted_equal_off(_default(which), PROMPTS[:1], max_tokens=8)
+
+
+def _prompts_drafted_equal_off(eng: Engine, prompts: list[str], max_tokens: int) -> None:
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    for prompt in prompts:
+        [base] = eng.generate([prompt], params, "off", chat=True)
+        for cfg in modes(eng.model.num_layers):
+            [out] = eng.generate([prompt], params, cfg, chat=True)
             assert out.token_ids == base.token_ids, (cfg, prompt)
-    assert engine.pool.num_free == engine.pool.num_blocks
+    assert eng.pool.num_free == eng.pool.num_blocks
 
 
-def test_default_model_batch_8_matches_each_alone(engine):
+def test_default_model_batch_8_matches_each_alone(fast_engine):
     """Eight prompts of different lengths together, drafted, equal each prompt alone, off."""
+    eng = fast_engine
     params = SamplingParams(max_tokens=20, ignore_eos=True)
-    alone = [engine.generate([p], params, "off", chat=True)[0].token_ids for p in PROMPTS]
-    assert len({len(engine.encode(p, chat=True)) for p in PROMPTS}) == len(PROMPTS)
-    for cfg in [DraftConfig(mode="off"), *modes(engine.model.num_layers)]:
-        outs = engine.generate(PROMPTS, params, cfg, chat=True)
+    alone = [eng.generate([p], params, "off", chat=True)[0].token_ids for p in PROMPTS]
+    assert len({len(eng.encode(p, chat=True)) for p in PROMPTS}) == len(PROMPTS)
+    for cfg in [DraftConfig(mode="off"), *modes(eng.model.num_layers)]:
+        outs = eng.generate(PROMPTS, params, cfg, chat=True)
         assert [o.token_ids for o in outs] == alone, cfg
         if cfg.mode != "off":
             assert sum(o.stats["accepted_tokens"] for o in outs) > 0, cfg
-    assert engine.pool.num_free == engine.pool.num_blocks
+    assert eng.pool.num_free == eng.pool.num_blocks
 
 
 @pytest.mark.parametrize("batch", [1, 8])
 def test_tiny_architectures(tiny, batch):
     kind, _, eng = tiny
-    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    _drafting_equals_off(eng, batch, max_tokens=24)
+
+
+# Triton's interpreter costs about a millisecond per operation of a program: here it runs
+# float32 only (its products are float32 under the interpreter anyway); CUDA runs both in
+# `make gpu-check`.
+TINY_BACKENDS = backend_params(("bfloat16", "float32"), ("cpu", "onednn", "torch"))
+TINY_BACKENDS += backend_params(("float32",), ("triton",))
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("which", TINY_BACKENDS)
+def test_every_backend_drafts_exactly(which, batch, tiny_checkpoint):
+    """Forcing each backend this machine can run: greedy output of every drafting mode
+    equals `off`, on a tiny random Llama (Triton through its interpreter on a CPU)."""
+    name, dtype = which
+    path = tiny_checkpoint("llama")
+    eng = Engine.from_pretrained(str(path), dtype=dtype, backend=name, kv_cache_bytes=8 << 20)
+    assert eng.model.backend.name == name
+    _drafting_equals_off(eng, batch, max_tokens=5 if name == "triton" else 20)
+
+
+def _drafting_equals_off(eng: Engine, batch: int, max_tokens: int) -> None:
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     prompts = [[(7 * i + 3 * j) % 500 + 1 for j in range(5 + 9 * i)] for i in range(batch)]
     alone = [eng.generate([p], params, "off")[0].token_ids for p in prompts]
     for cfg in modes(eng.model.num_layers):
         outs = eng.generate(prompts, params, cfg)
-        assert [o.token_ids for o in outs] == alone, (kind, cfg)
-    assert eng.pool.num_free == eng.pool.num_blocks
-
-
-def test_bfloat16_drafting_equals_off(bf16_engine):
-    """bfloat16 weights through the engine's kernels: each row of a product is computed the
-    same whatever the number of rows, so drafting stays exact here too."""
-    params = SamplingParams(max_tokens=20, ignore_eos=True)
-    alone = [bf16_engine.generate([p], params, "off", chat=True)[0].token_ids for p in PROMPTS]
-    for cfg in modes(bf16_engine.model.num_layers):
-        outs = bf16_engine.generate(PROMPTS, params, cfg, chat=True)
         assert [o.token_ids for o in outs] == alone, cfg
-        [one] = bf16_engine.generate([PROMPTS[0]], params, cfg, chat=True)
-        assert one.token_ids == alone[0], cfg
-    assert bf16_engine.pool.num_free == bf16_engine.pool.num_blocks
+    assert eng.pool.num_free == eng.pool.num_blocks

@@ -16,6 +16,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(scope="module")
+def cpu_model():
+    """The default model on the `cpu` backend, whichever this machine would pick."""
+    return Engine.from_pretrained("default", backend="cpu", kv_cache_bytes=8 << 20).model
+
+
 def _pass(model, plan: LayerPlan, start: int, end, python: bool):
     """Two sequences (1 and 4 new tokens after 37 and 200 cached ones) through layers
     [start, end) of `model`, on a pool of random keys and values; the hidden states out
@@ -49,9 +55,9 @@ def _pass(model, plan: LayerPlan, start: int, end, python: bool):
     ],
     ids=["full", "skip", "range"],
 )
-def test_matches_the_python_loop(bf16_engine, plan: LayerPlan, start: int, end) -> None:
-    model = bf16_engine.model
-    assert model.stack is not None, "the default model in bfloat16 runs on the C++ loop"
+def test_matches_the_python_loop(cpu_model, plan: LayerPlan, start: int, end) -> None:
+    model = cpu_model
+    assert model.stack is not None, "the default model on the cpu backend runs the C++ loop"
     got, got_pool = _pass(model, plan, start, end, python=False)
     want, want_pool = _pass(model, plan, start, end, python=True)
     assert torch.equal(got, want)
@@ -63,7 +69,9 @@ def test_matches_the_python_loop(bf16_engine, plan: LayerPlan, start: int, end) 
 def test_biases_and_windows_match_the_python_loop(kind: str, tiny_checkpoint) -> None:
     """Qwen2's q, k and v biases; Mistral's sliding window (40 positions)."""
     path = tiny_checkpoint(kind)
-    model = Engine.from_pretrained(str(path), dtype="bfloat16", kv_cache_bytes=8 << 20).model
+    model = Engine.from_pretrained(
+        str(path), dtype="bfloat16", backend="cpu", kv_cache_bytes=8 << 20
+    ).model
     assert model.stack is not None
     for layer in model.layers:  # random models start with zero biases
         if layer.qkv.bias is not None:
@@ -75,13 +83,16 @@ def test_biases_and_windows_match_the_python_loop(kind: str, tiny_checkpoint) ->
     assert all(torch.equal(a, b) for a, b in zip(got_pool, want_pool, strict=True))
 
 
-def test_float32_models_keep_the_python_loop(engine) -> None:
-    """Matrices in float32 go to oneDNN, which the C++ loop doesn't call."""
-    assert engine.model.stack is None
+@pytest.mark.parametrize("name", ["onednn", "torch"])
+def test_other_backends_keep_the_python_loop(name: str, tiny_checkpoint) -> None:
+    """Their products are not our kernels', which the C++ loop calls."""
+    path = tiny_checkpoint("llama")
+    model = Engine.from_pretrained(str(path), backend=name, kv_cache_bytes=8 << 20).model
+    assert model.stack is None
 
 
-def test_bad_plan_is_refused(bf16_engine) -> None:
-    model = bf16_engine.model
+def test_bad_plan_is_refused(cpu_model) -> None:
+    model = cpu_model
     batch = AttentionBatch.build([[0]], [0], [1], 16, reference=False)
     pool = [torch.zeros(16, 2 * model.kv_dim, dtype=model.kv_dtype)] * model.num_layers
     h = torch.zeros(1, model.config.hidden_size)

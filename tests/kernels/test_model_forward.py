@@ -1,6 +1,6 @@
-"""The engine's own forward pass on the Triton kernels equals it on the reference: a
+"""The engine's own forward pass on the Triton backend equals it on the PyTorch one: a
 ragged prefill, then a verify step, through a tiny random Llama with grouped-query
-attention (on the CPU by pointing the CUDA dispatch at the interpreter)."""
+attention (on the CPU in Triton's interpreter)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from kernels import attention, paged_attention
+from kernels import backend, paged_attention
 from kernels.attention import AttentionBatch
 from services.engine.kv_pool import BlockTable, KVPool
 from services.engine.model import Model
@@ -16,7 +16,7 @@ from services.engine.model import Model
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs the interpreter
 
 
-def _model() -> Model:
+def _model(backend_name: str) -> Model:
     config = LlamaConfig(
         hidden_size=64,
         intermediate_size=96,
@@ -44,7 +44,7 @@ def _model() -> Model:
             tensors[p + name + ".weight"] = torch.randn(shape, generator=g) * 0.15
         tensors[p + "input_layernorm.weight"] = 1 + 0.1 * torch.rand(64, generator=g)
         tensors[p + "post_attention_layernorm.weight"] = 1 + 0.1 * torch.rand(64, generator=g)
-    return Model(config, tensors, torch.float32, DEVICE)
+    return Model(config, tensors, backend.choose(torch.float32, DEVICE, backend_name))
 
 
 def _run(model: Model) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
@@ -65,10 +65,8 @@ def _run(model: Model) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
 
 
 def test_forward_on_kernels_equals_reference(monkeypatch: pytest.MonkeyPatch) -> None:
-    model = _model()
-    monkeypatch.setattr(attention, "_use_triton", lambda t: False)
-    want = _run(model)
-    monkeypatch.setattr(attention, "_use_triton", lambda t: True)
+    want = _run(_model("torch"))
+    model = _model("triton")
     calls = []
     kernel = paged_attention.paged_attention
     monkeypatch.setattr(

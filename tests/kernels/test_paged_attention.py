@@ -147,14 +147,44 @@ def test_engine_dispatch_uses_triton_on_cuda() -> None:
     case = CASES[1]
     q, pool, _, batch = _setup(case, torch.bfloat16)
     dev = _to(batch, "cuda")
-    got = attention.paged_attention(q.cuda(), pool.cuda(), dev, case.kv_heads, 0.25)
+    got = attention.paged_attention(q.cuda(), pool.cuda(), dev, case.kv_heads, 0.25, "triton")
     want = paged_attention(q.cuda(), pool.cuda(), dev, case.kv_heads, 0.25)
     assert torch.equal(got, want)
 
 
-def test_cpu_keeps_the_reference() -> None:
-    assert not attention._use_triton(torch.zeros(1))
+def test_batches_carry_the_reference_fields_unless_told() -> None:
     assert AttentionBatch.build([[0]], [0], [1], 4).mask is not None
+    assert AttentionBatch.build([[0]], [0], [1], 4, reference=False).mask is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_by_query_matches_the_padded_reference(case: Case, dtype: torch.dtype) -> None:
+    """The PyTorch backend's few-row path: each query alone over exactly its keys. It
+    never reads a slot outside them, so the pool's NaN padding must not reach it."""
+    q, pool, tables, full = _setup(case, dtype)
+    lean = AttentionBatch.build(tables, list(case.starts), list(case.lens), case.block_size,
+                                sliding_window=case.window, reference=False)  # fmt: skip
+    got = attention.paged_attention(q, pool, lean, case.kv_heads, case.head_dim**-0.5, "torch")
+    assert got.dtype == dtype
+    tol = TOL[dtype]
+    torch.testing.assert_close(got.float(), _reference(q, pool, full, case), rtol=tol, atol=tol)
+
+
+def test_by_query_is_batch_invariant() -> None:
+    """A drafted token verified in a window of 5 beside another sequence gets the bits it
+    gets decoded alone."""
+    case = Case("verify", (61, 190), (5, 2), heads=8, kv_heads=2, block_size=4)
+    q, pool, tables, _ = _setup(case, torch.bfloat16, seed=3)
+
+    def run(seqs, starts, lens, rows):
+        batch = AttentionBatch.build([tables[i] for i in seqs], starts, lens, case.block_size,
+                                     reference=False)  # fmt: skip
+        return attention.paged_attention(q[rows], pool, batch, case.kv_heads, 0.25, "torch")
+
+    verified = run([0, 1], [61, 190], [5, 2], slice(None))
+    for t in range(5):
+        assert torch.equal(run([0], [61 + t], [1], [t])[0], verified[t]), t
 
 
 def test_kernel_needs_no_reference_fields() -> None:
