@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup run test fuzz lint format bench tune stubs clean
+.PHONY: setup run test fuzz lint format bench tune stubs clean gpu-check
 
 setup: $(STAMP)
 	@command -v redis-server >/dev/null || { echo "installing redis-server"; \
@@ -49,6 +49,13 @@ bench: setup
 	$(BIN)/selfspec bench serve --out benchmarks/results
 	$(BIN)/selfspec bench controller --out benchmarks/results
 	$(BIN)/selfspec bench kernels --out benchmarks/results  # GPU only; says so on a CPU
+
+# The GPU path on one NVIDIA GPU (about 5 minutes on an H100 or H200; no `make setup` needed
+# where the machine's python3 has PyTorch with CUDA): the Triton kernel tests and the
+# engine's exactness, seeded sampling and CUDA graphs on CUDA, then `selfspec bench
+# kernels`. Results in benchmarks/results/gpu/; see tests/gpu/run_check.sh.
+gpu-check:
+	bash tests/gpu/run_check.sh
 
 # Regenerate the gRPC stubs in services/gen/ after editing protos/ (a test fails when stale).
 stubs: $(STAMP)

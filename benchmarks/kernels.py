@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kernels import attention
+from kernels import attention, backend
 from kernels.attention import AttentionBatch
 from kernels.cuda_graphs import StepGraphs
 from services.engine.kv_pool import KVPool
@@ -184,7 +184,7 @@ def build_model(shape: dict, device: torch.device, max_positions: int) -> Model:
             p + "post_attention_layernorm.weight": (hidden,),
         }
     tensors = {name: _random(s, device) for name, s in shapes.items()}
-    model = Model(config, tensors, torch.bfloat16, device)
+    model = Model(config, tensors, backend.choose(torch.bfloat16, device))
     tensors.clear()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -225,10 +225,9 @@ def bench_steps(shape: dict, args, device, timer: Timer, bandwidth: float) -> li
     for batch_size in batch_sizes:
         tables = _tables(batch_size, args.context + longest, pool)
         for name, tokens, end in kinds:
-            batch = AttentionBatch.build(
-                tables, [args.context] * batch_size, [tokens] * batch_size, BLOCK_SIZE,
-                device=device,
-            )  # fmt: skip
+            batch = model.attention_batch(
+                tables, [args.context] * batch_size, [tokens] * batch_size, BLOCK_SIZE
+            )
             ids = torch.randint(0, model.vocab_size, (batch_size * tokens,), device=device)
             step = _step(model, pool, batch, end)
             graphs = StepGraphs(step, enabled=device.type == "cuda")
@@ -330,7 +329,7 @@ def _attention_case(B, ctx, q_len, H, KV, D, device, timer: Timer) -> dict:
         )
 
     def paged():
-        return attention.paged_attention(q, cache, batch, KV, scale)
+        return attention.paged_attention(q, cache, batch, KV, scale, "triton")
 
     def reference():
         return attention.paged_attention_reference(q, cache, batch, KV, scale)

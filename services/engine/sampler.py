@@ -55,6 +55,8 @@ def accept_sampled(
     a point mass at the token.
     """
     k = len(proposed)
+    target_probs = _beside(generator, target_probs)
+    draft_probs = None if draft_probs is None else _beside(generator, draft_probs)
     for i, token in enumerate(proposed):
         p = target_probs[i]
         if draft_probs is None:
@@ -63,7 +65,8 @@ def accept_sampled(
         else:
             q = draft_probs[i]
         u = torch.rand((), generator=generator, device=p.device)
-        if q[token] > 0 and u * q[token] < p[token]:  # accept with probability min(1, p/q)
+        # Accept with probability min(1, p/q); one read back from the device, not two.
+        if bool((q[token] > 0) & (u * q[token] < p[token])):
             continue
         return i, int(torch.multinomial(residual(p, q), 1, generator=generator))
     return k, int(torch.multinomial(target_probs[k], 1, generator=generator))
@@ -78,4 +81,13 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return int(torch.multinomial(_beside(generator, probs), 1, generator=generator))
+
+
+def _beside(generator: torch.Generator | None, probs: torch.Tensor) -> torch.Tensor:
+    """`probs` on the generator's device: PyTorch samples only with a generator of the
+    tensor's own device. Sequences keep theirs where the logits are, so this is a no-op
+    but for callers that pass a generator from elsewhere."""
+    if generator is None or generator.device == probs.device:
+        return probs
+    return probs.to(generator.device)

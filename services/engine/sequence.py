@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -45,7 +46,15 @@ class Sequence:
     (`last`) is written by the next pass, which also yields its successor.
     """
 
-    def __init__(self, seq_id: str, prompt: list[int], params: SamplingParams, table: BlockTable):
+    def __init__(
+        self,
+        seq_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        table: BlockTable,
+        *,
+        device: torch.device | str | None = None,
+    ):
         self.id = seq_id
         self.prompt = prompt
         self.output: list[int] = []
@@ -58,11 +67,8 @@ class Sequence:
         self.text_end: int | None = None  # where a stop string begins in the output text
         self._acceptance: dict[str, Acceptance] = {}
         self.generator: torch.Generator | None = None
-        if not params.greedy:
-            self.generator = torch.Generator()
-            self.generator.manual_seed(
-                params.seed if params.seed is not None else torch.seed() % (1 << 63)
-            )
+        if not params.greedy:  # where the logits are (default: the KV pool's device)
+            self.generator = seeded(params.seed, device or table.pool.kv[0].device)
 
     def acceptance(self, mode: str) -> Acceptance:
         """This sequence's running acceptance per draft position in `mode`."""
@@ -103,3 +109,11 @@ class Sequence:
             if self.remaining == 0:
                 self.finish_reason = "length"
                 return
+
+
+def seeded(seed: int | None, device: torch.device | str) -> torch.Generator:
+    """A generator on `device`, since CUDA sampling takes a CUDA generator; without a seed
+    an unpredictable one, drawn without touching PyTorch's global generator."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else secrets.randbits(63))
+    return generator
