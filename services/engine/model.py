@@ -370,13 +370,7 @@ class Model:
             return layer.o.add(out, h, bulk)
         qk = qkv[:, : (H + KV) * D].view(T, H + KV, D)
         if layer.q_norm is not None:
-            qk = torch.cat(
-                (
-                    rms_norm(qk[:, :H], layer.q_norm, self.eps),
-                    rms_norm(qk[:, H:], layer.k_norm, self.eps),
-                ),
-                1,
-            )
+            qk = self._qk_norms(layer, qk, bulk)
         # Rotated in float32: PyTorch has no bfloat16 complex numbers.
         pairs = torch.view_as_complex(qk.float().view(T, H + KV, D // 2, 2))
         qk = torch.view_as_real(pairs * rope[:, None]).to(qkv.dtype).view(T, (H + KV) * D)
@@ -385,6 +379,24 @@ class Model:
         write_kv(kv_cache, batch, kv, impl)
         q = qk[:, : H * D].view(T, H, D)
         return layer.o.add(paged_attention(q, kv_cache, batch, KV, self.scale, impl), h, bulk)
+
+    def _qk_norms(self, layer: Layer, qk: torch.Tensor, bulk: bool) -> torch.Tensor:
+        """Qwen3's RMSNorms of each head's q and k (`[T, H + KV, D]`), row-invariant as the
+        products are (`Linear`): Triton's norm, or PyTorch's a row at a time where its
+        reduction may change with the number of rows (bfloat16, measured)."""
+        H, D = self.num_heads, self.head_dim
+        if self.backend.linear == "triton":
+            norm = _triton().normalize
+            q = norm(qk[:, :H], D * self.eps, layer.q_norm.float() * D**0.5)
+            return torch.cat((q, norm(qk[:, H:], D * self.eps, layer.k_norm.float() * D**0.5)), 1)
+
+        def both(x):
+            q = rms_norm(x[:, :H], layer.q_norm, self.eps)
+            return torch.cat((q, rms_norm(x[:, H:], layer.k_norm, self.eps)), 1)
+
+        if bulk or self.backend.linear == "cpu" or len(qk) == 1:
+            return both(qk)
+        return torch.cat([both(row) for row in qk.split(1)])
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         """The last RMSNorm (its gain may be folded into the head's weights)."""

@@ -31,7 +31,9 @@ def test_generate_json():
     )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert set(out) == {"text", "token_ids", "finish_reason", "stats"}
+    assert set(out) == {"text", "token_ids", "finish_reason", "stats", "backend"}
+    assert out["backend"]["backend"] == "onednn"  # float32's default on any CPU
+    assert out["backend"]["compute"] == "float32"
     assert 1 <= len(out["token_ids"]) <= 8
     assert out["finish_reason"] in ("stop", "length")
 
