@@ -20,23 +20,17 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 # Llama-shaped models with random weights: `small` for quick checks, `llama3-8b` for the
 # real shapes (tile counts, split keys, the 128K-row LM head).
+SMALL = dict(
+    hidden_size=512,
+    intermediate_size=1536,
+    num_hidden_layers=6,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    vocab_size=32000,
+)
 SHAPES = {
-    "small": dict(
-        hidden_size=512,
-        intermediate_size=1536,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        vocab_size=32000,
-    ),
-    "small-qwen3": dict(  # q and k normalised per head, as Qwen3 does
-        hidden_size=512,
-        intermediate_size=1536,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        vocab_size=32000,
-    ),
+    "small": SMALL,
+    "small-qwen3": SMALL,  # q and k normalised per head, as Qwen3 does
     "llama3-8b": dict(
         hidden_size=4096,
         intermediate_size=14336,
