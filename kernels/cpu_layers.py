@@ -9,8 +9,8 @@ a small model's step. `run` makes the same calls, with the same arguments, from 
 in C++, so its result is the one of the Python loop bit for bit; it lets go of the GIL
 while it runs.
 
-It serves models whose matrices are all packed for `cpu_linear` (bfloat16 weights on a
-CPU without native bfloat16) and whose attention has no q/k norms; `Stack.of` says None
+It serves models whose matrices are all packed for `cpu_linear` (the `cpu` backend,
+`kernels.backend`) and whose attention has no q/k norms; `Stack.of` says None
 for the others.
 """
 
