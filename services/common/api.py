@@ -75,11 +75,16 @@ def _check_chars(field: str, n: int) -> None:
 
 
 def sampling_params(req: pb.GenerateRequest) -> SamplingParams:
-    """The request's sampling fields; unset ones keep `SamplingParams`' defaults."""
-    given = {f.name: getattr(req, f.name) for f in fields(SamplingParams) if _has(req, f.name)}
-    if "temperature" in given and not math.isfinite(given["temperature"]):
-        raise ValueError(f"temperature must be finite, got {given['temperature']}")
+    """The request's sampling fields; unset ones keep `SamplingParams`' defaults, which
+    also checks them against its limits (params.MAX_TOKENS_LIMIT and the rest)."""
+    given = {f.name: _value(req, f.name) for f in fields(SamplingParams) if _has(req, f.name)}
     return SamplingParams(**given)
+
+
+def _value(req: pb.GenerateRequest, name: str):
+    """A field as plain Python: repeated fields as lists, which is what SamplingParams takes."""
+    value = getattr(req, name)
+    return list(value) if hasattr(value, "__len__") and not isinstance(value, str) else value
 
 
 def _has(req: pb.GenerateRequest, name: str) -> bool:

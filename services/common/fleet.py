@@ -9,10 +9,11 @@ whenever Redis answers, and the oldest windows are dropped when it has been away
 long.
 
 Configs arrive on the announcement channel, and by polling the current record as a
-fallback. A record is validated (ours, hash intact, layers that exist, lengths in
-range) before the engine applies it between steps; a bad one is refused and
-reported to `selfspec:v1:rejections`, and the last good config stays. Without Redis
-the engine keeps serving with that config and its own `auto` adaptation.
+fallback. A record is validated (ours, hash intact, every field of its exact type,
+layers that exist, lengths in range) before the engine applies it between steps; a
+bad one is refused and reported to `selfspec:v1:rejections`, and the last good
+config stays. Without Redis the engine keeps serving with that config and its own
+`auto` adaptation.
 
 A second thread scores the controller's skip-set candidates in spare moments
 (see `services.common.scoring`).

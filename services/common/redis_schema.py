@@ -18,9 +18,10 @@ never read each other's data:
     selfspec:v1:config                      pub/sub channel: {"model", "version"} per record
 
 A config record is JSON: `version` (monotonic, from the counter), `model`, `draft`
-(DraftConfig fields), `buckets` (per batch-size bucket overrides of mode, max_draft
-and threshold), `hash` (sha256 of the canonical JSON of model, draft and buckets),
-`evidence`, `reason`, `created_at` and `by`.
+(DraftConfig fields, each of its exact JSON type: `max_draft` 4, never 4.0), `buckets`
+(per batch-size bucket overrides of mode, max_draft and threshold), `hash` (sha256 of
+the canonical JSON of model, draft and buckets), `evidence`, `reason`, `created_at`
+and `by`.
 """
 
 from __future__ import annotations
@@ -196,7 +197,7 @@ class Record:
                 model=str(raw["model"]),
                 draft=dict(raw["draft"]),
                 buckets=dict(raw.get("buckets") or {}),
-                version=int(raw["version"]),
+                version=_version(raw["version"]),
                 hash=str(raw["hash"]),
                 evidence=dict(raw.get("evidence") or {}),
                 reason=str(raw.get("reason", "")),
@@ -211,42 +212,63 @@ class Record:
 
     def drafts(self, num_layers: int) -> tuple[DraftConfig, dict[int, DraftConfig]]:
         """The base config and per-bucket configs, validated against a model with
-        `num_layers` layers; RecordError names what is wrong."""
+        `num_layers` layers; RecordError names what is wrong. Every field must have its
+        exact JSON type (`4.0` is no `max_draft`): a replica applies nothing it would
+        fail to run."""
         try:
-            base = DraftConfig(**_draft_args(self.draft))
-            base.check_layers(num_layers)
-            by_bucket = {}
-            for key, over in self.buckets.items():
-                b = int(key)
-                if b not in BUCKETS:
-                    raise ValueError(f"bucket {key!r} is not one of {BUCKETS}")
-                unknown = set(over) - set(BUCKET_FIELDS)
-                if unknown:
-                    raise ValueError(f"bucket {key} overrides {sorted(unknown)}")
-                cfg = DraftConfig(**{**_draft_args(self.draft), **over})
-                cfg.check_layers(num_layers)
-                # The engine reserved KV for the base length when it admitted a request.
-                if cfg.max_draft > base.max_draft:
-                    raise ValueError(f"bucket {key} drafts more than the base max_draft")
-                by_bucket[b] = cfg
+            base = _checked(_draft_args(self.draft), num_layers)
+            by_bucket = {
+                _bucket_of(key, over): _bucket_config(self.draft, base, key, over, num_layers)
+                for key, over in self.buckets.items()
+            }
         except (TypeError, ValueError) as exc:
             raise RecordError(f"version {self.version}: {exc}") from None
         return base, by_bucket
 
 
+def _version(value) -> int:
+    """A record's version: an integer, not a string or float that converts to one."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"version must be an integer, got {value!r}")
+    return value
+
+
 def _draft_args(draft: dict) -> dict:
     unknown = set(draft) - set(DraftConfig.__dataclass_fields__)
     if unknown:
-        raise ValueError(f"unknown draft fields {sorted(unknown)}")
-    for name in ("skip_attn", "skip_mlp"):
-        values = draft.get(name, [])
-        if not isinstance(values, list) or not all(type(v) is int for v in values):
-            raise ValueError(f"{name} must be a list of layer numbers")
-    return {
-        **draft,
-        "skip_attn": tuple(draft.get("skip_attn", ())),
-        "skip_mlp": tuple(draft.get("skip_mlp", ())),
-    }
+        raise ValueError(f"unknown draft fields {sorted(map(str, unknown))}")
+    return dict(draft)
+
+
+def _checked(args: dict, num_layers: int) -> DraftConfig:
+    cfg = DraftConfig(**args)  # types and ranges
+    cfg.check_layers(num_layers)
+    return cfg
+
+
+def _bucket_config(draft: dict, base: DraftConfig, key: str, over: dict, num_layers: int):
+    """The config a bucket runs: the base draft with the bucket's overrides."""
+    try:
+        cfg = _checked({**_draft_args(draft), **over}, num_layers)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"bucket {key}: {exc}") from None
+    # The engine reserved KV for the base length when it admitted a request.
+    if cfg.max_draft > base.max_draft:
+        raise ValueError(f"bucket {key} drafts more than the base max_draft")
+    return cfg
+
+
+def _bucket_of(key: str, over) -> int:
+    """The batch bucket a bucket override's key names; the override may only change
+    BUCKET_FIELDS. A key must be the bucket as written (`"4"`, not `" 4"` or `"04"`)."""
+    if key not in {str(b) for b in BUCKETS}:
+        raise ValueError(f"bucket {key!r} is not one of {BUCKETS}")
+    if not isinstance(over, dict):
+        raise ValueError(f"bucket {key} must map settings to values, got {type(over).__name__}")
+    unknown = set(over) - set(BUCKET_FIELDS)
+    if unknown:
+        raise ValueError(f"bucket {key} overrides {sorted(unknown)}")
+    return int(key)
 
 
 # -- skip-set candidates ------------------------------------------------------------

@@ -79,7 +79,7 @@ def _status(stub, args) -> int:
             print(f"{name}: version {cur['version']} ({cur['reason']} by {cur['by']}{pin})")
             print(f"  draft: {_draft_text(cur['draft'])}")
             for b, over in sorted(cur["buckets"].items(), key=lambda kv: int(kv[0])):
-                print(f"  batch <= {b}: {over['mode']}, max_draft {over['max_draft']}")
+                print(f"  batch <= {b}: {_bucket_text(over)}")
         else:
             print(f"{name}: no config published yet")
         for rid, r in m["replicas"].items():
@@ -97,11 +97,18 @@ def _status(stub, args) -> int:
 
 
 def _draft_text(d: dict) -> str:
-    parts = [d["mode"], f"max_draft {d['max_draft']}"]
+    parts = [str(d.get("mode")), f"max_draft {d.get('max_draft', 'default')}"]
     if d.get("skip_attn") or d.get("skip_mlp"):
         parts.append(f"skip attn {d.get('skip_attn')} mlp {d.get('skip_mlp')}")
     if d.get("exit_layer") is not None:
         parts.append(f"exit {d['exit_layer']}")
+    return ", ".join(parts)
+
+
+def _bucket_text(over: dict) -> str:
+    """A bucket override may set any of mode, max_draft and threshold, not all three."""
+    parts = [str(over["mode"])] if "mode" in over else []
+    parts += [f"{k} {over[k]}" for k in ("max_draft", "threshold") if k in over]
     return ", ".join(parts)
 
 

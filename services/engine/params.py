@@ -1,17 +1,95 @@
-"""What a caller asks for: how to sample, and how to draft. Validated on creation."""
+"""What a caller asks for: how to sample, and how to draft. Validated on creation.
+
+Every field is checked for its type as well as its range: a config from outside (a
+request, a fleet record) that passed with `max_draft=4.5` would fail every engine step
+that used it, far from where it came in. Errors are ValueErrors naming the field.
+"""
 
 from __future__ import annotations
 
 import math
+import reprlib
 from dataclasses import dataclass, replace
 
+# -- request limits ---------------------------------------------------------------------
+# What one request may ask for. They bound the work and memory a request can claim before
+# the engine sees it (the engine further checks max_tokens against the model's context);
+# the gateway and replicas answer INVALID_ARGUMENT past them.
+MAX_TOKENS_LIMIT = 1 << 16  # max_tokens
+MAX_TEMPERATURE = 100.0  # beyond this sampling is uniform noise in all but name
+MAX_TOP_K = 1 << 20  # above any vocabulary served; 0 means no limit
+SEED_LIMIT = 1 << 63  # seeds are in [0, 2**63): a signed 64-bit integer everywhere
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256  # per stop string
+MAX_STOP_TOKEN_IDS = 64
+# Temperatures below this sample greedily, as vLLM does (its _SAMPLING_EPS): dividing the
+# logits by a tinier temperature overflows to inf, and the softmax of inf is nan.
+GREEDY_BELOW = 1e-5
+
+# -- drafting limits --------------------------------------------------------------------
 DRAFT_MODES = ("off", "skip", "early_exit", "ngram", "auto")
 MAX_DRAFT_TOKENS = 16
+MAX_SKIP_LAYERS = 1024  # entries per skip list; layer numbers are checked against the model
+MAX_SHORTLIST = 1 << 20  # draft-head ids; at or above the vocabulary means the full head
+MAX_NGRAM = 16
+
+# Values in error messages are shown shortened: a request may send megabytes.
+_shown = reprlib.Repr()
+_shown.maxstring = _shown.maxother = 60
+
+
+def _check_int(name: str, value, low: int, high: int | None = None) -> None:
+    """`value` is an int (a bool is not) in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {_shown.repr(value)}")
+    if value < low or (high is not None and value > high):
+        bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise ValueError(f"{name} must be {bounds}, got {_shown.repr(value)}")
+
+
+def _finite(name: str, value) -> float:
+    """`value` as a float, if it is a finite int or float (a bool is not)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a number, got {_shown.repr(value)}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int too big for a float
+        number = math.inf
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be finite, got {_shown.repr(value)}")
+    return number
+
+
+def _int_list(name: str, value, limit: int, what: str) -> tuple[int, ...]:
+    """A list or tuple of at most `limit` ints (not bools)."""
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"{name} must be a list of {what}, got {_shown.repr(value)}")
+    if len(value) > limit:
+        raise ValueError(f"{name} has {len(value)} entries; the limit is {limit}")
+    bad = [v for v in value if isinstance(v, bool) or not isinstance(v, int)]
+    if bad:
+        raise ValueError(f"{name} must be a list of {what}, got {_shown.repr(bad[0])} in it")
+    return tuple(value)
+
+
+def _stop_strings(value) -> tuple[str, ...]:
+    """The stop strings: a list or tuple of them, or one string alone (as in vLLM)."""
+    stop = (value,) if isinstance(value, str) else value
+    if not isinstance(stop, list | tuple):
+        raise ValueError(f"stop must be a list of strings, got {_shown.repr(value)}")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise ValueError(f"stop has {len(stop)} strings; the limit is {MAX_STOP_STRINGS}")
+    for s in stop:
+        if not isinstance(s, str) or not 1 <= len(s) <= MAX_STOP_CHARS:
+            raise ValueError(
+                f"stop takes strings of 1 to {MAX_STOP_CHARS} characters, got {_shown.repr(s)}"
+            )
+    return tuple(stop)
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Sampling settings, named as in vLLM."""
+    """Sampling settings, named as in vLLM; the limits above bound them."""
 
     max_tokens: int = 16
     temperature: float = 0.0
@@ -23,24 +101,38 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
-            raise ValueError(f"max_tokens must be an integer, got {self.max_tokens!r}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 means no limit), got {self.top_k}")
-        if len(self.stop) > 16 or any(not s or len(s) > 256 for s in self.stop):
-            raise ValueError("stop takes at most 16 strings of 1 to 256 characters")
+        object.__setattr__(self, "stop", _stop_strings(self.stop))
+        ids = _int_list("stop_token_ids", self.stop_token_ids, MAX_STOP_TOKEN_IDS, "token ids")
+        if any(i < 0 for i in ids):
+            raise ValueError(f"stop_token_ids must be non-negative, got {_shown.repr(ids)}")
+        object.__setattr__(self, "stop_token_ids", ids)
+        _check_int("max_tokens", self.max_tokens, 1, MAX_TOKENS_LIMIT)
+        self._check_distribution()
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0, SEED_LIMIT - 1)
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(
+                f"ignore_eos must be true or false, got {_shown.repr(self.ignore_eos)}"
+            )
+
+    def _check_distribution(self) -> None:
+        """Temperature, top-p and top-k; the two numbers are kept as floats."""
+        temperature = _finite("temperature", self.temperature)
+        if not 0 <= temperature <= MAX_TEMPERATURE:
+            raise ValueError(
+                f"temperature must be between 0 and {MAX_TEMPERATURE:g}, got {temperature}"
+            )
+        top_p = _finite("top_p", self.top_p)
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        _check_int("top_k", self.top_k, 0, MAX_TOP_K)  # 0: no limit
+        object.__setattr__(self, "temperature", temperature)
+        object.__setattr__(self, "top_p", top_p)
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Whether to take the argmax; temperatures under GREEDY_BELOW count as 0."""
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass(frozen=True)
@@ -53,6 +145,9 @@ class DraftConfig:
     Drafting stops before `max_draft` tokens once the draft's top probability falls
     under `threshold`. `shortlist` > 0 gives the draft an LM head over token ids
     below it plus the ids already in the context.
+
+    Every field must have its exact type (an int field takes no float or bool, even
+    4.0); layer numbers are checked against a model by `check_layers`.
     """
 
     mode: str = "skip"
@@ -66,22 +161,23 @@ class DraftConfig:
     ngram_min: int = 1
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "skip_attn", tuple(sorted(set(self.skip_attn))))
-        object.__setattr__(self, "skip_mlp", tuple(sorted(set(self.skip_mlp))))
-        if self.mode not in DRAFT_MODES:
+        if not isinstance(self.mode, str) or self.mode not in DRAFT_MODES:
             raise ValueError(
-                f"draft mode must be one of {', '.join(DRAFT_MODES)}; got {self.mode!r}"
+                f"draft mode must be one of {', '.join(DRAFT_MODES)}; got {_shown.repr(self.mode)}"
             )
-        if not 1 <= self.max_draft <= MAX_DRAFT_TOKENS:
-            raise ValueError(
-                f"max_draft must be between 1 and {MAX_DRAFT_TOKENS}, got {self.max_draft}"
-            )
-        if not 0 <= self.threshold < 1:
-            raise ValueError(f"threshold must be in [0, 1), got {self.threshold}")
-        if self.shortlist < 0:
-            raise ValueError(f"shortlist must be >= 0, got {self.shortlist}")
-        if not 1 <= self.ngram_min <= self.ngram_max <= 16:
-            raise ValueError("ngram sizes need 1 <= ngram_min <= ngram_max <= 16")
+        for name in ("skip_attn", "skip_mlp"):
+            layers = _int_list(name, getattr(self, name), MAX_SKIP_LAYERS, "layer numbers")
+            object.__setattr__(self, name, tuple(sorted(set(layers))))
+        if self.exit_layer is not None:
+            _check_int("exit_layer", self.exit_layer, 1)  # the top bound is the model's
+        _check_int("max_draft", self.max_draft, 1, MAX_DRAFT_TOKENS)
+        threshold = _finite("threshold", self.threshold)
+        if not 0 <= threshold < 1:
+            raise ValueError(f"threshold must be in [0, 1), got {threshold}")
+        object.__setattr__(self, "threshold", threshold)
+        _check_int("shortlist", self.shortlist, 0, MAX_SHORTLIST)
+        _check_int("ngram_max", self.ngram_max, 1, MAX_NGRAM)
+        _check_int("ngram_min", self.ngram_min, 1, self.ngram_max)
 
     @property
     def layer_mode(self) -> str | None:
@@ -96,22 +192,26 @@ class DraftConfig:
         return None
 
     def check_layers(self, num_layers: int) -> None:
-        """Refuse layer numbers the model does not have, and skipping everything."""
+        """Refuse layer numbers the model does not have, and skipping everything. The
+        layer draft `auto` would run is held to what its mode would be."""
         for name in ("skip_attn", "skip_mlp"):
             bad = [i for i in getattr(self, name) if not 0 <= i < num_layers]
             if bad:
                 raise ValueError(
-                    f"{name} names layers {bad}; the model has layers 0..{num_layers - 1}"
+                    f"{name} names layers {_shown.repr(bad)}; the model has layers "
+                    f"0..{num_layers - 1}"
                 )
-        if self.mode == "skip":
-            if not self.skip_attn and not self.skip_mlp:
-                raise ValueError("mode 'skip' needs at least one layer in skip_attn or skip_mlp")
-            if len(self.skip_attn) == num_layers and len(self.skip_mlp) == num_layers:
-                raise ValueError("a skip set may not skip every sublayer; nothing would be drafted")
-        if self.mode == "early_exit" and (
-            self.exit_layer is None or not 1 <= self.exit_layer < num_layers
-        ):
+        if self.mode == "skip" and not self.skip_attn and not self.skip_mlp:
+            raise ValueError("mode 'skip' needs at least one layer in skip_attn or skip_mlp")
+        if self.layer_mode == "skip" and len(self.skip_attn) == len(self.skip_mlp) == num_layers:
+            raise ValueError("a skip set may not skip every sublayer; nothing would be drafted")
+        if self.mode == "early_exit" and self.exit_layer is None:
             raise ValueError(f"early_exit needs exit_layer between 1 and {num_layers - 1}")
+        # Checked in every mode: `auto` exits there when it names no skip set.
+        if self.exit_layer is not None and not 1 <= self.exit_layer < num_layers:
+            raise ValueError(
+                f"exit_layer must be between 1 and {num_layers - 1}, got {self.exit_layer}"
+            )
 
     @classmethod
     def parse(cls, value: DraftConfig | str | dict | None, default: DraftConfig) -> DraftConfig:
@@ -125,6 +225,6 @@ class DraftConfig:
         if isinstance(value, dict):
             unknown = set(value) - set(cls.__dataclass_fields__)
             if unknown:
-                raise ValueError(f"unknown draft settings: {', '.join(sorted(unknown))}")
+                raise ValueError(f"unknown draft settings: {', '.join(sorted(map(str, unknown)))}")
             return replace(default, **value)
         raise ValueError(f"draft must be a DraftConfig, a mode name or a dict, not {type(value)}")

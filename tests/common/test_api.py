@@ -1,0 +1,97 @@
+"""The gRPC request's bounds, and its drafting override as typed DraftConfig fields: a
+Struct carries every number as a float, so whole ones become ints here and only here."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from services.common import api
+from services.engine.params import (
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    MAX_TOKENS_LIMIT,
+    MAX_TOP_K,
+    SEED_LIMIT,
+    DraftConfig,
+)
+from services.gen.selfspec.v1 import generation_pb2 as pb
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"max_tokens": MAX_TOKENS_LIMIT + 1}, "max_tokens"),
+        ({"max_tokens": 2**32 - 1}, "max_tokens"),
+        ({"temperature": math.nan}, "temperature"),
+        ({"temperature": math.inf}, "temperature"),
+        ({"temperature": 1e30}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_k": MAX_TOP_K + 1}, "top_k"),
+        ({"seed": SEED_LIMIT}, "seed"),
+        ({"seed": 2**64 - 1}, "seed"),
+        ({"stop": ["x"] * (MAX_STOP_STRINGS + 1)}, "stop"),
+        ({"stop_token_ids": range(MAX_STOP_TOKEN_IDS + 1)}, "stop_token_ids"),
+    ],
+)
+def test_requests_past_the_limits_are_refused_by_name(fields, field):
+    req = pb.GenerateRequest(prompt="hi", **fields)
+    with pytest.raises(ValueError, match=f"^{field} "):
+        api.validate(req)
+
+
+def test_a_request_at_the_limits_converts():
+    req = pb.GenerateRequest(
+        prompt="hi",
+        max_tokens=MAX_TOKENS_LIMIT,
+        top_k=MAX_TOP_K,
+        seed=SEED_LIMIT - 1,
+        stop=["END"],
+        stop_token_ids=range(MAX_STOP_TOKEN_IDS),
+    )
+    params = api.sampling_params(req)
+    assert params.stop == ("END",) and params.stop_token_ids == tuple(range(64))
+    assert params.seed == SEED_LIMIT - 1 and params.temperature == 0.0  # unset: default
+
+
+def test_the_smallest_float32_temperature_is_greedy():
+    params = api.sampling_params(pb.GenerateRequest(prompt="hi", temperature=1.4e-45))
+    assert params.temperature > 0 and params.greedy
+
+
+def override(draft: dict) -> dict | None:
+    req = pb.GenerateRequest(prompt="hi")
+    req.draft.update(draft)
+    return api.draft_override(req)
+
+
+def test_whole_struct_numbers_become_ints():
+    got = override({"max_draft": 4, "skip_attn": [3, 1], "exit_layer": None, "threshold": 0})
+    assert got == {"max_draft": 4, "skip_attn": (3, 1), "exit_layer": None, "threshold": 0.0}
+    assert type(got["max_draft"]) is int and all(type(i) is int for i in got["skip_attn"])
+    cfg = DraftConfig.parse(got, DraftConfig(mode="auto"))
+    assert cfg.max_draft == 4 and cfg.skip_attn == (1, 3)
+
+
+@pytest.mark.parametrize(
+    ("draft", "words"),
+    [
+        ({"max_draft": 4.5}, "draft.max_draft must be a whole number, got 4.5"),
+        ({"skip_attn": [1.5]}, "draft.skip_attn must be a whole number"),
+        ({"skip_attn": 3}, "draft.skip_attn must be a list"),
+        ({"shortlist": True}, "draft.shortlist"),
+        ({"ngram_min": "2"}, "draft.ngram_min"),
+        ({"exit_layer": 0.5}, "draft.exit_layer"),
+        ({"threshold": True}, "draft.threshold must be a number"),
+        ({"mode": 1}, "draft.mode must be a string"),
+        ({"max_draft": 17}, "max_draft must be between 1 and 16"),
+        ({"shortlist": 1e300}, "shortlist must be between 0 and"),
+        ({"skip_attn": list(range(2000))}, "skip_attn has 2000 entries"),
+        ({"bogus": 1}, "unknown setting 'bogus'"),
+    ],
+)
+def test_bad_overrides_name_the_field(draft, words):
+    with pytest.raises(ValueError, match="^draft") as info:
+        override(draft)
+    assert words in str(info.value)
