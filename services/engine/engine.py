@@ -17,8 +17,9 @@ from types import MappingProxyType
 import torch
 
 from kernels import backend as kernels_backend
-from services.engine import checkpoint
-from services.engine.kv_pool import KVPool
+from services.engine import checkpoint, faults
+from services.engine.detokenizer import OutputText, decode
+from services.engine.kv_pool import BlockTable, KVPool
 from services.engine.model import Model
 from services.engine.params import DraftConfig, SamplingParams
 from services.engine.policy import LAYER_MODES, Telemetry, best_length, bucket
@@ -64,11 +65,20 @@ class Engine:
         prefill_chunk: int = 512,
         max_waiting: int = 256,
         draft: DraftConfig | None = None,
+        allow_draft_override: bool = True,
+        max_draft_configs: int = 4,
     ) -> None:
+        """`allow_draft_override`: whether requests through `submit` (servers) may carry
+        their own drafting; `max_draft_configs`: distinct drafting configs run in one step,
+        each a pass of its own (requests beyond run with the default, and say so)."""
+        if max_draft_configs < 1:
+            raise ValueError(f"max_draft_configs must be at least 1, got {max_draft_configs}")
         self.model = model
         self.tokenizer = tokenizer
         self.model_path = model_path
         self.prefill_chunk = prefill_chunk
+        self.allow_draft_override = allow_draft_override
+        self.max_draft_configs = max_draft_configs
         self.pool = KVPool.from_budget(
             kv_cache_bytes,
             num_layers=model.num_layers,
@@ -94,7 +104,8 @@ class Engine:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.consecutive_failures = 0  # loop steps in a row that raised; for health checks
+        # Requests that failed in a row, with none completing between: for health checks.
+        self.consecutive_failures = 0
 
     @classmethod
     def from_pretrained(
@@ -201,11 +212,18 @@ class Engine:
         cfg.check_layers(self.model.num_layers)
         ids = self.encode(prompt, chat)
         self._check_fits(ids, params)
-        need = min(len(ids) + params.max_tokens + cfg.max_draft + 1, self.model.max_positions)
         request = Request(
             request_id or f"req-{next(self._ids)}", ids, params, cfg, session_id, on_update
         )
-        seq = self.scheduler.add(request, need)
+        seq = Sequence(
+            request.request_id,
+            ids,
+            params,
+            BlockTable(self.pool),
+            text=OutputText(self.tokenizer, params.stop),
+        )
+        seq.need = min(len(ids) + params.max_tokens + cfg.max_draft + 1, self.model.max_positions)
+        self.scheduler.add(request, seq)
         self._wake.set()
         return seq
 
@@ -278,56 +296,132 @@ class Engine:
     # -- the loop ------------------------------------------------------------------
 
     def step_once(self) -> None:
-        """One iteration: drop cancelled requests, admit, prefill a chunk, decode a step."""
+        """One iteration: drop cancelled requests, admit, prefill a chunk, decode a step.
+        A failure while serving one request ends that request alone (see `_fail`)."""
         with self._step_lock:
             sch = self.scheduler
             for request, seq in sch.reap_aborted():
                 self._done(request, seq)
-            sch.admit()
+            for request, seq, exc in sch.admit():
+                self._fail(request, seq, exc)
             if sch.prefilling:
                 self._prefill_next()
-            groups: dict[DraftConfig, list[Sequence]] = {}
-            for request, seq in sch.running:
-                groups.setdefault(request.draft, []).append(seq)
-            for cfg, seqs in groups.items():
-                self.step(seqs, self._bucket_draft(cfg, len(seqs)))
-            still = []
-            for request, seq in sch.running:
-                self._check_stop(seq)
-                if seq.finished:
-                    self._done(request, seq)
-                else:
-                    still.append((request, seq))
-                    _notify(request, seq, False)
-            sch.running[:] = still
+            self._decode()
 
     def _prefill_next(self) -> None:
         request, seq = self.scheduler.prefilling[0]
-        logits = self.runner.prefill(seq, self.prefill_chunk)
-        if logits is None:
+        try:
+            logits = self.runner.prefill(seq, self.prefill_chunk)
+            if logits is None:
+                return
+            self.scheduler.prefilling.pop(0)
+            if seq.output:  # resumed after a preemption: its next token is known
+                self.scheduler.running.append((request, seq))
+                return
+            seq.append([self._first_token(seq, logits[-1])], self.eos_ids)
+        except Exception as exc:
+            if (request, seq) in self.scheduler.prefilling:
+                self.scheduler.prefilling.remove((request, seq))
+            self._fail(request, seq, exc)
             return
-        self.scheduler.prefilling.pop(0)
-        seq.append([self._first_token(seq, logits[-1])], self.eos_ids)
-        self._check_stop(seq)
         if seq.finished:
             self._done(request, seq)
         else:
             self.scheduler.running.append((request, seq))
             _notify(request, seq, False)
 
+    def _decode(self) -> None:
+        """A draft-and-verify step for every running sequence, grouped by drafting config.
+        A group whose batched pass fails is retried a sequence at a time, so that only
+        the sequence that fails alone is failed."""
+        sch = self.scheduler
+        for cfg, seqs in self._grow().items():
+            states = [_generator_state(s) for s in seqs]
+            try:
+                self.step(seqs, cfg)
+            except Exception as exc:
+                if len(seqs) == 1:
+                    log.exception("request %s failed", seqs[0].id)
+                    seqs[0].finish("error", _describe(exc))
+                    continue
+                log.warning("a step of %d sequences failed; retrying one at a time", len(seqs))
+                for seq, state in zip(seqs, states, strict=True):
+                    _restore_generator(seq, state)
+                    self._step_alone(seq, cfg)
+        still = []
+        for request, seq in sch.running:
+            if seq.finished:
+                self._done(request, seq)
+            else:
+                still.append((request, seq))
+                _notify(request, seq, False)
+        sch.running[:] = still
+
+    def _step_alone(self, seq: Sequence, cfg: DraftConfig) -> None:
+        try:
+            self.step([seq], cfg)
+        except Exception as exc:
+            log.exception("request %s failed", seq.id)
+            seq.finish("error", _describe(exc))
+
+    def _grow(self) -> dict[DraftConfig, list[Sequence]]:
+        """This step's groups, each running sequence with the blocks its step may write;
+        the most recently admitted sequences are preempted while the pool is short."""
+        sch = self.scheduler
+        while True:
+            groups = self._groups()
+            missing = sum(
+                max(
+                    0, self.pool.blocks_for(s.num_tokens + self._room(s, cfg)) - len(s.table.blocks)
+                )
+                for cfg, seqs in groups.items()
+                for s in seqs
+            )
+            if missing <= self.pool.num_free:
+                break
+            for _, seq in sch.make_room(missing):
+                log.info("preempted request %s to free KV blocks", seq.id)
+        for cfg, seqs in groups.items():
+            for s in seqs:
+                s.table.reserve(s.num_tokens + self._room(s, cfg))
+        return groups
+
+    def _groups(self) -> dict[DraftConfig, list[Sequence]]:
+        """Running sequences by the drafting config they run with this step: their own,
+        in order of arrival, up to `max_draft_configs` distinct ones with the default;
+        the rest run with the default (their stats say so)."""
+        own: dict[DraftConfig, list[Sequence]] = {self.default_draft: []}
+        for request, seq in self.scheduler.running:
+            if request.draft in own or len(own) < self.max_draft_configs:
+                own.setdefault(request.draft, []).append(seq)
+            else:
+                own[self.default_draft].append(seq)
+                seq.stats.draft_fallback = True
+        groups: dict[DraftConfig, list[Sequence]] = {}
+        for cfg, seqs in own.items():
+            if seqs:
+                groups.setdefault(self._bucket_draft(cfg, len(seqs)), []).extend(seqs)
+        return groups
+
+    def _room(self, seq: Sequence, cfg: DraftConfig) -> int:
+        """How many tokens a step may draft for `seq`."""
+        context_left = self.model.max_positions - seq.num_tokens
+        return max(0, min(cfg.max_draft, seq.remaining - 1, context_left))
+
+    def _fail(self, request: Request, seq: Sequence, exc: Exception) -> None:
+        """End one request for a failure while serving it; its blocks and id are freed."""
+        log.error("request %s failed: %s", request.request_id, _describe(exc), exc_info=exc)
+        seq.finish("error", _describe(exc))
+        self._done(request, seq)
+
     def _done(self, request, seq: Sequence) -> None:
+        # A run of failures with no success between is a broken engine, not one bad request.
+        if seq.finish_reason == "error":
+            self.consecutive_failures += 1
+        elif seq.finish_reason != "abort":
+            self.consecutive_failures = 0
         self.scheduler.finish(request, seq)
         _notify(request, seq, True)
-
-    def _check_stop(self, seq: Sequence) -> None:
-        """Stop strings may span tokens: look for them in the decoded text."""
-        if not seq.params.stop or seq.text_end is not None:
-            return
-        text = self.tokenizer.decode(seq.output, skip_special_tokens=True)
-        hits = [i for i in (text.find(s) for s in seq.params.stop) if i >= 0]
-        if hits:
-            seq.text_end = min(hits)
-            seq.finish_reason = "stop"
 
     def start(self) -> None:
         """Run the loop in a background thread, for servers (see `submit`)."""
@@ -356,18 +450,15 @@ class Engine:
                 continue
             try:
                 self.step_once()
-            except Exception:  # never let one bad step kill the server's engine
-                self.consecutive_failures += 1
-                log.exception("engine step failed; failing the running requests")
+            except Exception:  # a fault outside any one request: never kill the loop
+                log.exception("engine step failed; failing the requests in progress")
                 self._fail_all()
-            else:
-                self.consecutive_failures = 0
 
     def _fail_all(self) -> None:
         sch = self.scheduler
         for queue in (sch.prefilling, sch.running):
-            for request, seq in queue:
-                seq.finish_reason = "error"
+            for request, seq in list(queue):
+                seq.finish("error", "the engine failed a step; retry")
                 self._done(request, seq)
             queue.clear()
 
@@ -383,10 +474,15 @@ class Engine:
     ) -> AsyncIterator[Delta]:
         """Stream a request's output as deltas; the loop runs on the engine's thread, so the
         caller's event loop never blocks. Breaking out of the iteration cancels it."""
+        if draft is not None and not self.allow_draft_override:
+            raise ValueError(
+                "this server takes no per-request draft settings (allow_draft_override is off); "
+                "leave draft unset"
+            )
         self.start()
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Delta] = asyncio.Queue()
-        stream = _DeltaStream(self.tokenizer)
+        stream = _DeltaStream()
 
         def on_update(seq: Sequence, finished: bool) -> None:
             delta = stream.delta(seq, finished)
@@ -414,11 +510,10 @@ class Engine:
                 self.abort(seq.id)
 
     def step(self, seqs: list[Sequence], cfg: DraftConfig) -> None:
-        """Draft for every sequence, verify all drafts in one pass, accept what agrees."""
-        room = [
-            max(0, min(cfg.max_draft, s.remaining - 1, self.model.max_positions - s.num_tokens))
-            for s in seqs
-        ]
+        """Draft for every sequence, verify all drafts in one pass, accept what agrees.
+        Raises when a batched pass fails, before any sequence changed; a failure while
+        accepting for one sequence fails that sequence only."""
+        room = [self._room(s, cfg) for s in seqs]
         for s, r in zip(seqs, room, strict=True):
             s.table.reserve(s.num_tokens + r)
         proposals = None
@@ -431,19 +526,28 @@ class Engine:
         drafts = self.runner.draft_mixed(seqs, cfg, plans, proposals)
         logits = self.runner.verify(seqs, drafts)
         for i, seq in enumerate(seqs):
-            proposed = drafts.tokens[i]
-            if seq.params.greedy:
-                n, nxt = accept_greedy(proposed, logits[i])
-            else:
-                q = drafts.probs[i] if drafts.probs is not None else None
-                p = probabilities(logits[i], seq.params)
-                n, nxt = accept_sampled(proposed, q, p, seq.generator)
-            seq.table.commit(seq.table.num_tokens + n + 1)
-            seq.stats.record(len(proposed), n)
-            self.telemetry.record(plans[i][0], len(seqs), len(proposed), n)
-            if proposed:
-                self._learn(seq, plans[i][0], drafts, i, n, nxt)
-            seq.append(proposed[:n] + [nxt], self.eos_ids)
+            try:
+                self._accept(seq, plans[i][0], drafts, i, logits[i], len(seqs))
+            except Exception as exc:
+                log.exception("request %s failed", seq.id)
+                seq.finish("error", _describe(exc))
+
+    def _accept(self, seq: Sequence, mode: str, drafts, i: int, logits, batch: int) -> None:
+        faults.check("sample", [seq.id])
+        proposed = drafts.tokens[i]
+        if seq.params.greedy:
+            n, nxt = accept_greedy(proposed, logits)
+        else:
+            q = drafts.probs[i] if drafts.probs is not None else None
+            n, nxt = accept_sampled(proposed, q, probabilities(logits, seq.params), seq.generator)
+        seq.stats.record(len(proposed), n)
+        self.telemetry.record(mode, batch, len(proposed), n)
+        if proposed:
+            self._learn(seq, mode, drafts, i, n, nxt)
+        seq.append(proposed[:n] + [nxt], self.eos_ids)
+        # KV is kept for the tokens kept, all but the newest: a stop inside the draft
+        # leaves the drafted tokens after it uncommitted.
+        seq.table.commit(seq.num_tokens - 1)
 
     def _learn(self, seq: Sequence, mode: str, drafts, i: int, accepted: int, nxt: int) -> None:
         """What a verified draft teaches: the sequence's running acceptance per position in
@@ -497,10 +601,9 @@ class Engine:
         return sample(probabilities(logits, seq.params), seq.generator)
 
     def _completion(self, seq: Sequence) -> Completion:
-        text = self.tokenizer.decode(seq.output, skip_special_tokens=True)
         return Completion(
             token_ids=list(seq.output),
-            text=text[: seq.text_end],
+            text=seq.text.text if seq.text is not None else decode(self.tokenizer, seq.output),
             finish_reason=seq.finish_reason or "length",
             stats=seq.stats.as_dict(),
         )
@@ -550,21 +653,19 @@ class Delta:
     text: str
     finish_reason: str | None
     stats: dict
+    error: str | None = None  # why, when finish_reason is "error"
 
 
 class _DeltaStream:
-    """Turns a sequence's growing output into deltas of tokens and text. Text ending in
-    an incomplete UTF-8 character is held back until the character is complete."""
+    """Turns a sequence's growing output into deltas of tokens and text. Text that could
+    still become a stop string, or ends inside a character, waits (`OutputText.ready`)."""
 
-    def __init__(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
+    def __init__(self) -> None:
         self.sent_tokens = 0
         self.sent_text = ""
 
     def delta(self, seq: Sequence, finished: bool) -> Delta | None:
-        text = self.tokenizer.decode(seq.output, skip_special_tokens=True)[: seq.text_end]
-        if not finished and text.endswith("\ufffd"):
-            text = self.sent_text
+        text = seq.text.ready(finished)
         new_tokens = seq.output[self.sent_tokens :]
         if not new_tokens and not finished and text == self.sent_text:
             return None
@@ -574,9 +675,24 @@ class _DeltaStream:
             text[len(self.sent_text) :],
             seq.finish_reason if finished else None,
             seq.stats.as_dict(),
+            seq.error if finished else None,
         )
         self.sent_tokens, self.sent_text = len(seq.output), text
         return delta
+
+
+def _describe(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _generator_state(seq: Sequence) -> torch.Tensor | None:
+    """A sampling sequence's random state, so that a retried step draws the same numbers."""
+    return None if seq.generator is None else seq.generator.get_state()
+
+
+def _restore_generator(seq: Sequence, state: torch.Tensor | None) -> None:
+    if state is not None:
+        seq.generator.set_state(state)
 
 
 def _notify(request: Request, seq: Sequence, finished: bool) -> None:

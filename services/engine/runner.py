@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from numpy.lib.stride_tricks import sliding_window_view
 
+from services.engine import faults
 from services.engine.kv_pool import KVPool
 from services.engine.model import FULL, LayerPlan, Linear, Model
 from services.engine.params import DraftConfig
@@ -97,16 +98,20 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill(self, seq: Sequence, chunk: int, all_logits: bool = False) -> torch.Tensor | None:
-        """Write the KV of the prompt's next `chunk` uncached tokens. When that completes the
-        prompt, returns the logits after its last token (after every token of the chunk
-        with `all_logits`); otherwise None."""
-        n = len(seq.prompt)
-        a = seq.table.num_tokens
-        b = min(n, a + chunk)
+        """Write the KV of the next `chunk` uncached tokens of `seq.prefill_target`. When
+        that completes it, returns the logits after its last token (after every token of
+        the chunk with `all_logits`); otherwise None."""
+        faults.check("prefill", [seq.id])
+        a, n = seq.table.num_tokens, seq.prefill_target
+        # The prompt goes in the chunks of its first prefill; output recomputed after a
+        # preemption in passes as few-row as those that first wrote it, which give the
+        # same KV bit for bit (row-invariance).
+        end = len(seq.prompt) if a < len(seq.prompt) else a + BULK_TOKENS
+        b = min(n, a + chunk, end)
         seq.table.reserve(b)
         bulk = b - a > BULK_TOKENS
         batch = self._batch([seq], [a], [b - a], bulk)
-        h = self.model.embed_tokens(self._tensor(seq.prompt[a:b]))
+        h = self.model.embed_tokens(self._tensor(seq.tokens[a:b]))
         h = self.model.run_layers(h, batch, self.pool.kv, bulk=bulk)
         seq.table.commit(b)
         if b < n:
@@ -263,6 +268,8 @@ class ModelRunner:
         """Per sequence: (drafted token, draft confidence, full-vocabulary distribution it was
         sampled from, or None when greedy)."""
         logits, ids = head_out
+        if ids is not None:
+            logits = logits.masked_fill(~self._own_columns(seqs, ids), float("-inf"))
         greedy = torch.softmax(logits, -1).max(-1)
         picks = []
         for j, seq in enumerate(seqs):
@@ -271,16 +278,22 @@ class ModelRunner:
                 picks.append((tok if ids is None else int(ids[tok]), float(greedy.values[j]), None))
                 continue
             q = probabilities(logits[j], seq.params)
-            col = sample(q, seq.generator)
-            if ids is not None:
+            if ids is not None:  # sampled over the whole vocabulary, as without a shortlist
                 q = torch.zeros(self.model.vocab_size, device=q.device).index_copy_(0, ids, q)
-                col = int(ids[col])
-            picks.append((col, float(q.max()), q))
+            picks.append((sample(q, seq.generator), float(q.max()), q))
         return picks
+
+    def _own_columns(self, seqs: list[Sequence], ids: torch.Tensor) -> torch.Tensor:
+        """`[len(seqs), len(ids)]`: which shortlist columns each sequence may draft, the
+        shortlist and its own context. The head carries every context of the batch, but a
+        draft that depended on other sequences would sample differently in other company."""
+        low = ids < self._low_head[0]
+        return torch.stack([low | torch.isin(ids, self._tensor(s.tokens)) for s in seqs])
 
     @torch.inference_mode()
     def verify(self, seqs: list[Sequence], drafts: Drafts) -> list[torch.Tensor]:
         """Logits `[k + 1, vocab]` after the last token and each drafted token, per sequence."""
+        faults.check("verify", [s.id for s in seqs])
         t0 = time.perf_counter()
         lengths = [len(t) + 1 for t in drafts.tokens]
         batch = self._batch(seqs, [s.table.num_tokens for s in seqs], lengths)

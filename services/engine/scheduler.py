@@ -2,20 +2,24 @@
 
 Each step prefills one chunk of the oldest waiting prompt (so long prompts never
 stall running streams), then drafts and verifies for every running sequence in
-one batched pass. Admission is first come, first served, by free KV blocks;
-a request reserves what it can ever need up front, so a running sequence never
-runs out of room. Finished sessions keep their blocks, keyed by session id and
-tokens, until the pool needs them (least recently used first).
+one batched pass. Admission is first come, first served, by free KV blocks for the
+prompt and the first step; sequences take more blocks as they grow. When the pool
+runs out, the most recently admitted sequence is preempted: its blocks are freed and
+it goes back to the front of the queue with its output, to recompute its KV when
+admitted again (as vLLM does). Finished sessions keep their blocks, keyed by session
+id and tokens, until the pool needs them (least recently used first).
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from services.engine import faults
 from services.engine.kv_pool import BlockTable, KVPool
 from services.engine.params import DraftConfig, SamplingParams
 from services.engine.sequence import Sequence
@@ -39,7 +43,7 @@ class Request:
 
 @dataclass
 class CachedSession:
-    tokens: list[int]  # KV is committed for all but the last
+    tokens: list[int]  # KV is committed for the first `table.num_tokens`
     table: BlockTable
 
 
@@ -54,17 +58,19 @@ class Scheduler:
         self.sessions: OrderedDict[str, CachedSession] = OrderedDict()
         self._live: set[str] = set()
         self._aborted: set[str] = set()
+        self._admissions = itertools.count(1)
         self.lock = threading.Lock()
 
     # -- intake -----------------------------------------------------------------
 
-    def add(self, request: Request, need_tokens: int) -> Sequence:
-        """Queue a request, or refuse it now with a ValueError or QueueFull."""
+    def add(self, request: Request, seq: Sequence) -> Sequence:
+        """Queue a request, or refuse it now with a ValueError or QueueFull. `seq.need`:
+        the most KV it can ever hold, which the pool must be able to hold alone."""
         if request.session_id is not None and len(request.session_id) > MAX_SESSION_ID:
             raise ValueError(f"session_id may have at most {MAX_SESSION_ID} characters")
-        if self.pool.blocks_for(need_tokens) > self.pool.num_blocks:
+        if self.pool.blocks_for(seq.need) > self.pool.num_blocks:
             raise ValueError(
-                f"this request needs {need_tokens} tokens of KV cache and the whole pool holds "
+                f"this request needs {seq.need} tokens of KV cache and the whole pool holds "
                 f"{self.pool.num_blocks * self.pool.block_size}; lower max_tokens or the prompt"
             )
         with self.lock:
@@ -72,10 +78,6 @@ class Scheduler:
                 raise ValueError(f"request id {request.request_id!r} is already in use")
             if len(self.waiting) >= self.max_waiting:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting; retry later")
-            seq = Sequence(
-                request.request_id, request.prompt, request.params, BlockTable(self.pool)
-            )
-            seq.need = need_tokens
             self._live.add(request.request_id)
             self.waiting.append((request, seq))
         return seq
@@ -101,39 +103,84 @@ class Scheduler:
         if not aborted:
             return []
         gone = []
-        for queue in (self.waiting, self.prefilling, self.running):
-            keep = [(r, s) for r, s in queue if r.request_id not in aborted]
-            gone += [(r, s) for r, s in queue if r.request_id in aborted]
-            queue.clear()
-            queue.extend(keep)
+        with self.lock:  # `add` appends to `waiting` from other threads
+            for queue in (self.waiting, self.prefilling, self.running):
+                keep = [(r, s) for r, s in queue if r.request_id not in aborted]
+                gone += [(r, s) for r, s in queue if r.request_id in aborted]
+                queue.clear()
+                queue.extend(keep)
         for _, seq in gone:
-            seq.finish_reason = "abort"
+            seq.finish("abort")
         return gone
 
-    def admit(self) -> None:
-        """Move waiting requests to prefill while their whole need fits, oldest first."""
+    def admit(self) -> list[tuple[Request, Sequence, Exception]]:
+        """Move waiting requests to prefill while the KV of their prompt and first step
+        fits, oldest first, keeping a block free per running sequence to grow into.
+        Returns the requests whose admission failed, already out of every queue."""
+        failed = []
         while self.waiting:
             request, seq = self.waiting[0]
-            cached = self._take_session(request)
-            need = self.pool.blocks_for(seq.need)
-            held = len(cached.table.blocks) if cached else 0
-            if need - held > self.pool.num_free and not self._evict(need - held):
-                if cached:
-                    self._put_session(request.session_id, cached)
-                return
-            with self.lock:
-                self.waiting.popleft()
-            seq.stats.queue_seconds = time.monotonic() - seq.arrived
+            try:
+                if not self._admit(request, seq):
+                    return failed
+            except Exception as exc:  # this request alone: free what it took, go on
+                with self.lock:
+                    self.waiting.popleft()
+                seq.table.free()
+                failed.append((request, seq, exc))
+        return failed
+
+    def _admit(self, request: Request, seq: Sequence) -> bool:
+        faults.check("admit", [request.request_id])
+        fresh = not seq.output  # a preempted sequence recomputes everything
+        cached = self._take_session(request) if fresh else None
+        need = self.pool.blocks_for(seq.prefill_target + 1 + request.draft.max_draft)
+        held = len(cached.table.blocks) if cached else 0
+        growth = len(self.running) + len(self.prefilling)
+        if need - held + growth > self.pool.num_free and not self._evict(need - held + growth):
             if cached:
-                self._reuse(seq, cached)
-            seq.table.reserve(seq.need)
-            self.prefilling.append((request, seq))
+                self._put_session(request.session_id, cached)
+            return False
+        with self.lock:
+            self.waiting.popleft()
+        if fresh:
+            seq.stats.queue_seconds = time.monotonic() - seq.arrived
+        if cached:
+            self._reuse(seq, cached)
+        seq.table.reserve(seq.prefill_target)
+        seq.admitted = next(self._admissions)
+        self.prefilling.append((request, seq))
+        return True
+
+    def make_room(self, blocks: int) -> list[tuple[Request, Sequence]]:
+        """Free `blocks` blocks: sessions first (least recently used), then by preempting
+        the most recently admitted sequences. Returns those preempted."""
+        preempted = []
+        while not self._evict(blocks):
+            active = self.running + self.prefilling
+            if not active:
+                break
+            victim = max(active, key=lambda rs: rs[1].admitted)
+            self.preempt(*victim)
+            preempted.append(victim)
+        return preempted
+
+    def preempt(self, request: Request, seq: Sequence) -> None:
+        """Give up a sequence's KV and queue it first, to resume by recomputing it."""
+        for queue in (self.running, self.prefilling):
+            if (request, seq) in queue:
+                queue.remove((request, seq))
+        seq.table.free()
+        seq.stats.preemptions += 1
+        with self.lock:
+            self.waiting.appendleft((request, seq))
 
     def finish(self, request: Request, seq: Sequence) -> None:
         """Release a finished sequence: keep a session's blocks, free the rest."""
         with self.lock:
             self._live.discard(request.request_id)
-        if request.session_id is not None and seq.finish_reason != "abort" and seq.output:
+        keep = seq.finish_reason in ("stop", "length") and seq.output
+        if request.session_id is not None and keep:
             self._put_session(request.session_id, CachedSession(seq.tokens, seq.table))
         else:
             seq.table.free()
@@ -154,7 +201,7 @@ class Scheduler:
     def _reuse(self, seq: Sequence, cached: CachedSession) -> None:
         """Adopt a session's blocks for the longest common prefix; at least the last
         prompt token is computed again, since its logits are needed."""
-        limit = min(cached.table.num_tokens, len(seq.prompt) - 1)
+        limit = min(cached.table.num_tokens, len(cached.tokens), len(seq.prompt) - 1)
         n = 0
         while n < limit and cached.tokens[n] == seq.prompt[n]:
             n += 1

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from services.engine.detokenizer import OutputText
 from services.engine.kv_pool import BlockTable
 from services.engine.params import SamplingParams
 from services.engine.policy import PRIOR_ACCEPT, Acceptance
@@ -21,6 +22,8 @@ class Stats:
     cached_prompt_tokens: int = 0
     prompt_tokens: int = 0
     queue_seconds: float = 0.0  # from arrival to admission
+    preemptions: int = 0  # times its KV was given up for others and recomputed
+    draft_fallback: bool = False  # ran with the default drafting, over the configs cap
 
     def record(self, drafted: int, accepted: int) -> None:
         self.steps += 1
@@ -36,6 +39,8 @@ class Stats:
             "cached_prompt_tokens": self.cached_prompt_tokens,
             "prompt_tokens": self.prompt_tokens,
             "queue_seconds": self.queue_seconds,
+            "preemptions": self.preemptions,
+            "draft_fallback": self.draft_fallback,
         }
 
 
@@ -43,7 +48,8 @@ class Sequence:
     """Prompt and output tokens, the KV blocks that hold them, and why it finished.
 
     The KV of every token but the newest is committed in `table`; the newest
-    (`last`) is written by the next pass, which also yields its successor.
+    (`last`) is written by the next pass, which also yields its successor. `text`, when
+    given, decodes the output as it grows and ends it at a stop string.
     """
 
     def __init__(
@@ -53,6 +59,7 @@ class Sequence:
         params: SamplingParams,
         table: BlockTable,
         *,
+        text: OutputText | None = None,
         device: torch.device | str | None = None,
     ):
         self.id = seq_id
@@ -61,10 +68,12 @@ class Sequence:
         self.params = params
         self.table = table
         self.finish_reason: str | None = None
+        self.error: str | None = None  # why it failed, when finish_reason is "error"
+        self.text = text
+        self.admitted = 0  # admission order, for choosing whom to preempt
         self.arrived = time.monotonic()
         self.stats = Stats(prompt_tokens=len(prompt))
-        self.need = 0  # tokens of KV this sequence may ever hold, reserved at admission
-        self.text_end: int | None = None  # where a stop string begins in the output text
+        self.need = 0  # tokens of KV this sequence may ever hold
         self._acceptance: dict[str, Acceptance] = {}
         self.generator: torch.Generator | None = None
         if not params.greedy:  # where the logits are (default: the KV pool's device)
@@ -93,22 +102,35 @@ class Sequence:
         return self.finish_reason is not None
 
     @property
+    def prefill_target(self) -> int:
+        """Tokens whose KV a prefill writes: the prompt, or after a preemption everything
+        but the newest token, which the next step processes as usual."""
+        return self.num_tokens - 1 if self.output else len(self.prompt)
+
+    @property
     def remaining(self) -> int:
         return self.params.max_tokens - len(self.output)
 
-    def append(self, tokens: list[int], eos_ids: frozenset[int]) -> None:
-        """Add accepted tokens, stopping at the first end of sequence or the length limit."""
+    def append(self, tokens: list[int], eos_ids: frozenset[int]) -> int:
+        """Add accepted tokens, stopping at the first stop token or string, or the length
+        limit; returns how many were added."""
         stops = set(self.params.stop_token_ids)
         if not self.params.ignore_eos:
             stops |= eos_ids
-        for t in tokens:
+        for n, t in enumerate(tokens, 1):
             self.output.append(t)
-            if t in stops:
-                self.finish_reason = "stop"
-                return
+            if self.text is not None and self.text.add(t) or t in stops:
+                self.finish("stop")
+                return n
             if self.remaining == 0:
-                self.finish_reason = "length"
-                return
+                self.finish("length")
+                return n
+        return len(tokens)
+
+    def finish(self, reason: str, error: str | None = None) -> None:
+        self.finish_reason, self.error = reason, error
+        if self.text is not None:
+            self.text.finish()
 
 
 def seeded(seed: int | None, device: torch.device | str) -> torch.Generator:

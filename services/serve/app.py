@@ -13,7 +13,7 @@ With the app arg `metrics_port` each replica serves Prometheus /metrics
 
 Ready means able to generate: a replica runs a short generation through its engine
 before it reports ready, and `check_health` fails (so that Serve replaces the replica)
-when that warm-up failed or when the engine's last steps all failed.
+when that warm-up failed or when its last requests all failed (engine faults).
 
 `build` is the app builder that Serve config files name (`services.serve.app:build`);
 its `args` are `EngineSettings`' fields.
@@ -40,10 +40,10 @@ log = logging.getLogger(__name__)
 APP_NAME = "selfspec"
 DEPLOYMENT = "Engine"
 SERVICER = "services.gen.selfspec.v1.generation_pb2_grpc.add_GenerationServicer_to_server"
-# Engine loop steps that may fail in a row before the replica reports itself unhealthy: one
-# failed step can be one bad batch, which the engine survives; a run of them is a broken
-# engine (a lost device, a corrupted pool) that only a new replica fixes.
-FAILED_STEPS_UNHEALTHY = 5
+# Requests that may fail in a row (none completing between) before the replica reports
+# itself unhealthy: a failure ends its own request, which the engine survives; a run of
+# them is a broken engine (a lost device, a corrupted pool) that only a new replica fixes.
+FAILED_REQUESTS_UNHEALTHY = 5
 WARMUP_PROMPT = "Say hello."  # as a chat turn, so that the chat template is exercised too
 WARMUP_TOKENS = 8  # enough for a draft and its verification
 # Test only, never set in production: `SELFSPEC_FAULT=warmup` makes every model pass of the
@@ -223,8 +223,8 @@ class EngineServer:
         if not self.engine.serving:
             raise RuntimeError("the engine loop is not running")
         failed = self.engine.consecutive_failures
-        if failed >= FAILED_STEPS_UNHEALTHY:
-            raise RuntimeError(f"the engine's last {failed} steps failed")
+        if failed >= FAILED_REQUESTS_UNHEALTHY:
+            raise RuntimeError(f"the engine's last {failed} requests failed")
 
     def __del__(self) -> None:
         if getattr(self, "fleet", None) is not None:
@@ -310,8 +310,8 @@ class EngineServer:
         try:
             while True:
                 completion += len(delta.token_ids)
-                if delta.finish_reason == "error":
-                    raise _Refused(grpc.StatusCode.UNAVAILABLE, "the engine failed; retry")
+                if delta.finish_reason == "error":  # this request alone failed
+                    raise _Refused(grpc.StatusCode.INTERNAL, f"the engine failed: {delta.error}")
                 yield pb.GenerateResponse(
                     request_id=request_id,
                     text=delta.text,

@@ -8,7 +8,6 @@ test-only `SELFSPEC_FAULT` (see `services.serve.app`) where it needs to be.
 
 from __future__ import annotations
 
-import math
 import time
 
 import grpc
@@ -16,9 +15,8 @@ import pytest
 from fleet_helpers import chat, fleet_config, running_fleet, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.gateway.server import RETRIES
 from services.gen.selfspec.v1 import generation_pb2_grpc as pb_grpc
-from services.serve.app import FAILED_STEPS_UNHEALTHY, FAULT_ENV
+from services.serve.app import FAILED_REQUESTS_UNHEALTHY, FAULT_ENV
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -115,11 +113,11 @@ def test_a_replica_whose_steps_keep_failing_is_replaced(tmp_path):
         (first,) = engine_replicas()
         with grpc.insecure_channel(fleet.options.listen) as channel:
             stub = pb_grpc.GenerationStub(channel)
-            # Each attempt of a call fails one step; the gateway makes 1 + RETRIES of them.
-            for _ in range(math.ceil(FAILED_STEPS_UNHEALTHY / (1 + RETRIES))):
+            # Each call fails its own request, with INTERNAL (an engine fault, not retried).
+            for _ in range(FAILED_REQUESTS_UNHEALTHY):
                 with pytest.raises(grpc.RpcError) as failed:
                     stub.GenerateUnary(chat("Say hi.", 4), timeout=60)
-                assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert failed.value.code() == grpc.StatusCode.INTERNAL, failed.value.details()
         wait_until(
             lambda: engine_replicas() - {first} and engine_status()[0] == "HEALTHY",
             180,
@@ -128,9 +126,9 @@ def test_a_replica_whose_steps_keep_failing_is_replaced(tmp_path):
         assert first not in engine_replicas()
 
 
-def test_the_engine_counts_failed_steps_in_a_row():
-    """What the health check reads: steps in a row that raised, back to 0 after one that
-    did not."""
+def test_the_engine_counts_failed_requests_in_a_row():
+    """What the health check reads: requests that failed in a row, back to 0 after one
+    that completed."""
     from services.engine import Engine, SamplingParams
 
     engine = Engine.from_pretrained("default", dtype="float32", kv_cache_bytes=16 << 20)

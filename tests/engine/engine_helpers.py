@@ -1,0 +1,63 @@
+"""Running many requests at once, each with its own settings, on a real engine."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from services.engine import Engine, SamplingParams
+from services.engine.sequence import Sequence
+
+
+@dataclass
+class Case:
+    prompt: str | list[int]
+    params: SamplingParams
+    draft: object = None
+    session_id: str | None = None
+    request_id: str | None = None
+    chat: bool = True
+    kwargs: dict = field(default_factory=dict)
+
+
+def run_together(eng: Engine, cases: list[Case]) -> list[Sequence]:
+    """Queue every case, then step the engine until all have finished."""
+    seqs = [
+        eng.add_request(
+            c.prompt,
+            c.params,
+            c.draft,
+            chat=c.chat,
+            session_id=c.session_id,
+            request_id=c.request_id,
+        )
+        for c in cases
+    ]
+    while not all(s.finished for s in seqs):
+        eng.step_once()
+    return seqs
+
+
+def stream_together(eng: Engine, cases: list[Case]) -> list[tuple[str, list[int], str]]:
+    """Stream every case at once through `Engine.submit`: (text, token ids, finish reason),
+    each joined from the deltas."""
+
+    async def one(c: Case):
+        text, ids, reason = "", [], None
+        async for delta in eng.submit(
+            c.prompt, c.params, c.draft, chat=c.chat, session_id=c.session_id
+        ):
+            text, ids, reason = text + delta.text, ids + delta.token_ids, delta.finish_reason
+        return text, ids, reason
+
+    async def all_of():
+        return await asyncio.gather(*(one(c) for c in cases))
+
+    return asyncio.run(all_of())
+
+
+def assert_no_blocks_held(eng: Engine) -> None:
+    """Nothing queued or running, and every block back in the pool once sessions go."""
+    assert not eng.scheduler.has_work
+    eng.scheduler.clear_sessions()
+    assert eng.pool.num_free == eng.pool.num_blocks
