@@ -14,7 +14,14 @@ from prometheus_client import REGISTRY
 from services.common import metrics_push, telemetry
 from services.gateway import metrics
 from services.gateway.auth import TokenSource
-from services.gateway.server import GatewayConfig, GatewayServer, Upstream
+from services.gateway.server import (
+    MAX_IN_FLIGHT,
+    RETRY_AFTER_MS,
+    GatewayConfig,
+    GatewayServer,
+    Limits,
+    Upstream,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +49,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=20.0,
         help="on SIGTERM, how long running streams may take to finish",
     )
+    p.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=MAX_IN_FLIGHT,
+        help="generation calls forwarded at once; past them a call is refused at once with "
+        "RESOURCE_EXHAUSTED (default %(default)s)",
+    )
+    p.add_argument(
+        "--retry-after-ms",
+        type=int,
+        default=RETRY_AFTER_MS,
+        help="the retry hint of a RESOURCE_EXHAUSTED refusal, in trailing metadata "
+        "retry-after-ms and grpc-retry-pushback-ms, jittered up to 1.5 times "
+        "(default %(default)s)",
+    )
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -62,6 +84,7 @@ def main(argv: list[str]) -> int:
             tls_key=args.tls_key,
             health_listen=args.health_listen,
             drain_seconds=args.drain_seconds,
+            limits=Limits(args.max_in_flight, args.retry_after_ms),
         )
         telemetry.setup_tracing("selfspec-gateway")  # no-op unless an exporter is configured
         if args.metrics_port:
@@ -87,7 +110,8 @@ async def _run(config: GatewayConfig) -> None:
     scheme = "grpcs" if config.tls_cert else "grpc"
     print(
         f"gateway listening on {scheme}://{config.listen} (port {server.port}), "
-        f"forwarding to {config.upstream.address}",
+        f"forwarding to {config.upstream.address}, at most {config.limits.max_in_flight} "
+        "calls in flight",
         flush=True,
     )
     await stop.wait()

@@ -7,10 +7,18 @@ status a client can act on; a replica lost before any output is retried on anoth
 A client that cancels, or whose deadline passes, cancels the upstream call, and the
 replica frees the request's KV blocks. The gateway is ready (health SERVING) while an
 engine replica answers; while none does it refuses calls at once with UNAVAILABLE, rather
-than leaving them queued in Serve's proxy until their deadlines. When tracing is on
-(`services.common.telemetry`) each generation call gets a `gen_ai.*` span, continuing a
-`traceparent` the client sent, and passes its own `traceparent` upstream in the gRPC
-metadata.
+than leaving them queued in Serve's proxy until their deadlines.
+
+Back-pressure: a gateway forwards at most `max_in_flight` generation calls at once and
+refuses the next at once with RESOURCE_EXHAUSTED. A fleet that is full (Serve's queue, or
+an engine's) refuses with RESOURCE_EXHAUSTED too, which the gateway passes on without
+retrying: another attempt would only add load where there is no room. Every such refusal
+says to retry later and carries the delay in its trailing metadata, as `retry-after-ms`
+and as gRPC's own `grpc-retry-pushback-ms` (which a client's gRPC retry policy obeys).
+
+When tracing is on (`services.common.telemetry`) each generation call gets a `gen_ai.*`
+span, continuing a `traceparent` the client sent, and passes its own `traceparent`
+upstream in the gRPC metadata.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -54,6 +63,12 @@ REPLICA_LOST = ("ActorDiedError", "RayActorError", "ActorUnavailableError", "act
 PROBE_PERIOD_S = 1.0
 PROBE_TIMEOUT_S = 2.0
 PROBE_MISSES = 2  # probes in a row that no replica answered before the gateway is not ready
+# Back-pressure: generation calls one gateway forwards at once; past it, refused at once.
+MAX_IN_FLIGHT = 1024
+RETRY_AFTER_MS = 1000  # the retry hint of a refusal for want of room; jittered, see below
+RETRY_AFTER_KEYS = ("retry-after-ms", "grpc-retry-pushback-ms")
+# gRPC's own RESOURCE_EXHAUSTED for a message over a size limit: no room will ever fit it.
+TOO_LARGE = "larger than max"
 PASS_THROUGH = {
     grpc.StatusCode.INVALID_ARGUMENT,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -69,6 +84,23 @@ class Upstream:
 
     address: str = "127.0.0.1:9000"
     app: str = "selfspec"
+
+
+@dataclass
+class Limits:
+    """A gateway's back-pressure: calls in flight, and the retry hint of a refusal."""
+
+    max_in_flight: int = MAX_IN_FLIGHT
+    retry_after_ms: int = RETRY_AFTER_MS
+
+    def __post_init__(self) -> None:
+        if self.max_in_flight < 1 or self.retry_after_ms < 0:
+            raise ValueError("max_in_flight must be at least 1 and retry_after_ms at least 0")
+
+    def retry_after(self) -> int:
+        """The hint, spread over [1, 1.5) times the setting: clients that were refused
+        together do not all come back together (gRPC's pushback replaces its own jitter)."""
+        return int(self.retry_after_ms * (1 + random.random() / 2))
 
 
 @dataclass
@@ -101,8 +133,9 @@ def _parser(message_type):
 class Gateway:
     """The `Generation` service, forwarding to the fleet."""
 
-    def __init__(self, upstream: Upstream) -> None:
+    def __init__(self, upstream: Upstream, limits: Limits | None = None) -> None:
         self.upstream = upstream
+        self.limits = limits or Limits()
         self.channel = grpc.aio.insecure_channel(upstream.address, options=UPSTREAM_OPTIONS)
         self.stub = pb_grpc.GenerationStub(self.channel)
         self.calls: dict[str, _Call] = {}
@@ -136,7 +169,7 @@ class Gateway:
                 request, metadata=self._metadata(), timeout=context.time_remaining()
             )
         except grpc.aio.AioRpcError as err:
-            await context.abort(*_status(err))
+            await self._fail(context, *_status(err))
 
     async def Abort(self, request, context) -> pb.AbortResponse:
         await self._check_open(request, context)
@@ -178,7 +211,24 @@ class Gateway:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"request_id {request.request_id!r} is already in use",
             )
+        # No await between this check and `_forward` taking its slot in `calls`: the
+        # limit holds however many calls arrive at once.
+        if len(self.calls) >= self.limits.max_in_flight:
+            await self._fail(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this gateway is at its limit of {self.limits.max_in_flight} calls in flight",
+            )
         return request
+
+    async def _fail(self, context, code: grpc.StatusCode, message: str) -> None:
+        """End the call with `code`; a refusal for want of room says when to retry."""
+        hint = ()
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and TOO_LARGE not in message:
+            ms = self.limits.retry_after()
+            hint = tuple((key, str(ms)) for key in RETRY_AFTER_KEYS)
+            message = f"{message}; retry after {ms} ms"
+        await context.abort(code, message, trailing_metadata=hint)
 
     def _metadata(
         self,
@@ -225,9 +275,11 @@ class Gateway:
                     if call.aborted:
                         break
                     code, message = _status(err)
+                    # Only a lost replica is worth another attempt; a full fleet
+                    # (RESOURCE_EXHAUSTED) goes back to the client at once, with a hint.
                     if code != grpc.StatusCode.UNAVAILABLE or sent or attempt == RETRIES:
                         _end_span(call, last, (code, message))
-                        await context.abort(code, message)
+                        await self._fail(context, code, message)
                     log.warning("retrying %s after: %s", request.request_id, message)
                     if call.span is not None:
                         call.span.event("retry", {"selfspec.attempt": attempt + 1})
@@ -318,6 +370,9 @@ async def _read(call: _Call) -> AsyncIterator[pb.GenerateResponse]:
 def _status(err: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str]:
     """The status to give the client for an upstream failure."""
     code, details = err.code(), err.details() or ""
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and TOO_LARGE not in details:
+        # Serve's queue is full (BackPressureError), or an engine's (QueueFull).
+        return code, f"the engine replicas are at capacity ({details or 'no details'})"
     if code in PASS_THROUGH:
         return code, details or f"{code.name.lower()}; retry"
     if code == grpc.StatusCode.INTERNAL and any(s in details for s in REPLICA_LOST):
@@ -339,6 +394,7 @@ class GatewayConfig:
     tls_key: str | None = None
     health_listen: str | None = None  # a plaintext port with only the health service
     drain_seconds: float = 20.0
+    limits: Limits = field(default_factory=Limits)
 
 
 class GatewayServer:
@@ -346,7 +402,7 @@ class GatewayServer:
 
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        self.gateway = Gateway(config.upstream)
+        self.gateway = Gateway(config.upstream, config.limits)
         self.health = health.aio.HealthServicer()
         interceptors = [AuthInterceptor(config.tokens)] if config.tokens else []
         self.server = grpc.aio.server(interceptors=interceptors, options=CHANNEL_OPTIONS)

@@ -17,6 +17,12 @@ when that warm-up failed or when its last requests all failed (engine faults).
 
 `build` is the app builder that Serve config files name (`services.serve.app:build`);
 its `args` are `EngineSettings`' fields.
+
+Back-pressure: every queue on the way is bounded, and a full one refuses at once with
+RESOURCE_EXHAUSTED rather than letting a call wait out its deadline. A replica holds at
+most `max_ongoing_requests` calls (Serve's option, set by `build` from the args), each
+Serve proxy queues at most `max_queued_requests` more, and the engine's own waiting queue
+is sized from them so that it does not refuse what Serve admitted.
 """
 
 from __future__ import annotations
@@ -62,11 +68,44 @@ class EngineSettings:
     device: str = "cpu"
     backend: str | None = None  # compute path (`kernels.backend`); None: the machine's best
     kv_cache_bytes: int = 1 << 30
-    max_waiting: int = 256
+    # Back-pressure, one setting per queue (see `build`): the requests one replica holds at
+    # once (running, and waiting in its engine for KV blocks), and those each Serve proxy
+    # queues while every replica holds its most. Past both, a call is refused at once with
+    # RESOURCE_EXHAUSTED. Bounded: Serve's own default queue has no limit.
+    max_ongoing_requests: int = 64
+    max_queued_requests: int = 64
+    # The engine's waiting queue; None: derived from max_ongoing_requests so that it never
+    # refuses what Serve admitted (`engine_max_waiting`). Lower, the engine refuses first.
+    max_waiting: int | None = None
     draft: str | dict | None = None  # default drafting; None: the model's tuned profile
+    allow_draft_override: bool = True  # False: a request's `draft` is INVALID_ARGUMENT
+    max_draft_configs: int = 4  # distinct drafting configs the engine runs in one step
     redis_url: str | None = None  # fleet telemetry and configs; None: local adaptation only
     threads: int = 0  # torch threads per replica; 0 leaves PyTorch's choice
     metrics_port: int | None = None  # Prometheus /metrics per replica; 0: any free port
+
+    def __post_init__(self) -> None:
+        # `build` makes these, so a bad value fails the deploy, naming the arg, rather than
+        # every replica's start; -1 (Serve's "no limit") is refused on purpose.
+        for name in ("max_ongoing_requests", "max_queued_requests", "max_draft_configs"):
+            _check_positive(name, getattr(self, name))
+        if self.max_waiting is not None:
+            _check_positive("max_waiting", self.max_waiting)
+        if not isinstance(self.allow_draft_override, bool):
+            raise ValueError(
+                f"app arg allow_draft_override must be true or false, "
+                f"got {self.allow_draft_override!r}"
+            )
+
+    @property
+    def engine_max_waiting(self) -> int:
+        """The engine's waiting queue. Serve never sends a replica more than
+        max_ongoing_requests at once, so that bound is never reached; twice that, because
+        a cancelled request stays in the engine's queue until its next step reaps it, while
+        Serve has already sent the next one."""
+        if self.max_waiting is not None:
+            return self.max_waiting
+        return 2 * self.max_ongoing_requests
 
     @classmethod
     def from_args(cls, args: dict) -> EngineSettings:
@@ -75,6 +114,11 @@ class EngineSettings:
             known = ", ".join(f.name for f in fields(cls))
             raise ValueError(f"unknown app args {sorted(unknown)}; known: {known}")
         return cls(**args)
+
+
+def _check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"app arg {name} must be a positive integer, got {value!r}")
 
 
 class EngineServer:
@@ -96,7 +140,9 @@ class EngineServer:
             device=s.device,
             backend=s.backend,
             kv_cache_bytes=s.kv_cache_bytes,
-            max_waiting=s.max_waiting,
+            max_waiting=s.engine_max_waiting,
+            allow_draft_override=s.allow_draft_override,
+            max_draft_configs=s.max_draft_configs,
         )
         if s.draft is not None:
             self.engine.default_draft = self._draft(s.draft)
@@ -376,14 +422,24 @@ def _failing(method, armed: threading.Event):
     return call
 
 
+# Deployment options that `build` sets from the app's args, so that the engine's queue is
+# sized from the same numbers; a config file's `deployments` section must not set them.
+ARG_OPTIONS = ("max_ongoing_requests", "max_queued_requests")
+
+
 def build(args: dict) -> serve.Application:
     """The Serve application for `args` (`EngineSettings` fields). Replica counts,
-    autoscaling and actor resources come from the config file's `deployments` section."""
+    autoscaling and actor resources come from the config file's `deployments` section;
+    the back-pressure limits (`ARG_OPTIONS`) come from the args.
+
+    Serve's gRPC proxy routes a call to a replica holding fewer than max_ongoing_requests,
+    else queues it (FIFO) until one frees; with max_queued_requests queued it refuses the
+    call at once with BackPressureError, which the proxy reports as RESOURCE_EXHAUSTED."""
     settings = EngineSettings.from_args(args)
     deployment = serve.deployment(
         EngineServer,
         name=DEPLOYMENT,
-        max_ongoing_requests=64,
+        **{name: getattr(settings, name) for name in ARG_OPTIONS},
         graceful_shutdown_timeout_s=60,
         request_router_config=RequestRouterConfig(
             request_router_class="services.serve.router.SessionAffinityRouter"

@@ -66,6 +66,7 @@ class Fleet:
         self.say = say
         self.config = copy.deepcopy(options.config)
         self.app = self.config["applications"][0]
+        check_limits(self.app)
         self.redis: subprocess.Popen | None = None
         self.redis_url = options.redis_url
         self.gateway: subprocess.Popen | None = None
@@ -207,6 +208,20 @@ class Fleet:
         return open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
 
 
+def check_limits(app: dict) -> None:
+    """Refuse a config whose `deployments` set the back-pressure limits: Serve would apply
+    them over the app's args, and the engines' queues, sized from the args, would disagree."""
+    from services.serve.app import ARG_OPTIONS, DEPLOYMENT
+
+    for deployment in app.get("deployments", []):
+        clash = [k for k in ARG_OPTIONS if deployment.get("name") == DEPLOYMENT and k in deployment]
+        if clash:
+            raise ValueError(
+                f"set {', '.join(clash)} in the application's args, not in its {DEPLOYMENT} "
+                "deployment: the app gives them to Serve and sizes the engines' queues from them"
+            )
+
+
 def wait_for_app(name: str, timeout_s: float, say) -> None:
     """Wait until the application runs, reporting replica progress as it changes."""
     from ray import serve
@@ -273,6 +288,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="override the replicas' compute path (default: $SELFSPEC_BACKEND, else the best)",
     )
     p.add_argument("--replicas", type=int, help="a fixed number of engine replicas")
+    p.add_argument(
+        "--max-ongoing-requests",
+        type=int,
+        help="calls one engine replica holds at once, running or waiting for KV "
+        "(default: the config file's, 64)",
+    )
+    p.add_argument(
+        "--max-queued-requests",
+        type=int,
+        help="calls Serve's proxy queues while every replica is full; past them a call is "
+        "refused at once with RESOURCE_EXHAUSTED (default: the config file's, 64)",
+    )
+    p.add_argument(
+        "--allow-draft-override",
+        action=argparse.BooleanOptionalAction,
+        help="whether requests may override the drafting (default: yes; "
+        "--no-allow-draft-override refuses them with INVALID_ARGUMENT)",
+    )
+    p.add_argument(
+        "--max-draft-configs",
+        type=int,
+        help="distinct drafting configs an engine runs in one step (default 4)",
+    )
+    p.add_argument(
+        "--gateway-max-in-flight",
+        type=int,
+        help="generation calls the gateway forwards at once; past them it refuses at once "
+        "with RESOURCE_EXHAUSTED (default 1024)",
+    )
     p.add_argument("--listen", default="127.0.0.1:50051", help="the gateway's address")
     p.add_argument("--redis-url", help="use this Redis instead of starting one")
     p.add_argument("--num-cpus", type=int, help="CPUs for the local Ray cluster")
@@ -283,23 +327,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# `selfspec serve` flags that set the app arg of the same name; each must be at least 1.
+COUNT_ARGS = ("max_ongoing_requests", "max_queued_requests", "max_draft_configs")
+
+
 def options_from(args: argparse.Namespace) -> FleetOptions:
     config = load_config(args.config)
     app = config["applications"][0]
-    app_args = app.setdefault("args", {})
-    if args.model:
-        app_args["model"] = args.model
-    if args.draft:
-        app_args["draft"] = args.draft
-    if args.backend:
-        app_args["backend"] = args.backend
+    _override_args(args, app.setdefault("args", {}))
     if args.replicas is not None:
-        if args.replicas < 1:
-            raise ValueError("--replicas must be at least 1")
+        _at_least_one("--replicas", args.replicas)
         for d in app.get("deployments", []):
             if d["name"] == "Engine":
                 d.pop("autoscaling_config", None)
                 d["num_replicas"] = args.replicas
+    gateway_args = []
+    if args.gateway_max_in_flight is not None:
+        _at_least_one("--gateway-max-in-flight", args.gateway_max_in_flight)
+        gateway_args += ["--max-in-flight", str(args.gateway_max_in_flight)]
     return FleetOptions(
         config=config,
         listen=args.listen,
@@ -307,7 +352,30 @@ def options_from(args: argparse.Namespace) -> FleetOptions:
         num_cpus=args.num_cpus,
         controller=not args.no_controller,
         controller_admin=args.controller_admin,
+        gateway_args=gateway_args,
     )
+
+
+def _override_args(args: argparse.Namespace, app_args: dict) -> None:
+    """The app args that flags name, over the config file's."""
+    if args.model:
+        app_args["model"] = args.model
+    if args.draft:
+        app_args["draft"] = args.draft
+    if args.backend:
+        app_args["backend"] = args.backend
+    for name in COUNT_ARGS:
+        value = getattr(args, name)
+        if value is not None:
+            _at_least_one("--" + name.replace("_", "-"), value)
+            app_args[name] = value
+    if args.allow_draft_override is not None:
+        app_args["allow_draft_override"] = args.allow_draft_override
+
+
+def _at_least_one(flag: str, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{flag} must be at least 1")
 
 
 def _interrupt(*_) -> None:

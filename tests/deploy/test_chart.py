@@ -84,6 +84,15 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             ],
         },
     },
+    "backpressure": {
+        "engine": {
+            "maxOngoingRequests": 48,
+            "maxQueuedRequests": 12,
+            "allowDraftOverride": False,
+            "maxDraftConfigs": 2,
+        },
+        "gateway": {"maxInFlight": 300, "retryAfterMs": 250},
+    },
     "everything-on": {
         "otel": {"endpoint": OTEL},
         "metrics": {
@@ -204,6 +213,10 @@ def test_serve_config_follows_the_contract(case):
         "backend",
         "kv_cache_bytes",
         "draft",
+        "allow_draft_override",
+        "max_draft_configs",
+        "max_ongoing_requests",
+        "max_queued_requests",
         "redis_url",
         "metrics_port",
     }
@@ -218,6 +231,45 @@ def test_serve_config_follows_the_contract(case):
 
         # The app takes them: no unknown args.
         assert EngineSettings.from_args(args).metrics_port == _metrics_port(values)
+
+
+# (values key, app arg, default) of what the engines take from engine.* values.
+ENGINE_LIMITS = [
+    ("maxOngoingRequests", "max_ongoing_requests", 64),
+    ("maxQueuedRequests", "max_queued_requests", 64),
+    ("allowDraftOverride", "allow_draft_override", True),
+    ("maxDraftConfigs", "max_draft_configs", 4),
+]
+
+
+def test_backpressure_limits_and_draft_options_reach_the_app(case):
+    """The limits are app args and only app args: the app gives them to Serve and sizes
+    the engines' queues from them, which a `deployments` entry would silently override."""
+    _, values, docs = case
+    config = serve_config(docs)
+    args = config["applications"][0]["args"]
+    engine_values = values.get("engine", {})
+    for key, name, default in ENGINE_LIMITS:
+        assert args[name] == engine_values.get(key, default), name
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Ray's own deprecation warnings
+        from services.serve.app import ARG_OPTIONS, EngineSettings
+
+        assert not set(ARG_OPTIONS) & set(_deployment(config, "Engine"))
+        settings = EngineSettings.from_args(args)
+    assert settings.engine_max_waiting >= settings.max_ongoing_requests  # Serve's binds first
+
+
+def test_gateway_limits_come_from_values(case):
+    from services.gateway.main import build_parser
+
+    _, values, docs = case
+    container = gateway(docs)["containers"][0]
+    assert container["args"][0] == "gateway"
+    parsed = build_parser().parse_args(container["args"][1:])  # the gateway takes them all
+    gw = values.get("gateway", {})
+    assert parsed.max_in_flight == gw.get("maxInFlight", 1024)
+    assert parsed.retry_after_ms == gw.get("retryAfterMs", 1000)
 
 
 def _metrics_port(values: dict[str, Any]) -> int:
@@ -738,6 +790,21 @@ BAD_VALUES = [
         {"controller": {"replicas": "two"}},
         "at '/controller/replicas': got string, want integer",
         id="string-for-number",
+    ),
+    pytest.param(
+        {"engine": {"maxQueuedRequests": 0}},
+        "at '/engine/maxQueuedRequests': minimum: got 0, want 1",
+        id="unbounded-serve-queue",
+    ),
+    pytest.param(
+        {"gateway": {"maxInFlight": 0}},
+        "at '/gateway/maxInFlight': minimum: got 0, want 1",
+        id="gateway-admits-nothing",
+    ),
+    pytest.param(
+        {"engine": {"allowDraftOverride": "no"}},
+        "at '/engine/allowDraftOverride': got string, want boolean",
+        id="string-for-boolean",
     ),
     pytest.param(
         {"engine": {"kvCacheBytes": 1.5}},
