@@ -146,6 +146,8 @@ def usage(stats: dict, completion_tokens: int) -> pb.Usage:
         drafted_tokens=stats.get("drafted_tokens", 0),
         accepted_tokens=stats.get("accepted_tokens", 0),
         verify_steps=stats.get("steps", 0),
+        draft_fallback=stats.get("draft_fallback", False),
+        preemptions=stats.get("preemptions", 0),
     )
 
 

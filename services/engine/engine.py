@@ -348,14 +348,14 @@ class Engine:
                 for seq, state in zip(seqs, states, strict=True):
                     _restore_generator(seq, state)
                     self._step_alone(seq, cfg)
-        still = []
+        # The queue is settled before anyone hears: a client told its request finished
+        # finds the engine no longer running it.
+        done = [(r, s) for r, s in sch.running if s.finished]
+        sch.running[:] = [(r, s) for r, s in sch.running if not s.finished]
+        for request, seq in done:
+            self._done(request, seq)
         for request, seq in sch.running:
-            if seq.finished:
-                self._done(request, seq)
-            else:
-                still.append((request, seq))
-                _notify(request, seq, False)
-        sch.running[:] = still
+            _notify(request, seq, False)
 
     def _step_alone(self, seq: Sequence, cfg: DraftConfig) -> None:
         try:
@@ -457,10 +457,11 @@ class Engine:
     def _fail_all(self) -> None:
         sch = self.scheduler
         for queue in (sch.prefilling, sch.running):
-            for request, seq in list(queue):
+            failed = list(queue)
+            queue.clear()
+            for request, seq in failed:
                 seq.finish("error", "the engine failed a step; retry")
                 self._done(request, seq)
-            queue.clear()
 
     async def submit(
         self,

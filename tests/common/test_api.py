@@ -95,3 +95,11 @@ def test_bad_overrides_name_the_field(draft, words):
     with pytest.raises(ValueError, match="^draft") as info:
         override(draft)
     assert words in str(info.value)
+
+
+def test_usage_says_when_a_request_drafted_with_the_default_or_was_preempted():
+    stats = {"prompt_tokens": 5, "steps": 3, "draft_fallback": True, "preemptions": 2}
+    u = api.usage(stats, completion_tokens=4)
+    assert (u.prompt_tokens, u.completion_tokens, u.verify_steps) == (5, 4, 3)
+    assert u.draft_fallback and u.preemptions == 2
+    assert not api.usage({}, 0).draft_fallback

@@ -58,6 +58,6 @@ def stream_together(eng: Engine, cases: list[Case]) -> list[tuple[str, list[int]
 
 def assert_no_blocks_held(eng: Engine) -> None:
     """Nothing queued or running, and every block back in the pool once sessions go."""
-    assert not eng.scheduler.has_work
+    assert not eng.scheduler.has_work, eng.stats()
     eng.scheduler.clear_sessions()
     assert eng.pool.num_free == eng.pool.num_blocks
