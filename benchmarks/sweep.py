@@ -7,9 +7,12 @@ calls to cover every prompt once, and at least two. The calls of the two modes a
 (off, auto, auto, off, ...), so a change in the machine's load, steady or drifting, hits
 both alike. We report tokens per second (prefill included), the
 ratio auto/off, auto's acceptance, which mode auto chose per step, and whether auto's
-outputs equal off's token for token.
+outputs equal off's token for token. A sampler thread counts the running sequences
+during the timed calls, so that with a small `--kv-cache-mb` the sweep shows how many
+sequences that KV budget serves at once.
 
     python -m benchmarks.sweep --limit 1 --max-tokens 8 --batch-sizes 1,4
+    python -m benchmarks.sweep --kv-cache-mb 8 --max-tokens 128 --batch-sizes 16
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -50,7 +54,11 @@ NOTES = {
     "(telemetry deltas over the timed calls; 'off' = no draft that step)",
     "identical_to_off": "auto's token ids equal off's for every prompt (greedy decoding)",
     "calls": "b=1: one call per prompt; b>1: max(2, ceil(prompts / b)) full calls, prompts cycled",
+    "running": "sequences decoding at once, sampled every 2 ms during the timed calls "
+    "(mean and peak); bounded by the batch size and by the KV budget",
+    "preemptions": "times a running sequence gave its KV blocks back for lack of room",
 }
+SAMPLE_EVERY_S = 0.002
 
 
 @dataclass
@@ -69,6 +77,28 @@ class ModeRun:
     stats: list[dict] = field(default_factory=list)
     calls: list[Call] = field(default_factory=list)
     chosen: Counter[str] = field(default_factory=Counter)
+    running: list[int] = field(default_factory=list)
+
+
+class RunningSampler:
+    """Samples how many sequences are decoding, from a thread, while a call runs."""
+
+    def __init__(self, engine: Engine, into: list[int]) -> None:
+        self.engine, self.into = engine, into
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.done.wait(SAMPLE_EVERY_S):
+            self.into.append(len(self.engine.scheduler.running))
+
+    def __enter__(self) -> RunningSampler:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join()
 
 
 # -- arguments and inputs ---------------------------------------------------------
@@ -86,9 +116,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", type=int_list, default=[1, 4, 16, 64])
     p.add_argument("--limit", type=int, default=None, help="first N prompts of each kind")
     p.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS)
+    p.add_argument(
+        "--kv-cache-mb", type=int, default=1024, help="the KV pool's budget (default 1024)"
+    )
     args = p.parse_args(argv)
     if args.max_tokens < 1 or (args.limit is not None and args.limit < 1):
         p.error("--max-tokens and --limit must be at least 1")
+    if args.kv_cache_mb < 1:
+        p.error("--kv-cache-mb must be at least 1")
     return args
 
 
@@ -124,7 +159,8 @@ def warm_up(engine: Engine, size: int) -> None:
 def timed_call(engine: Engine, run: ModeRun, group: list[Prompt], max_tokens: int) -> Call:
     before = mode_steps(engine)
     t0 = time.perf_counter()
-    outs = generate(engine, run.mode, [p.ids for p in group], max_tokens)
+    with RunningSampler(engine, run.running):
+        outs = generate(engine, run.mode, [p.ids for p in group], max_tokens)
     seconds = time.perf_counter() - t0
     run.chosen += mode_steps(engine) - before
     run.outputs += [o.token_ids for o in outs]
@@ -161,6 +197,15 @@ def throughput(calls: list[Call]) -> dict:
 
 def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
+
+
+def load_summary(run: ModeRun) -> dict:
+    samples = run.running or [0]
+    return {
+        "running_mean": sum(samples) / len(samples),
+        "running_peak": max(samples),
+        "preemptions": sum(s.get("preemptions", 0) for s in run.stats),
+    }
 
 
 def draft_summary(run: ModeRun) -> dict:
@@ -204,8 +249,8 @@ def summarize(runs: dict[str, ModeRun], size: int, kinds: list[str], engine: Eng
     off, auto = runs["off"], runs["auto"]
     result = {
         "calls": len(off.calls),
-        "off": throughput(off.calls),
-        "auto": {**throughput(auto.calls), **draft_summary(auto)},
+        "off": {**throughput(off.calls), **load_summary(off)},
+        "auto": {**throughput(auto.calls), **load_summary(auto), **draft_summary(auto)},
         "identical_to_off": auto.outputs == off.outputs,
         "differing_outputs": sum(a != o for a, o in zip(auto.outputs, off.outputs, strict=True)),
         "costs_ms": costs_dict(engine),
@@ -285,7 +330,8 @@ def write(report: dict, out: Path) -> None:
         print(
             f"b={b}: off {r['off']['tok_s']:.1f} tok/s, auto {r['auto']['tok_s']:.1f} tok/s, "
             f"ratio {r['ratio']:.2f}, acceptance {'n/a' if acc is None else f'{acc:.2f}'}, "
-            f"identical {r['identical_to_off']}",
+            f"identical {r['identical_to_off']}, running mean {r['off']['running_mean']:.1f} "
+            f"peak {r['off']['running_peak']} (off), preemptions {r['off']['preemptions']}",
             file=sys.stderr,
         )
     print(f"wrote {out / 'sweep.json'} and {out / 'sweep.png'}", file=sys.stderr)
@@ -296,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.manual_seed(0)
     machine = machine_info()
-    engine = Engine.from_pretrained(args.model, dtype=args.dtype, backend=args.backend)
+    engine = Engine.from_pretrained(
+        args.model, dtype=args.dtype, backend=args.backend, kv_cache_bytes=args.kv_cache_mb << 20
+    )
     prompts = load_prompts(args.prompts, engine, args.limit)
     kinds = list(dict.fromkeys(p.kind for p in prompts))
     progress = make_progress(sum(len(MODES) * len(batches(prompts, b)) for b in args.batch_sizes))
@@ -312,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
             "dtype": args.dtype,
             "backend": engine.model.backend.describe(),
             "max_tokens": args.max_tokens,
+            "kv_cache_mb": args.kv_cache_mb,
+            "kv_blocks": engine.pool.num_blocks,
             "batch_sizes": args.batch_sizes,
             "prompts": str(args.prompts),
             "num_prompts": len(prompts),
