@@ -27,6 +27,9 @@ class ModelLoadError(ValueError):
     """A model path or checkpoint that selfspec cannot load; the message says what was expected."""
 
 
+KEYS_FILE = "gguf-keys.json"  # content keys of GGUF files, by path, size and mtime
+
+
 def cache_dir() -> Path:
     """Where converted checkpoints live: `SELFSPEC_CACHE_DIR`, else ~/.cache/selfspec."""
     return Path(os.environ.get("SELFSPEC_CACHE_DIR", Path.home() / ".cache" / "selfspec"))
@@ -68,17 +71,33 @@ def resolve(model: str | os.PathLike) -> Path:
     return path
 
 
-def _content_key(gguf: Path, span: int = 1 << 20) -> str:
+def _content_key(gguf: Path) -> str:
     """A key for the file's content, not its path: every venv's copy of one GGUF shares a
-    cache entry. Size plus the first and last MiB tell GGUF files apart (the header carries
-    the metadata, the tail the last tensors) without reading the whole file on every load."""
-    size = gguf.stat().st_size
-    key = hashlib.sha256(str(size).encode())
+    cache entry, and a file changed anywhere gets its own. The whole file is hashed once;
+    the key is remembered with the file's size and modification time (`KEYS_FILE`), so a
+    later load of the same file reads none of it."""
+    stat = gguf.stat()
+    stamp = [stat.st_size, stat.st_mtime_ns]
+    where = str(gguf.resolve())
+    keys_file = cache_dir() / KEYS_FILE
+    try:
+        keys = json.loads(keys_file.read_text())
+    except (OSError, ValueError):
+        keys = {}
+    if keys.get(where, {}).get("stamp") == stamp:
+        return keys[where]["key"]
+    log.info("hashing %s (%.0f MB, once per file)", gguf, stat.st_size / 1e6)
+    digest = hashlib.sha256()
     with gguf.open("rb") as f:
-        key.update(f.read(span))
-        f.seek(max(size - span, 0))
-        key.update(f.read(span))
-    return key.hexdigest()[:12]
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    keys = {k: v for k, v in keys.items() if Path(k).exists()}  # forget deleted files
+    keys[where] = {"stamp": stamp, "key": digest.hexdigest()[:12]}
+    keys_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = keys_file.with_name(f"{KEYS_FILE}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(keys, indent=1))
+    tmp.replace(keys_file)  # atomic: replicas loading at once never read half a file
+    return keys[where]["key"]
 
 
 def _converted(gguf: Path) -> Path:

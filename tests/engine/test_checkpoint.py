@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+
+import pytest
 
 from services.engine import checkpoint
 
@@ -16,13 +19,30 @@ def test_a_copy_of_the_default_gguf_reuses_its_converted_checkpoint(tmp_path):
     assert checkpoint.resolve(copy) == converted
 
 
-def test_a_changed_gguf_gets_its_own_cache_entry(tmp_path):
+def flip_byte(path, where: float) -> None:
+    """Change one byte at `where` (0: the first, 1: the last) of the file."""
+    offset = int(where * (path.stat().st_size - 1))
+    with path.open("r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0xFF]))
+
+
+@pytest.mark.parametrize("where", [0.0, 0.5, 1.0], ids=["header", "middle", "tail"])
+def test_a_changed_gguf_gets_its_own_cache_entry(tmp_path, where):
     original = checkpoint.default_model_file()
     copy = tmp_path / original.name
     shutil.copyfile(original, copy)
-    with copy.open("r+b") as f:
-        f.seek(-1, 2)
-        last = f.read(1)
-        f.seek(-1, 2)
-        f.write(bytes([last[0] ^ 0xFF]))
+    flip_byte(copy, where)
     assert checkpoint._content_key(copy) != checkpoint._content_key(original)
+
+
+def test_a_gguf_rewritten_in_place_is_hashed_again(tmp_path):
+    copy = tmp_path / "model.gguf"
+    shutil.copyfile(checkpoint.default_model_file(), copy)
+    before = checkpoint._content_key(copy)
+    flip_byte(copy, 0.5)
+    later = copy.stat().st_mtime_ns + 10**9  # a later write, past the clock's granularity
+    os.utime(copy, ns=(later, later))
+    assert checkpoint._content_key(copy) != before
