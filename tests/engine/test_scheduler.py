@@ -6,9 +6,11 @@ import asyncio
 import random
 
 import pytest
+from waiting import wait_for
 
 from services.engine import DraftConfig, SamplingParams
-from services.engine.scheduler import QueueFull
+from services.engine.kv_pool import BlockTable
+from services.engine.scheduler import CachedSession, QueueFull
 
 WORDS = [
     "the",
@@ -143,7 +145,7 @@ def test_queue_limit_and_duplicate_ids(engine):
     assert engine.pool.num_free == engine.pool.num_blocks
 
 
-def test_async_streaming_and_cancel_by_leaving(engine):
+def test_async_streaming_equals_generate(engine):
     params = SamplingParams(max_tokens=16, ignore_eos=True)
     [ref] = engine.generate(["Describe a sunrise."], params, "skip", chat=True)
 
@@ -153,22 +155,113 @@ def test_async_streaming_and_cancel_by_leaving(engine):
             tokens += delta.token_ids
             text += delta.text
             last = delta
-        # Leaving the stream early cancels the request.
-        stream = engine.submit("Describe a sunset.", SamplingParams(max_tokens=200), chat=True)
-        async for _ in stream:
-            break
-        await stream.aclose()
         return tokens, text, last
 
     try:
         tokens, text, last = asyncio.run(run())
-        assert tokens == ref.token_ids and text == ref.text
-        assert last.finish_reason == "length" and last.stats["steps"] > 0
-        for _ in range(200):
-            if not engine.scheduler.has_work:
-                break
-            asyncio.run(asyncio.sleep(0.05))
     finally:
         engine.shutdown()
-    assert not engine.scheduler.has_work
+    assert tokens == ref.token_ids and text == ref.text
+    assert last.finish_reason == "length" and last.stats["steps"] > 0
+    assert_idle(engine)
+
+
+def assert_idle(engine) -> None:
+    wait_for(lambda: not engine.scheduler.has_work, what="the engine to go idle")
+    engine.scheduler.clear_sessions()
     assert engine.pool.num_free == engine.pool.num_blocks
+
+
+def spy_on_finish(engine, monkeypatch) -> dict[str, tuple[str, int]]:
+    """How each request ended, as the scheduler saw it: (finish reason, tokens out)."""
+    ended, finish = {}, engine.scheduler.finish
+
+    def spy(request, seq):
+        ended[request.request_id] = (seq.finish_reason, len(seq.output))
+        finish(request, seq)
+
+    monkeypatch.setattr(engine.scheduler, "finish", spy)
+    return ended
+
+
+@pytest.mark.parametrize("abort_works", [True, False], ids=["abort", "control-abort-ignored"])
+def test_leaving_a_stream_cancels_it(engine, monkeypatch, abort_works):
+    """A client that leaves after the first delta ends its request as `abort`, long before
+    its 200 tokens; the control, with abort ignored, shows the check would catch that."""
+    ended = spy_on_finish(engine, monkeypatch)
+    if not abort_works:
+        monkeypatch.setattr(engine, "abort", lambda request_id: False)
+    params = SamplingParams(max_tokens=200, ignore_eos=True)
+
+    async def leave_early():
+        stream = engine.submit("Describe a sunset.", params, chat=True, request_id="leave")
+        async for _ in stream:
+            break
+        await stream.aclose()
+
+    asyncio.run(leave_early())
+    wait_for(lambda: "leave" in ended, what="the request to end")
+    reason, tokens = ended["leave"]
+    assert (reason == "abort" and tokens < params.max_tokens) is abort_works
+    assert_idle(engine)
+
+
+@pytest.mark.parametrize("evicts", [True, False], ids=["lru", "control-never-evicts"])
+def test_sessions_are_evicted_least_recently_used_first(engine, monkeypatch, evicts):
+    """With one block free, a new request takes the oldest session's blocks and leaves the
+    newer one cached; the control, with eviction disabled, is never admitted."""
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    engine.scheduler.clear_sessions()
+    for session in ("older", "newer"):
+        engine.generate(["hi"], params, "off", chat=True, session_id=session)
+    ballast = BlockTable(engine.pool)  # everything free but one block
+    ballast.reserve((engine.pool.num_free - 1) * engine.pool.block_size)
+    if not evicts:
+        pool = engine.pool
+        monkeypatch.setattr(engine.scheduler, "_evict", lambda blocks: pool.num_free >= blocks)
+    seq = engine.add_request("hi", params, "off", chat=True)
+    for _ in range(50):  # a prefill and four decode steps, were it admitted
+        if seq.finished:
+            break
+        engine.step_once()
+    try:
+        assert (seq.finish_reason == "length") is evicts
+        assert list(engine.scheduler.sessions) == (["newer"] if evicts else ["older", "newer"])
+    finally:
+        engine.abort(seq.id)
+        engine.step_once()
+        ballast.free()
+    assert_idle(engine)
+
+
+@pytest.mark.parametrize("drops", [True, False], ids=["dropped", "control-kept"])
+def test_a_failed_step_keeps_no_session(engine, monkeypatch, drops):
+    """A step that fails outside any one request fails every request in it (`_fail_all`),
+    and a failed request's session is not cached: its KV may be half written. The
+    control keeps every session, as a broken `finish` would, and is caught."""
+
+    def failing_decode():
+        raise RuntimeError("a step failed on purpose")
+
+    monkeypatch.setattr(engine, "_decode", failing_decode)
+    if not drops:
+        sch = engine.scheduler
+        monkeypatch.setattr(
+            sch,
+            "finish",
+            lambda request, seq: sch._put_session(
+                request.session_id, CachedSession(seq.tokens, seq.table)
+            ),
+        )
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+
+    async def run():
+        return [d async for d in engine.submit("hi", params, chat=True, session_id="failing")]
+
+    try:
+        deltas = asyncio.run(run())
+    finally:
+        engine.shutdown()
+    assert deltas[-1].finish_reason == "error"
+    assert ("failing" not in engine.scheduler.sessions) is drops
+    assert_idle(engine)

@@ -188,7 +188,8 @@ def test_by_query_is_batch_invariant() -> None:
 
 
 def test_kernel_needs_no_reference_fields() -> None:
-    """A batch built for the kernels alone (as on CUDA) carries no mask and gives the same."""
+    """A batch built for the kernels alone (as on CUDA) carries no mask, which only the
+    reference reads, and the kernel still matches the reference run on the full batch."""
     case = CASES[1]
     q, pool, tables, full = _setup(case, torch.float32)
     lean = AttentionBatch.build(tables, list(case.starts), list(case.lens), case.block_size,
@@ -196,9 +197,10 @@ def test_kernel_needs_no_reference_fields() -> None:
     assert lean.mask is None and lean.kv_index is None
     with pytest.raises(ValueError, match="without the reference"):
         attention.paged_attention_reference(q, pool, lean, case.kv_heads, 0.25)
-    got = paged_attention(q.to(DEVICE), pool.to(DEVICE), _to(lean, DEVICE), case.kv_heads, 0.25)
-    want = paged_attention(q.to(DEVICE), pool.to(DEVICE), _to(full, DEVICE), case.kv_heads, 0.25)
-    assert torch.equal(got, want)
+    scale = case.head_dim**-0.5
+    got = paged_attention(q.to(DEVICE), pool.to(DEVICE), _to(lean, DEVICE), case.kv_heads, scale)
+    tol = TOL[torch.float32]
+    torch.testing.assert_close(got.cpu(), _reference(q, pool, full, case), rtol=tol, atol=tol)
 
 
 def _to(batch: AttentionBatch, device: str) -> AttentionBatch:
