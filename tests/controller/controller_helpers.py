@@ -1,4 +1,4 @@
-"""Shared by the controller tests: controller processes, waiting, seeding Redis."""
+"""Shared by the controller tests: controller processes, replicas, seeding Redis."""
 
 from __future__ import annotations
 
@@ -13,16 +13,6 @@ from pathlib import Path
 from services.common import redis_schema as rs
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def wait_for(predicate, timeout: float, every: float = 0.05, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def spawn_controller(url: str, cid: str, admin: str, *extra: str) -> subprocess.Popen:

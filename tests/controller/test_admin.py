@@ -7,8 +7,9 @@ import json
 
 import grpc
 import pytest
-from controller_helpers import add_replica, kill, spawn_controller, wait_for
+from controller_helpers import add_replica, kill, spawn_controller
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from waiting import wait_for
 
 from services.common import redis_schema as rs
 from services.controller.main import main
@@ -35,8 +36,8 @@ def admin(redis_server):
     try:
         with grpc.insecure_channel(address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
-            wait_for(lambda: _serving(health), 20, what="the admin server")
-        wait_for(lambda: client.get(rs.LEASE), 10, what="the lease")
+            wait_for(lambda: _serving(health), what="the admin server")
+        wait_for(lambda: client.get(rs.LEASE), what="the lease")
         yield address, client
     finally:
         kill(proc)

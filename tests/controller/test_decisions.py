@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import time
 
-from controller_helpers import add_replica, wait_for
+from controller_helpers import add_replica
+from waiting import wait_for
 
 from services.common import redis_schema as rs
 from services.controller.controller import Controller, Settings
@@ -61,7 +62,7 @@ def test_controller_decides_from_telemetry(redis_server):
     ctl = Controller(redis_server.url, "ctl", Settings(tick_s=0.1, decide_every_s=0, search=False))
     ctl.start()
     try:
-        text = wait_for(lambda: client.get(rs.model_key(MODEL, "current")), 5, what="a decision")
+        text = wait_for(lambda: client.get(rs.model_key(MODEL, "current")), what="a decision")
     finally:
         ctl.stop()
     record = rs.Record.parse(text)
@@ -138,7 +139,7 @@ def test_search_moves_to_an_early_exit_and_publishes_it_as_one(redis_server):
     ctl.start()
     try:
         trial = wait_for(
-            lambda: client.get(rs.model_key(MODEL, "candidates")), 5, what="a search round"
+            lambda: client.get(rs.model_key(MODEL, "candidates")), what="a search round"
         )
         keys = json.loads(trial)["keys"]
         exits = [k for k in keys if rs.exit_layer_of(k, 30) is not None]
@@ -148,7 +149,7 @@ def test_search_moves_to_an_early_exit_and_publishes_it_as_one(redis_server):
         scores[keys[0]] = [20, 100]
         scores[exits[0]] = [950, 1000]
         send(client, {**window("r1", 1, [0], [0], {}), "modes": {}, "scores": scores})
-        text = wait_for(lambda: client.get(rs.model_key(MODEL, "current")), 10, what="an adoption")
+        text = wait_for(lambda: client.get(rs.model_key(MODEL, "current")), what="an adoption")
     finally:
         ctl.stop()
     record = rs.Record.parse(text)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 import threading
 
-from controller_helpers import poor_draft, replica, wait_for
+from controller_helpers import poor_draft, replica
+from waiting import wait_for
 
 from services.common import redis_schema as rs
 from services.common.fleet import FleetLink
@@ -82,7 +83,7 @@ def test_controller_raises_acceptance_from_a_poor_start(engine, redis_server):
             applied = all(fl.version == record.version for fl in links)
             return record if good and applied else None
 
-        record = wait_for(adopted_and_applied, 80, every=0.5, what="an adopted skip set")
+        record = wait_for(adopted_and_applied, every=0.5, what="an adopted skip set")
         after, outputs_after = serve_prompts(engines)
     finally:
         controller.stop()

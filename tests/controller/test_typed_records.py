@@ -8,7 +8,8 @@ import json
 import types
 from dataclasses import dataclass
 
-from controller_helpers import replica, wait_for
+from controller_helpers import replica
+from waiting import wait_for
 
 from services.common import redis_schema as rs
 from services.common.fleet import FleetLink
@@ -282,17 +283,17 @@ def test_fleet_link_refuses_reports_and_keeps_the_last_good_config(engine, redis
         store = ConfigStore(redis_server.client())
         all_mutants = {n: m.apply(BASES[m.base], BUCKET) for n, m in mutants().items()}
         good = store.publish(record(BASES["skip"], BUCKET), None).version
-        wait_for(lambda: fl.version == good, 3, what="the good version")
+        wait_for(lambda: fl.version == good, what="the good version")
         kept = e.default_draft
         for n, name in enumerate(THROUGH_THE_FLEET, 1):
             v = store.publish(all_mutants[name], None).version
-            wait_for(lambda n=n: len(store.rejections(MODEL, 100)) >= n, 3, what=name)
+            wait_for(lambda n=n: len(store.rejections(MODEL, 100)) >= n, what=name)
             assert fl.rejected[v] and fl.version == good and e.default_draft == kept
         exact(e, reference)  # still serving, with the last good config
         controller = Controller(redis_server.url, "ctl")
         text = status_text(controller, capsys)
         # The replica's heartbeat carries its newest five refusals too.
-        wait_for(lambda: len(heartbeat(controller)["rejected"]) == 5, 3, what="the heartbeat")
+        wait_for(lambda: len(heartbeat(controller)["rejected"]) == 5, what="the heartbeat")
     finally:
         fl.stop()
     # Status shows the newest refusals: the last record's bucket had no mode.
@@ -323,7 +324,7 @@ def test_an_applied_mutant_through_the_fleet_generates(engine, redis_server):
         rec = m.apply(BASES[m.base], BUCKET)
         assert type(json.loads(rec.to_json())["draft"]["threshold"]) is int
         v = store.publish(rec, None).version
-        wait_for(lambda: fl.version == v, 3, what="the mutant's version")
+        wait_for(lambda: fl.version == v, what="the mutant's version")
         assert e.default_draft.exit_layer == 20 and e.default_draft.threshold == 0.0
         exact(e, reference)
     finally:
