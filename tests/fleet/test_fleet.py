@@ -436,9 +436,9 @@ def fuzzed_request(rng: random.Random, i: int) -> bytes:
             rng.choice([0.0, -1.0, 1e30, float("nan"), float("inf"), 0.5]),
         )
     if rng.random() < 0.3:
-        req.top_k = rng.randint(0, 2**32 - 1)
+        req.top_k = rng.choice([0, 40, rng.randint(0, 2**32 - 1)])  # in range, or likely not
     if rng.random() < 0.3:
-        req.seed = rng.randint(0, 2**64 - 1)
+        req.seed = rng.choice([7, rng.randint(0, 2**64 - 1)])
     if rng.random() < 0.3:
         req.stop.extend(rng.choice(["", "x" * 300, "\n"]) for _ in range(rng.randint(1, 20)))
     if rng.random() < 0.3:
