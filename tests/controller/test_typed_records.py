@@ -274,11 +274,17 @@ def heartbeat(controller: Controller) -> dict:
     return client.status_dict(Admin(controller)._status())["models"][MODEL]["replicas"]["r0"]
 
 
-def test_fleet_link_refuses_reports_and_keeps_the_last_good_config(engine, redis_server, capsys):
+def linked_replica(engine, redis_server):
+    """A small replica, its greedy reference output, and its started link to the fleet."""
     e = replica(engine, kv_cache_bytes=32 << 20)
     reference = [c.token_ids for c in e.generate(PROMPTS, PARAMS, "off")]
     fl = FleetLink(e, redis_server.url, MODEL, "r0", interval_s=0.2, poll_s=0.5, score=False)
     fl.start()
+    return e, reference, fl
+
+
+def test_fleet_link_refuses_reports_and_keeps_the_last_good_config(engine, redis_server, capsys):
+    e, reference, fl = linked_replica(engine, redis_server)
     try:
         store = ConfigStore(redis_server.client())
         all_mutants = {n: m.apply(BASES[m.base], BUCKET) for n, m in mutants().items()}
@@ -313,10 +319,7 @@ def test_fleet_link_refuses_reports_and_keeps_the_last_good_config(engine, redis
 
 
 def test_an_applied_mutant_through_the_fleet_generates(engine, redis_server):
-    e = replica(engine, kv_cache_bytes=32 << 20)
-    reference = [c.token_ids for c in e.generate(PROMPTS, PARAMS, "off")]
-    fl = FleetLink(e, redis_server.url, MODEL, "r0", interval_s=0.2, poll_s=0.5, score=False)
-    fl.start()
+    e, reference, fl = linked_replica(engine, redis_server)
     try:
         store = ConfigStore(redis_server.client())
         # threshold 0, an int: a number in range, so applied.

@@ -8,6 +8,18 @@ from dataclasses import dataclass, field
 from services.engine import Engine, SamplingParams
 from services.engine.sequence import Sequence
 
+# Eight short chat prompts of different lengths, for batches.
+EIGHT_CHATS = [
+    "What is the capital of France?",
+    "List three uses of copper.",
+    "Explain recursion to a ten year old.",
+    "hi",
+    "Name a prime number above ten.",
+    "Write a haiku about the sea.",
+    "What colour is the sky on Mars?",
+    "Say OK.",
+]
+
 
 @dataclass
 class Case:

@@ -3,20 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from engine_helpers import EIGHT_CHATS as PROMPTS
 from engine_helpers import Case, assert_no_blocks_held, run_together
 
 from services.engine import Engine, SamplingParams, faults
 
-PROMPTS = [
-    "What is the capital of France?",
-    "List three uses of copper.",
-    "Explain recursion to a ten year old.",
-    "hi",
-    "Name a prime number above ten.",
-    "Write a haiku about the sea.",
-    "What colour is the sky on Mars?",
-    "Say OK.",
-]
 VICTIM = 3  # the request a fault is injected into
 
 
