@@ -26,27 +26,36 @@ SAMPLES = 1500  # per arm; the negative controls are rejected with this many
 ALPHA = 1e-4  # the test's level: the real sampler passes above it, a wrong one fails below
 MIN_COUNT = 20  # outcomes rarer than this in both arms together are pooled into one
 TEMPERATURE = 0.2  # the tiny model spreads its mass thinly: gather it on a few tokens
-# Repeats, so that n-gram lookup proposes drafts, and shows the shortlist head ids above it.
-PROMPT = [5, 9, 17, 115, 387, 109, 455, 8, 290, 361, 356, 412, 233, 139, 109, 356, 487]
-PROMPT += PROMPT[:5]
 SKIP = (1,)
+# For the layer drafts: repeats, and the shortlist head's ids above it.
+LAYER_PROMPT = [5, 9, 17, 115, 387, 109, 455, 8, 290, 361, 356, 412, 233, 139, 109, 356, 487]
+LAYER_PROMPT += LAYER_PROMPT[:5]
+# For n-gram drafts: `BASE + X + BASE`. After it this tiny model samples 216 = X[0] about
+# half the time (at TEMPERATURE), and n-gram lookup then proposes 207 and 412, which it
+# samples with probability about 0.25 and 0.8: proposals are often kept and often
+# rejected, which is where a wrong sampler shows. Found by coordinate ascent over X on
+# p(X | BASE + X + BASE) from random BASEs; on a random prompt n-gram proposals are tokens
+# the model almost never samples, and every sampler looks alike.
+BASE, X = [86, 88, 367, 139, 257, 427, 197, 315, 63, 135, 336, 361], [216, 207, 412]
+NGRAM_PROMPT = BASE + X + BASE
 MODES = {
-    "skip": DraftConfig(mode="skip", skip_attn=SKIP),
-    "ngram": DraftConfig(mode="ngram"),
-    "auto": DraftConfig(mode="auto", skip_attn=SKIP),
-    "shortlist": DraftConfig(mode="skip", skip_attn=SKIP, shortlist=256),
+    "skip": (DraftConfig(mode="skip", skip_attn=SKIP), LAYER_PROMPT),
+    "shortlist": (DraftConfig(mode="skip", skip_attn=SKIP, shortlist=256), LAYER_PROMPT),
+    "ngram": (DraftConfig(mode="ngram", max_draft=2), NGRAM_PROMPT),
+    "auto": (DraftConfig(mode="auto", skip_attn=SKIP), NGRAM_PROMPT),
 }
 
 
-class FrozenCosts(Costs):
-    """Costs that stay at their priors: `auto` then chooses by the samples alone, not by
-    how long a pass took on this machine, so its samples are the same on every run."""
+class FreeDrafts(Costs):
+    """Costs for which drafting is free: `auto` then drafts as far as it may and chooses
+    its mode by acceptance alone, the same on every run and every machine (not by how long
+    a pass took here), and its layer drafts are long enough for every mistake to show."""
 
-    def observe_verify(self, batch: int, tokens: int, seconds: float) -> None:
-        pass
+    def relative(self, mode: str, batch: int, prior_draft: float) -> tuple[float, float]:
+        return 0.0, 0.0
 
-    def observe_draft(self, mode: str, batch: int, seconds_per_pass: float) -> None:
-        pass
+    def extra_costs(self, batch: int, length: int) -> list[float]:
+        return [0.0] * length
 
 
 @pytest.fixture(scope="module")
@@ -59,18 +68,20 @@ def tiny_llama(tiny_checkpoint) -> Iterator[Engine]:
     torch.set_num_threads(threads)
 
 
-def tokens_1_to_3(base: Engine, draft: DraftConfig | str, first_seed: int) -> Counter:
+def tokens_1_to_3(
+    base: Engine, draft: DraftConfig | str, prompt: list[int], first_seed: int
+) -> Counter:
     """How often each (token 1, token 2, token 3) came, over SAMPLES seeded requests run
     together on a fresh engine (nothing learned by an earlier arm carries over)."""
     eng = Engine(
         base.model, base.tokenizer, base.model_path, kv_cache_bytes=16 << 20, max_waiting=SAMPLES
     )
-    eng.runner.costs = FrozenCosts()
+    eng.runner.costs = FreeDrafts()
     params = [
         SamplingParams(max_tokens=4, temperature=TEMPERATURE, seed=s, ignore_eos=True)
         for s in range(first_seed, first_seed + SAMPLES)
     ]
-    cases = [Case(PROMPT, p, draft, chat=False) for p in params]
+    cases = [Case(prompt, p, draft, chat=False) for p in params]
     return Counter(tuple(s.output[1:4]) for s in run_together(eng, cases))
 
 
@@ -84,9 +95,17 @@ def g_test(a: Counter, b: Counter) -> float:
 
 
 @pytest.fixture(scope="module")
-def off(tiny_llama) -> Counter:
-    # Seeds apart from the drafting arms': the two samples must be independent.
-    return tokens_1_to_3(tiny_llama, "off", first_seed=SAMPLES)
+def off(tiny_llama) -> Callable[[list[int]], Counter]:
+    """Drafting off on a prompt, run once per prompt. Seeds apart from the drafting arms':
+    the two samples must be independent."""
+    counts: dict[tuple[int, ...], Counter] = {}
+
+    def on(prompt: list[int]) -> Counter:
+        if tuple(prompt) not in counts:
+            counts[tuple(prompt)] = tokens_1_to_3(tiny_llama, "off", prompt, first_seed=SAMPLES)
+        return counts[tuple(prompt)]
+
+    return on
 
 
 # -- the known-wrong samplers ------------------------------------------------------------
@@ -120,37 +139,44 @@ def misaligned_draft_probs(monkeypatch) -> None:
     """Judge drafted token i by the draft distribution of token i - 1."""
 
     def wrong(proposed, draft_probs, target_probs, generator):
-        if draft_probs is not None:
-            draft_probs = draft_probs.roll(1, 0)
+        if proposed:
+            q = draft_probs if draft_probs is not None else _point_masses(proposed, target_probs)
+            draft_probs = q.roll(1, 0)
         return sampler.accept_sampled(proposed, draft_probs, target_probs, generator)
 
     monkeypatch.setattr(engine_module, "accept_sampled", wrong)
 
 
-# Where each mistake shows at this sample size. On this tiny random model n-gram
-# proposals are seldom tokens the model would sample, so an n-gram rejection's residual
-# is nearly p itself and `auto` mostly drafts n-grams: see issue 25 for what is missing.
-CONTROLS: dict[str, tuple[Callable, list[str]]] = {
-    "residual_is_target": (residual_is_target, ["skip", "shortlist"]),
-    "bonus_from_draft": (bonus_from_draft, ["skip", "auto", "shortlist"]),
-    "misaligned_draft_probs": (misaligned_draft_probs, ["skip", "shortlist"]),
+# Each mistake in every mode where it changes what is sampled. Misaligned draft
+# probabilities do not, for n-gram drafts: a point mass moved off its token makes every
+# proposal a rejection, and the residual is then p less the mass of another proposed
+# token, which is p itself to within what any sample size could see.
+CONTROLS: dict[str, tuple[Callable, tuple[str, ...]]] = {
+    "residual_is_target": (residual_is_target, tuple(MODES)),
+    "bonus_from_draft": (bonus_from_draft, tuple(MODES)),
+    "misaligned_draft_probs": (misaligned_draft_probs, ("skip", "shortlist", "auto")),
 }
 
 
 # -- the tests -----------------------------------------------------------------------------
 
 
+def drafted(tiny_llama, mode: str) -> Counter:
+    draft, prompt = MODES[mode]
+    return tokens_1_to_3(tiny_llama, draft, prompt, first_seed=0)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_drafting_keeps_the_distribution(tiny_llama, off, mode):
     """Tokens 1 to 3 drafted in `mode` are distributed as with drafting off."""
-    assert g_test(off, tokens_1_to_3(tiny_llama, MODES[mode], first_seed=0)) > ALPHA
+    assert g_test(off(MODES[mode][1]), drafted(tiny_llama, mode)) > ALPHA
 
 
 @pytest.mark.parametrize(
     "control, mode", [(c, m) for c, (_, modes) in CONTROLS.items() for m in modes]
 )
 def test_the_test_rejects_wrong_samplers(tiny_llama, off, control, mode, monkeypatch):
-    """Each known-wrong sampler, in each mode where its mistake can show, fails the same
-    test at the same sample size: the test has the power to see a broken sampler."""
+    """Each known-wrong sampler, in each drafting mode, fails the same test at the same
+    sample size: the test has the power to see a broken sampler."""
     CONTROLS[control][0](monkeypatch)
-    assert g_test(off, tokens_1_to_3(tiny_llama, MODES[mode], first_seed=0)) < ALPHA
+    assert g_test(off(MODES[mode][1]), drafted(tiny_llama, mode)) < ALPHA
