@@ -25,6 +25,9 @@ from pathlib import Path
 
 import yaml
 
+from services.common import redis_acl
+from services.common import redis_schema as rs
+
 DEFAULT_CONFIG = Path(__file__).with_name("fleet.yaml")
 RAY_START_TRIES = 3
 
@@ -68,7 +71,9 @@ class Fleet:
         self.app = self.config["applications"][0]
         check_limits(self.app)
         self.redis: subprocess.Popen | None = None
-        self.redis_url = options.redis_url
+        self.redis_url = options.redis_url  # where Redis listens, without a user
+        self.redis_users: dict[str, str] = {}  # role -> password, for the Redis we start
+        self.redis_argv: list[str] = []  # how we started it (a test restarts it so)
         self.gateway: subprocess.Popen | None = None
         self.controller: subprocess.Popen | None = None
         self.log_dir = options.log_dir or Path(tempfile.mkdtemp(prefix="selfspec-fleet-"))
@@ -96,16 +101,31 @@ class Fleet:
                     "redis-server), or give --redis-url"
                 )
             port = free_port()
+            self.redis_users = redis_acl.new_passwords()
+            self.redis_argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1"]
+            self.redis_argv += ["--save", "", "--appendonly", "no", "--aclfile", self._aclfile()]
             self.redis = subprocess.Popen(
-                ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
-                + ["--appendonly", "no"],
-                stdout=self._log("redis"),
-                stderr=subprocess.STDOUT,
+                self.redis_argv, stdout=self._log("redis"), stderr=subprocess.STDOUT
             )
             wait_for_port(port, 10, self.redis, "redis-server")
             self.redis_url = f"redis://127.0.0.1:{port}/0"
-        self.app.setdefault("args", {})["redis_url"] = self.redis_url
-        self.say(f"[1/5] redis       {self.redis_url}")
+        # The replicas' password travels in their app args, the controller's in its env.
+        url = self.redis_role_url("replica")
+        self.app.setdefault("args", {})["redis_url"] = url
+        self.say(f"[1/5] redis       {rs.describe(self.redis_url)}")
+
+    def _aclfile(self) -> str:
+        """The Redis users, one per role (services/common/redis_acl.py), in the log dir."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        return str(redis_acl.write_aclfile(self.log_dir / "redis-users.acl", self.redis_users))
+
+    def redis_role_url(self, role: str, with_password: bool = True) -> str:
+        """The URL a role reaches Redis with: our own Redis as that role's user; the
+        `--redis-url` given as it is."""
+        if not self.redis_users:
+            return self.redis_url
+        password = self.redis_users[role] if with_password else None
+        return rs.with_credentials(self.redis_url, role, password)
 
     def _start_ray(self) -> None:
         import ray
@@ -172,10 +192,13 @@ class Fleet:
             return
         admin = self.options.controller_admin
         cmd = [sys.executable, "-m", "services.cli", "controller", "run"]
-        cmd += ["--redis-url", self.redis_url, "--admin-listen", admin]
-        cmd += self.options.controller_args
+        cmd += ["--redis-url", self.redis_role_url("controller", with_password=False)]
+        cmd += ["--admin-listen", admin, *self.options.controller_args]
+        env = self._env()
+        if self.redis_users:  # in its env, not in its argv that every local user sees
+            env[rs.PASSWORD_ENV] = self.redis_users["controller"]
         self.controller = subprocess.Popen(
-            cmd, env=self._env(), stdout=self._log("controller"), stderr=subprocess.STDOUT
+            cmd, env=env, stdout=self._log("controller"), stderr=subprocess.STDOUT
         )
         port = int(admin.rsplit(":", 1)[1])
         log = self.log_dir / "controller.log"
