@@ -55,6 +55,10 @@ spec:
         {{- end }}
       env:
         {{- include "selfspec.commonEnv" $ctx | nindent 8 }}
+        {{- if not .isHead }}
+        {{- /* Engine replicas run on workers alone (the head has no GPU). */}}
+        {{- include "selfspec.redisEnv" (dict "ctx" $ctx "role" "replica") | nindent 8 }}
+        {{- end }}
         - name: SELFSPEC_CACHE_DIR
           value: /cache
         - name: RAY_USAGE_STATS_ENABLED
