@@ -106,11 +106,11 @@ def aclfile(passwords: dict[str, str]) -> str:
     return "\n".join(["user default reset off", *lines]) + "\n"
 
 
-def write_aclfile(path: Path, passwords: dict[str, str]) -> Path:
-    """Write `aclfile(passwords)` to `path`, readable by its owner alone."""
+def write_private(path: Path, text: str) -> Path:
+    """Write `text` to `path`, readable by its owner alone (from its creation on)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(aclfile(passwords))
+        f.write(text)
     return path
 
 

@@ -32,6 +32,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from services.engine.params import DraftConfig
@@ -43,6 +44,7 @@ KIND = "selfspec.draft-config"
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 URL_ENV = "SELFSPEC_REDIS_URL"
 PASSWORD_ENV = "SELFSPEC_REDIS_PASSWORD"
+PASSWORD_FILE_ENV = "SELFSPEC_REDIS_PASSWORD_FILE"
 
 LEASE = f"{PREFIX}:lease"
 VERSION = f"{PREFIX}:version"
@@ -70,13 +72,14 @@ def redis_url(url: str | None = None) -> str:
 
 def connect(url: str | None = None, timeout: float = 2.0):
     """A Redis client for `url`, as the user the URL names (`redis://replica@host:6379/0`;
-    none: `default`); `SELFSPEC_REDIS_PASSWORD` overrides the URL's password (the Helm
-    chart passes it that way). Timeouts are short: callers retry."""
+    none: `default`), with the password of `password()`. Timeouts are short: callers
+    retry."""
     import redis
 
     url = redis_url(url)
-    if os.environ.get(PASSWORD_ENV):
-        url = with_credentials(url, password=os.environ[PASSWORD_ENV])
+    override = password()
+    if override:
+        url = with_credentials(url, password=override)
     return redis.Redis.from_url(
         url,
         decode_responses=True,
@@ -85,6 +88,21 @@ def connect(url: str | None = None, timeout: float = 2.0):
         retry_on_timeout=False,
         **_no_client_setinfo(),
     )
+
+
+def password() -> str | None:
+    """The password that replaces the URL's, if any: the content of the file that
+    `SELFSPEC_REDIS_PASSWORD_FILE` names (what `selfspec serve` gives its replicas: Ray
+    logs their args and env), else `SELFSPEC_REDIS_PASSWORD` (the Helm chart's way)."""
+    path = os.environ.get(PASSWORD_FILE_ENV)
+    if path:
+        try:
+            return Path(path).read_text().strip()
+        except OSError as exc:
+            raise ValueError(
+                f"cannot read the Redis password ({PASSWORD_FILE_ENV}): {exc}"
+            ) from None
+    return os.environ.get(PASSWORD_ENV) or None
 
 
 def _no_client_setinfo() -> dict:
@@ -147,9 +165,9 @@ def refused_hint(exc: Exception, url: str | None = None) -> str:
             "with the rules that `python -m services.common.redis_acl` prints"
         )
     return (
-        f"Redis at {where} refused user {user!r} ({exc}): check its password ({PASSWORD_ENV} "
-        f"or the URL's), and that the user exists there (`python -m services.common.redis_acl` "
-        "prints the users to create)"
+        f"Redis at {where} refused user {user!r} ({exc}): check its password "
+        f"({PASSWORD_FILE_ENV}, {PASSWORD_ENV} or the URL's), and that the user exists "
+        "there (`python -m services.common.redis_acl` prints the users to create)"
     )
 
 

@@ -109,23 +109,32 @@ class Fleet:
             )
             wait_for_port(port, 10, self.redis, "redis-server")
             self.redis_url = f"redis://127.0.0.1:{port}/0"
-        # The replicas' password travels in their app args, the controller's in its env.
-        url = self.redis_role_url("replica")
-        self.app.setdefault("args", {})["redis_url"] = url
+        self.app.setdefault("args", {})["redis_url"] = self.redis_role_url("replica")
+        if self.redis_users:  # Ray logs the app's args and env: the password goes in a file
+            runtime_env = self.app.setdefault("runtime_env", {})
+            runtime_env.setdefault("env_vars", {}).update(self.redis_password_env("replica"))
         self.say(f"[1/5] redis       {rs.describe(self.redis_url)}")
 
     def _aclfile(self) -> str:
         """The Redis users, one per role (services/common/redis_acl.py), in the log dir."""
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        return str(redis_acl.write_aclfile(self.log_dir / "redis-users.acl", self.redis_users))
+        return self._private("redis-users.acl", redis_acl.aclfile(self.redis_users))
 
-    def redis_role_url(self, role: str, with_password: bool = True) -> str:
-        """The URL a role reaches Redis with: our own Redis as that role's user; the
-        `--redis-url` given as it is."""
+    def _private(self, name: str, text: str) -> str:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        return str(redis_acl.write_private(self.log_dir / name, text))
+
+    def redis_role_url(self, role: str) -> str:
+        """The URL a role reaches Redis with: our own Redis as that role's user, its
+        password aside (see `redis_password_env`); the `--redis-url` given as it is."""
+        return rs.with_credentials(self.redis_url, role) if self.redis_users else self.redis_url
+
+    def redis_password_env(self, role: str) -> dict[str, str]:
+        """The env that gives a role its password for our own Redis: a file's path, the
+        file readable by us alone; none for a `--redis-url`."""
         if not self.redis_users:
-            return self.redis_url
-        password = self.redis_users[role] if with_password else None
-        return rs.with_credentials(self.redis_url, role, password)
+            return {}
+        path = self._private(f"redis-{role}.password", self.redis_users[role])
+        return {rs.PASSWORD_FILE_ENV: path}
 
     def _start_ray(self) -> None:
         import ray
@@ -192,11 +201,9 @@ class Fleet:
             return
         admin = self.options.controller_admin
         cmd = [sys.executable, "-m", "services.cli", "controller", "run"]
-        cmd += ["--redis-url", self.redis_role_url("controller", with_password=False)]
+        cmd += ["--redis-url", self.redis_role_url("controller")]
         cmd += ["--admin-listen", admin, *self.options.controller_args]
-        env = self._env()
-        if self.redis_users:  # in its env, not in its argv that every local user sees
-            env[rs.PASSWORD_ENV] = self.redis_users["controller"]
+        env = {**self._env(), **self.redis_password_env("controller")}
         self.controller = subprocess.Popen(
             cmd, env=env, stdout=self._log("controller"), stderr=subprocess.STDOUT
         )

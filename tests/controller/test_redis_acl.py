@@ -8,6 +8,7 @@ serve` does (an aclfile); the test's own client stays the `default` user, to obs
 from __future__ import annotations
 
 import logging
+import os
 import stat
 from string import Template
 
@@ -184,25 +185,46 @@ def test_fleet_link_with_a_wrong_password_says_so_once(engine, users, caplog):
 # -- `selfspec serve`'s own Redis ---------------------------------------------------------
 
 
-def test_local_fleet_starts_redis_with_the_role_users(tmp_path):
+def test_local_fleet_starts_redis_with_the_role_users(tmp_path, monkeypatch):
     """The Redis that `selfspec serve` starts: the same users from an aclfile only its
-    owner reads (passwords hashed), replicas and controller each with their own, the
-    `default` user off, so the gateway, which gets no credential, gets nothing."""
+    owner reads (passwords hashed), replicas and controller each with their own password
+    in a file only its owner reads, never in what Ray logs (the app's args and runtime
+    env), and the `default` user off, so the gateway, which gets no credential, gets
+    nothing."""
     fleet = Fleet(FleetOptions(log_dir=tmp_path), say=lambda _: None)
     fleet._start_redis()
     try:
+        passwords = fleet.redis_users
         aclfile = tmp_path / "redis-users.acl"
         assert stat.S_IMODE(aclfile.stat().st_mode) == 0o600
-        assert not any(pw in aclfile.read_text() for pw in fleet.redis_users.values())
-        replica_url = fleet.app["args"]["redis_url"]  # what the replicas get
+        assert not any(pw in aclfile.read_text() for pw in passwords.values())
+        logged = repr(fleet.app)  # Serve logs the args, Ray the runtime env
+        assert not any(pw in logged for pw in passwords.values())
+        replica_url = fleet.app["args"]["redis_url"]
+        replica_env = fleet.app["runtime_env"]["env_vars"]
         assert rs.user_of(replica_url) == "replica"
-        as_replica = rs.connect(replica_url)
-        assert as_replica.xadd(rs.TELEMETRY, telemetry_fields())
-        with pytest.raises(redis.exceptions.NoPermissionError):
-            as_replica.set(rs.model_key(MODEL, "current"), record().to_json())
-        as_controller = rs.connect(fleet.redis_role_url("controller"))
-        assert as_controller.set(rs.model_key(MODEL, "current"), record().to_json())
+        assert stat.S_IMODE(os.stat(replica_env[rs.PASSWORD_FILE_ENV]).st_mode) == 0o600
+        monkeypatch.setenv(rs.PASSWORD_ENV, "a stale one from the shell")  # the file wins
+        with monkeypatch.context() as env:
+            for name, value in replica_env.items():
+                env.setenv(name, value)
+            as_replica = rs.connect(replica_url)
+            assert as_replica.xadd(rs.TELEMETRY, telemetry_fields())
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                as_replica.set(rs.model_key(MODEL, "current"), record().to_json())
+        with monkeypatch.context() as env:
+            for name, value in fleet.redis_password_env("controller").items():
+                env.setenv(name, value)
+            as_controller = rs.connect(fleet.redis_role_url("controller"))
+            assert as_controller.set(rs.model_key(MODEL, "current"), record().to_json())
+        monkeypatch.delenv(rs.PASSWORD_ENV)
         with pytest.raises(redis.AuthenticationError):
             rs.connect(fleet.redis_url).get(rs.model_key(MODEL, "current"))
     finally:
         fleet.stop()
+
+
+def test_a_password_file_that_cannot_be_read_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv(rs.PASSWORD_FILE_ENV, str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match=rs.PASSWORD_FILE_ENV):
+        rs.connect("redis://replica@127.0.0.1:1/0")
