@@ -19,6 +19,7 @@ from chart_helpers import (
     CHART,
     CUSTOM_KINDS,
     DOCKERFILE,
+    NAMESPACE,
     RELEASE,
     REPO,
     arg,
@@ -50,7 +51,9 @@ def gpu_group(name: str, replicas: int = 1, lo: int = 1, hi: int = 4, gpus: int 
 OTEL = "http://otel-collector.observability:4317"
 METRICS_PORT = 9466  # engine.metrics.port's default
 PROMETHEUS = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
-OPS = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ops"}}}
+# The label the API server gives every namespace: its name, which no one else can set.
+NAMESPACE_NAME = "kubernetes.io/metadata.name"
+OPS = {"namespaceSelector": {"matchLabels": {NAMESPACE_NAME: "ops"}}}
 RAY_JOBS = {"podSelector": {"matchLabels": {"app": "ray-jobs-submitter"}}}
 # networkPolicy.kuberayOperatorFrom's default: the operator's pods, in its namespace by name.
 KUBERAY_OPERATOR = {
@@ -636,9 +639,7 @@ def _selects_gateway(docs, peer: dict[str, Any]) -> bool:
     or the release's namespace by name without a podSelector that leaves them out."""
     labels = _labels_of(docs, "gateway")
     namespace = peer.get("namespaceSelector")
-    in_namespace = namespace is None or selects(
-        namespace, {"kubernetes.io/metadata.name": "serving"}
-    )
+    in_namespace = namespace is None or selects(namespace, {NAMESPACE_NAME: NAMESPACE})
     pods = peer.get("podSelector")
     return in_namespace and "ipBlock" not in peer and (pods is None or selects(pods, labels))
 
@@ -1031,7 +1032,7 @@ def _family(series: str, defined: set[str]) -> str | None:
 # --- Bad values fail at render time, saying why --------------------------------------------
 
 GATEWAY = {"app.kubernetes.io/component": "gateway"}
-SERVING = {"kubernetes.io/metadata.name": "serving"}  # the release's namespace
+SERVING = {NAMESPACE_NAME: NAMESPACE}  # the release's namespace, by name
 
 BAD_VALUES = [
     pytest.param(
