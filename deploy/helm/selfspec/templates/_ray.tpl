@@ -54,7 +54,10 @@ spec:
         - {name: {{ include "selfspec.replicaMetricsPortName" $i }}, containerPort: {{ add $engine.metrics.port $i }}}
         {{- end }}
       env:
+        {{- include "selfspec.redisEnv" $ctx | nindent 8 }}
         {{- include "selfspec.commonEnv" $ctx | nindent 8 }}
+        {{- /* Serve's replicas accept only calls that carry it (the gateway's). */}}
+        {{- include "selfspec.internalTokenEnv" $ctx | nindent 8 }}
         - name: SELFSPEC_CACHE_DIR
           value: /cache
         - name: RAY_USAGE_STATS_ENABLED
@@ -83,7 +86,9 @@ spec:
         - {name: tmp, mountPath: /tmp}
         - {name: dshm, mountPath: /dev/shm}
         - {name: model-cache, mountPath: /cache}
+        {{- include "selfspec.internalTokenMount" $ctx | nindent 8 }}
   volumes:
+    {{- include "selfspec.internalTokenVolume" $ctx | nindent 4 }}
     - name: tmp
       emptyDir: {}
     # The default 64 MiB /dev/shm is far too small for Ray's object store.
