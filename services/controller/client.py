@@ -70,8 +70,9 @@ def _explain(exc: grpc.RpcError, args, token: str | None) -> str:
             else "if it serves TLS, pass --tls-ca"
         )
         return (
-            f"no controller answers at {args.admin} ({exc.details()}): start one "
-            f"(`selfspec controller run`) or pass --admin HOST:PORT; {tls}"
+            f"cannot reach a controller at {args.admin} ({exc.details()}): if none "
+            f"runs there, start one (`selfspec controller run`) or pass --admin HOST:PORT; "
+            f"{tls}"
         )
     if code == grpc.StatusCode.UNAUTHENTICATED and not token:
         return f"the admin API needs a token: pass --token-file or set {TOKEN_ENV[0]}"
