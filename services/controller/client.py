@@ -1,33 +1,86 @@
 """The operator's side of `selfspec controller`: status, history, pin, unpin, rollback,
-over the admin gRPC service of any running controller."""
+over the admin gRPC service of any running controller, with its token (and TLS when
+--tls-ca is given)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
 
 import grpc
 
+from services.common.tokens import TokenSource
+from services.controller.access import TOKEN_ENV
 from services.gen.selfspec.v1 import controller_pb2 as pb
 from services.gen.selfspec.v1 import controller_pb2_grpc as pb_grpc
 
 
 def main(args) -> int:
-    with grpc.insecure_channel(args.admin) as channel:
-        stub = pb_grpc.ControllerAdminStub(channel)
+    try:
+        token = _token(args.token_file)
+        channel = _channel(args.admin, args.tls_ca, args.tls_server_name)
+    except (OSError, ValueError) as exc:
+        print(f"selfspec controller: {exc}", file=sys.stderr)
+        return 2
+    with channel:
+        stub = _Authorized(pb_grpc.ControllerAdminStub(channel), token)
         try:
             return COMMANDS[args.command](stub, args)
         except grpc.RpcError as exc:
-            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                print(
-                    f"selfspec controller: no controller answers at {args.admin}: start one "
-                    "(`selfspec controller run`) or pass --admin HOST:PORT",
-                    file=sys.stderr,
-                )
-            else:
-                print(f"selfspec controller: {exc.details()}", file=sys.stderr)
+            print(f"selfspec controller: {_explain(exc, args, token)}", file=sys.stderr)
             return 1
+
+
+def _token(path: str | None) -> str | None:
+    """`--token-file`, else the file in SELFSPEC_ADMIN_TOKEN_FILE, else the value of
+    SELFSPEC_ADMIN_TOKEN; None when none is set."""
+    source = TokenSource.from_env(path, file_env=TOKEN_ENV[0], value_env=TOKEN_ENV[1])
+    return source.current() if source is not None else None
+
+
+def _channel(address: str, tls_ca: str | None, server_name: str | None) -> grpc.Channel:
+    if not tls_ca:
+        return grpc.insecure_channel(address)
+    with open(tls_ca, "rb") as f:
+        credentials = grpc.ssl_channel_credentials(f.read())
+    options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+    return grpc.secure_channel(address, credentials, options=options)
+
+
+class _Authorized:
+    """The admin stub, with `authorization: Bearer <token>` on every call."""
+
+    def __init__(self, stub: pb_grpc.ControllerAdminStub, token: str | None) -> None:
+        self._stub = stub
+        self._metadata = [("authorization", f"Bearer {token}")] if token else []
+
+    def __getattr__(self, name: str):
+        return functools.partial(getattr(self._stub, name), metadata=self._metadata)
+
+
+def _explain(exc: grpc.RpcError, args, token: str | None) -> str:
+    """What went wrong, and what to do about it."""
+    code = exc.code()
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        tls = (
+            "check that --tls-ca is the CA that signed its certificate"
+            if args.tls_ca
+            else "if it serves TLS, pass --tls-ca"
+        )
+        return (
+            f"cannot reach a controller at {args.admin} ({exc.details()}): if none "
+            f"runs there, start one (`selfspec controller run`) or pass --admin HOST:PORT; "
+            f"{tls}"
+        )
+    if code == grpc.StatusCode.UNAUTHENTICATED and not token:
+        return f"the admin API needs a token: pass --token-file or set {TOKEN_ENV[0]}"
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return f"the controller refused this token ({exc.details()})"
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return "this token may only read; pin/unpin/rollback need the operator token"
+    return exc.details()
 
 
 def status_dict(status: pb.ControllerStatus) -> dict:

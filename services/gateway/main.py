@@ -11,7 +11,7 @@ import sys
 
 from prometheus_client import REGISTRY
 
-from services.common import metrics_push, telemetry
+from services.common import internal_auth, metrics_push, telemetry
 from services.gateway import metrics
 from services.gateway.auth import TokenSource
 from services.gateway.server import (
@@ -22,6 +22,8 @@ from services.gateway.server import (
     Limits,
     Upstream,
 )
+
+log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,8 +40,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="require this bearer token (file re-read on change; "
         "else env SELFSPEC_TOKEN_FILE or SELFSPEC_TOKEN; none: no authentication)",
     )
-    p.add_argument("--tls-cert", help="PEM certificate chain: serve TLS (needs --tls-key)")
+    p.add_argument(
+        "--tls-cert",
+        help="PEM certificate chain: serve TLS (needs --tls-key); both files are re-read "
+        "when they change, for new connections",
+    )
     p.add_argument("--tls-key", help="PEM private key for --tls-cert")
+    p.add_argument(
+        "--allow-insecure-token",
+        action="store_true",
+        help="take the bearer token without TLS on a non-loopback --listen (refused "
+        "otherwise: only where the network encrypts the traffic itself)",
+    )
+    p.add_argument(
+        "--internal-token-file",
+        help="the fleet's internal credential, sent on every call to Serve (file re-read on "
+        f"change; else env {internal_auth.ENV_FILE} or {internal_auth.ENV_VALUE})",
+    )
+    p.add_argument(
+        "--upstream-tls-ca",
+        help="speak TLS to --upstream and verify its certificate by these PEM CA certificates",
+    )
+    p.add_argument(
+        "--upstream-tls-server-name",
+        help="the name --upstream's certificate must carry, when not its host's",
+    )
     p.add_argument(
         "--health-listen", help="also serve grpc.health.v1 alone, in plaintext, for probes"
     )
@@ -78,13 +103,14 @@ def main(argv: list[str]) -> int:
     try:
         config = GatewayConfig(
             listen=args.listen,
-            upstream=Upstream(args.upstream, args.app),
+            upstream=_upstream(args),
             tokens=TokenSource.from_env(args.token_file),
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             health_listen=args.health_listen,
             drain_seconds=args.drain_seconds,
             limits=Limits(args.max_in_flight, args.retry_after_ms),
+            allow_insecure_token=args.allow_insecure_token,
         )
         telemetry.setup_tracing("selfspec-gateway")  # no-op unless an exporter is configured
         if args.metrics_port:
@@ -100,6 +126,26 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def _upstream(args: argparse.Namespace) -> Upstream:
+    credential = internal_auth.from_env(args.internal_token_file)
+    if credential is None:
+        log.warning(
+            "no internal credential (--internal-token-file, %s or %s): calls to Serve carry "
+            "none, and replicas that require one refuse them",
+            internal_auth.ENV_FILE,
+            internal_auth.ENV_VALUE,
+        )
+    if args.upstream_tls_server_name and not args.upstream_tls_ca:
+        raise ValueError("--upstream-tls-server-name needs --upstream-tls-ca")
+    return Upstream(
+        args.upstream,
+        args.app,
+        credential=credential,
+        tls_ca=args.upstream_tls_ca,
+        server_name=args.upstream_tls_server_name,
+    )
+
+
 async def _run(config: GatewayConfig) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -108,9 +154,10 @@ async def _run(config: GatewayConfig) -> None:
     server = GatewayServer(config)
     await server.start()
     scheme = "grpcs" if config.tls_cert else "grpc"
+    upstream = "grpcs" if config.upstream.tls_ca else "grpc"
     print(
-        f"gateway listening on {scheme}://{config.listen} (port {server.port}), "
-        f"forwarding to {config.upstream.address}, at most {config.limits.max_in_flight} "
+        f"gateway listening on {scheme}://{config.listen} (port {server.port}), forwarding "
+        f"to {upstream}://{config.upstream.address}, at most {config.limits.max_in_flight} "
         "calls in flight",
         flush=True,
     )

@@ -19,13 +19,25 @@ and as gRPC's own `grpc-retry-pushback-ms` (which a client's gRPC retry policy o
 When tracing is on (`services.common.telemetry`) each generation call gets a `gen_ai.*`
 span, continuing a `traceparent` the client sent, and passes its own `traceparent`
 upstream in the gRPC metadata.
+
+Trust: every call upstream carries the fleet's internal credential
+(`services.common.internal_auth`), without which Serve's replicas refuse it, over TLS when
+`Upstream.tls_ca` is set. A call belongs to its caller: only the credential that started a
+stream (its bearer token, or without one its connection) can abort it; another caller's
+Abort finds nothing. A bearer token is not served in plaintext on a non-loopback address
+unless `allow_insecure_token` says so; the server certificate is re-read when its files
+change (`tls`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
+import ipaddress
 import logging
+import os
 import random
 import time
 import uuid
@@ -37,8 +49,8 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common import api, telemetry
-from services.gateway import metrics
+from services.common import api, internal_auth, telemetry
+from services.gateway import metrics, tls
 from services.gateway.auth import AuthInterceptor, TokenSource
 from services.gen.selfspec.v1 import generation_pb2 as pb
 from services.gen.selfspec.v1 import generation_pb2_grpc as pb_grpc
@@ -80,10 +92,23 @@ PASS_THROUGH = {
 
 @dataclass
 class Upstream:
-    """Where Serve's gRPC proxy listens, and the application to call there."""
+    """Where Serve's gRPC proxy listens, the application to call there, and how to reach
+    it: the internal credential to send, and TLS when a CA to verify it by is given."""
 
     address: str = "127.0.0.1:9000"
     app: str = "selfspec"
+    credential: TokenSource | None = None  # the fleet's internal credential
+    tls_ca: str | None = None  # PEM CA certificates: speak TLS, and verify the proxy by them
+    server_name: str | None = None  # the name its certificate must carry, if not the host's
+
+    def channel(self) -> grpc.aio.Channel:
+        if not self.tls_ca:
+            return grpc.aio.insecure_channel(self.address, options=UPSTREAM_OPTIONS)
+        options = list(UPSTREAM_OPTIONS)
+        if self.server_name:
+            options.append(("grpc.ssl_target_name_override", self.server_name))
+        credentials = tls.channel_credentials(self.tls_ca)
+        return grpc.aio.secure_channel(self.address, credentials, options=options)
 
 
 @dataclass
@@ -107,6 +132,7 @@ class Limits:
 class _Call:
     """A stream in flight, so that `Abort` can find and end it."""
 
+    owner: str = ""  # who may abort it (`Gateway.owner_of`)
     upstream: grpc.aio.Call | None = None
     aborted: bool = False
     usage: pb.Usage = field(default_factory=pb.Usage)
@@ -136,8 +162,10 @@ class Gateway:
     def __init__(self, upstream: Upstream, limits: Limits | None = None) -> None:
         self.upstream = upstream
         self.limits = limits or Limits()
-        self.channel = grpc.aio.insecure_channel(upstream.address, options=UPSTREAM_OPTIONS)
+        self.channel = upstream.channel()
         self.stub = pb_grpc.GenerationStub(self.channel)
+        self._owner_key = os.urandom(32)  # owners are keyed digests: no token can be guessed
+        self._why = ""  # why the last probe found no replica
         self.calls: dict[str, _Call] = {}
         self.draining = False
         self.ready = False  # an engine replica answered lately; see `watch_replicas`
@@ -174,7 +202,8 @@ class Gateway:
     async def Abort(self, request, context) -> pb.AbortResponse:
         await self._check_open(request, context)
         call = self.calls.get(request.request_id)
-        if call is None:
+        # Another caller's request is as good as none: ids cannot be probed, nor aborted.
+        if call is None or not hmac.compare_digest(call.owner, self.owner_of(context)):
             return pb.AbortResponse(found=False)
         call.aborted = True
         if call.upstream is not None:
@@ -182,6 +211,13 @@ class Gateway:
         return pb.AbortResponse(found=True)
 
     # -----------------------------------------------------------------------------------
+
+    def owner_of(self, context) -> str:
+        """Who the caller is, for Abort: a digest of its bearer credential, or, when it sent
+        none, of its connection. Callers that share a token share their requests."""
+        who = dict(context.invocation_metadata() or ()).get("authorization")
+        who = f"token {who}" if who else f"peer {context.peer()}"
+        return hmac.new(self._owner_key, who.encode(), hashlib.sha256).hexdigest()
 
     async def _check_open(self, request, context) -> None:
         if isinstance(request, _Malformed):
@@ -234,8 +270,11 @@ class Gateway:
         self,
         request: pb.GenerateRequest | None = None,
         span: telemetry.GenerationSpan | None = None,
+        owner: str = "",
     ) -> list[tuple[str, str]]:
-        md = [("application", self.upstream.app)]
+        md = [("application", self.upstream.app), *internal_auth.metadata(self.upstream.credential)]
+        if owner:
+            md.append((internal_auth.OWNER_KEY, owner))
         if request is not None:
             md.append(("request_id", request.request_id))
             if request.session_id:
@@ -252,14 +291,15 @@ class Gateway:
         return telemetry.GenerationSpan(__name__, request, self.upstream.app, parent=parent)
 
     async def _forward(self, request: pb.GenerateRequest, context) -> AsyncIterator:
-        call = self.calls[request.request_id] = _Call(span=self._trace(request, context))
+        call = _Call(owner=self.owner_of(context), span=self._trace(request, context))
+        self.calls[request.request_id] = call
         clock, last = metrics.RequestClock(), None
         try:
             for attempt in range(RETRIES + 1):
                 sent = False
                 call.upstream = self.stub.Generate(
                     request,
-                    metadata=self._metadata(request, call.span),
+                    metadata=self._metadata(request, call.span, call.owner),
                     timeout=context.time_remaining(),
                 )
                 try:
@@ -312,6 +352,15 @@ class Gateway:
             )
             return True
         except grpc.aio.AioRpcError as err:
+            self._why = f"{err.code().name}: {err.details()}"
+            if err.code() == grpc.StatusCode.UNAUTHENTICATED:
+                log.error(
+                    "Serve's replicas refuse this gateway's internal credential (%s): give the "
+                    "gateway the fleet's, in %s or %s",
+                    err.details(),
+                    internal_auth.ENV_FILE,
+                    internal_auth.ENV_VALUE,
+                )
             return err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED or self._answered >= started
 
     async def watch_replicas(self, on_change) -> None:
@@ -323,7 +372,8 @@ class Gateway:
             ready = misses == 0 or (self.ready and misses < PROBE_MISSES)
             if ready != self.ready:
                 self.ready = ready
-                log.warning("engine replicas %s", "ready" if ready else "not ready: none answers")
+                state = "ready" if ready else f"not ready: none answers ({self._why})"
+                log.warning("engine replicas %s", state)
                 await on_change(ready)
             await asyncio.sleep(PROBE_PERIOD_S)
 
@@ -390,11 +440,37 @@ class GatewayConfig:
     listen: str = "127.0.0.1:50051"
     upstream: Upstream = field(default_factory=Upstream)
     tokens: TokenSource | None = None
-    tls_cert: str | None = None
+    tls_cert: str | None = None  # re-read, with the key, when either file changes
     tls_key: str | None = None
     health_listen: str | None = None  # a plaintext port with only the health service
     drain_seconds: float = 20.0
     limits: Limits = field(default_factory=Limits)
+    # True: serve a bearer token in plaintext beyond loopback (the network encrypts it).
+    allow_insecure_token: bool = False
+
+    def __post_init__(self) -> None:
+        if self.tokens is None or self.tls_cert or self.allow_insecure_token:
+            return
+        if not is_loopback(self.listen):
+            raise ValueError(
+                f"refusing to take a bearer token in plaintext on {self.listen}: anyone on "
+                "the path could read it and replay it. Serve TLS (--tls-cert and --tls-key), "
+                "listen on loopback behind a TLS-terminating proxy, or, where the network "
+                "encrypts the traffic itself (a service mesh with mTLS), pass "
+                "--allow-insecure-token"
+            )
+
+
+def is_loopback(listen: str) -> bool:
+    """Whether host:port listens on loopback only (an empty host or 0.0.0.0 is every
+    interface; a host name other than localhost may resolve anywhere)."""
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class GatewayServer:
@@ -423,9 +499,8 @@ class GatewayServer:
         if self.config.tls_cert or self.config.tls_key:
             if not (self.config.tls_cert and self.config.tls_key):
                 raise ValueError("TLS needs both a certificate and a key file")
-            with open(self.config.tls_key, "rb") as k, open(self.config.tls_cert, "rb") as c:
-                credentials = grpc.ssl_server_credentials([(k.read(), c.read())])
-            port = server.add_secure_port(address, credentials)
+            certificate = tls.ReloadingCertificate(self.config.tls_cert, self.config.tls_key)
+            port = server.add_secure_port(address, certificate.credentials())
         else:
             port = server.add_insecure_port(address)
         if port == 0:

@@ -6,6 +6,13 @@ routes each call with `SessionAffinityRouter` straight to a replica, one hop, wi
 streaming end to end. A call that goes away (client gone, deadline passed) is
 cancelled on the replica, which aborts the request and frees its KV blocks.
 
+Only gateways may call: Serve's proxy answers whoever reaches its port, so each replica
+refuses, with UNAUTHENTICATED, a call without the fleet's internal credential
+(`services.common.internal_auth`). A replica started without one accepts every call and
+says so at start, for development. An Abort ends only a request of the same owner (the
+gateway's digest of the caller), and answers found=false for any other, so that request
+ids cannot be probed.
+
 Observability: each request gets a `gen_ai.*` span (see `services.common.telemetry`), a
 child of Serve's replica span when Serve traces, else of the gateway's `traceparent`.
 With the app arg `metrics_port` each replica serves Prometheus /metrics
@@ -27,17 +34,18 @@ is sized from them so that it does not refuse what Serve admitted.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass, fields, replace
 
 import grpc
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from services.common import api, metrics_push, telemetry
+from services.common import api, internal_auth, metrics_push, telemetry
 from services.gen.selfspec.v1 import generation_pb2 as pb
 from services.serve.metrics import ReplicaMetrics
 
@@ -130,6 +138,8 @@ class EngineServer:
         from services.engine import Engine
 
         telemetry.setup_tracing("selfspec-engine")  # no-op unless an exporter is configured
+        self.internal = _internal_credential()
+        self.owners: dict[str, str] = {}  # request id -> its owner, while it runs
         self.settings = EngineSettings.from_args(settings)
         if self.settings.threads:
             torch.set_num_threads(self.settings.threads)
@@ -210,6 +220,7 @@ class EngineServer:
         self, request: pb.GenerateRequest, grpc_context=None
     ) -> AsyncIterator[pb.GenerateResponse]:
         try:
+            self._check_caller(grpc_context)
             async for response in self._generate(request, grpc_context):
                 yield response
         except _Refused as refused:
@@ -220,6 +231,7 @@ class EngineServer:
     ) -> pb.GenerateResponse:
         whole = pb.GenerateResponse()
         try:
+            self._check_caller(grpc_context)
             async for response in self._generate(request, grpc_context):
                 whole.text += response.text
                 whole.token_ids.extend(response.token_ids)
@@ -233,6 +245,7 @@ class EngineServer:
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, grpc_context=None
     ) -> pb.ModelInfo:
+        self._checked(grpc_context)
         model = self.engine.model
         info = pb.ModelInfo(
             model=self.settings.model,
@@ -248,7 +261,27 @@ class EngineServer:
         return info
 
     async def Abort(self, request: pb.AbortRequest, grpc_context=None) -> pb.AbortResponse:
+        self._checked(grpc_context)
+        owner = self.owners.get(request.request_id)
+        if owner is None or owner != _owner(grpc_context):
+            return pb.AbortResponse(found=False)  # another's request looks like none at all
         return pb.AbortResponse(found=self.engine.abort(request.request_id))
+
+    def _check_caller(self, grpc_context) -> None:
+        """Raise _Refused for a call through Serve's proxy without the internal credential.
+        A call with no gRPC context came through a deployment handle, from inside the Ray
+        cluster, which Ray's own authentication guards."""
+        if self.internal is None or grpc_context is None:
+            return
+        if not internal_auth.accepts(self.internal, grpc_context.invocation_metadata()):
+            raise _Refused(grpc.StatusCode.UNAUTHENTICATED, NOT_FROM_A_GATEWAY)
+
+    def _checked(self, grpc_context) -> None:
+        """`_check_caller`, ending the call with the refusal's status."""
+        try:
+            self._check_caller(grpc_context)
+        except _Refused as refused:
+            _refuse(grpc_context, refused)
 
     # -- for tests, benchmarks and operators ---------------------------------------------
 
@@ -289,7 +322,7 @@ class EngineServer:
         span = self._trace(request, grpc_context)
         last, error = None, None
         try:
-            async for response in self._run(request):
+            async for response in self._run(request, _owner(grpc_context)):
                 last = response
                 if span is not None:
                     span.saw(response)
@@ -333,47 +366,87 @@ class EngineServer:
             return str(request.draft["mode"])
         return self.engine.default_draft.mode
 
-    async def _run(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
+    async def _run(
+        self, request: pb.GenerateRequest, owner: str
+    ) -> AsyncIterator[pb.GenerateResponse]:
         from services.engine.scheduler import QueueFull
 
         request_id = request.request_id or f"{self.replica_id}-{id(request):x}"
-        try:
-            stream = self.engine.submit(
-                api.prompt(request),
-                api.sampling_params(request),
-                api.draft_override(request),
-                request_id=request_id,
-                session_id=request.session_id or None,
-            )
-            # The first step of the stream queues the request: refusals surface here.
-            delta = await anext(stream)
-            self.metrics.queue_time.observe(delta.stats.get("queue_seconds", 0.0))
-        except ValueError as exc:
-            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-        except QueueFull as exc:
-            raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
-        completion = 0
-        try:
-            while True:
-                completion += len(delta.token_ids)
-                if delta.finish_reason == "error":  # this request alone failed
-                    raise _Refused(grpc.StatusCode.INTERNAL, f"the engine failed: {delta.error}")
-                yield pb.GenerateResponse(
+        with self._owned(request_id, owner):
+            try:
+                stream = self.engine.submit(
+                    api.prompt(request),
+                    api.sampling_params(request),
+                    api.draft_override(request),
                     request_id=request_id,
-                    text=delta.text,
-                    token_ids=delta.token_ids,
-                    finish_reason=api.FINISH_REASONS.get(delta.finish_reason, 0),
-                    usage=api.usage(delta.stats, completion),
-                    replica_id=self.replica_id,
+                    session_id=request.session_id or None,
                 )
-                if delta.finish_reason is not None:
-                    return
+                # The first step of the stream queues the request: refusals surface here.
                 delta = await anext(stream)
+                self.metrics.queue_time.observe(delta.stats.get("queue_seconds", 0.0))
+            except ValueError as exc:
+                raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            except QueueFull as exc:
+                raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+            completion = 0
+            try:
+                while True:
+                    completion += len(delta.token_ids)
+                    if delta.finish_reason == "error":  # this request alone failed
+                        message = f"the engine failed: {delta.error}"
+                        raise _Refused(grpc.StatusCode.INTERNAL, message)
+                    yield pb.GenerateResponse(
+                        request_id=request_id,
+                        text=delta.text,
+                        token_ids=delta.token_ids,
+                        finish_reason=api.FINISH_REASONS.get(delta.finish_reason, 0),
+                        usage=api.usage(delta.stats, completion),
+                        replica_id=self.replica_id,
+                    )
+                    if delta.finish_reason is not None:
+                        return
+                    delta = await anext(stream)
+            finally:
+                await stream.aclose()  # a request left unfinished is aborted on the engine
+
+    @contextlib.contextmanager
+    def _owned(self, request_id: str, owner: str) -> Iterator[None]:
+        """Keep the request's owner while it runs, for `Abort`."""
+        self.owners[request_id] = owner
+        try:
+            yield
         finally:
-            await stream.aclose()  # a request left unfinished is aborted on the engine
+            if self.owners.get(request_id) == owner:  # not a later request of the same id
+                del self.owners[request_id]
 
 
 _GONE = (grpc.StatusCode.CANCELLED, "the call ended before the reply did")
+NOT_FROM_A_GATEWAY = (
+    "this engine replica answers only the fleet's gateways: call the gateway, or send the "
+    f"fleet's internal credential in the metadata key {internal_auth.METADATA_KEY!r}"
+)
+
+
+def _internal_credential():
+    """The credential every call must carry, from the environment; None (with a warning
+    that says what it means) when none is configured."""
+    source = internal_auth.from_env()
+    if source is None:
+        log.warning(
+            "no internal credential (%s or %s): this replica answers ANY caller that reaches "
+            "Serve's gRPC proxy, not only the gateway. Fine for development; `selfspec serve` "
+            "and the Helm chart always set one",
+            internal_auth.ENV_FILE,
+            internal_auth.ENV_VALUE,
+        )
+    return source
+
+
+def _owner(grpc_context) -> str:
+    """Who the gateway says owns the call; empty for a call that names no owner."""
+    if grpc_context is None:
+        return ""
+    return dict(grpc_context.invocation_metadata()).get(internal_auth.OWNER_KEY, "")
 
 
 class _Refused(Exception):

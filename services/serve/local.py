@@ -5,6 +5,11 @@ one), a local Ray cluster, the Serve application from a Serve config file, the
 gateway, and the controller. Prints where each listens, shows progress while the
 engines load, and on Ctrl-C (or SIGTERM) stops everything in reverse order, the
 gateway draining first.
+
+Only the gateway's port is for clients. Serve's gRPC proxy listens on every interface
+(Ray 2.60 binds it so, whatever the config says), so each fleet gets a new random
+internal credential, written 0600 to its log folder and handed to the replicas and the
+gateway only: the proxy's port refuses calls without it (`services.common.internal_auth`).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from services.common import redis_acl
+from services.common import internal_auth, redis_acl
 from services.common import redis_schema as rs
 
 DEFAULT_CONFIG = Path(__file__).with_name("fleet.yaml")
@@ -78,6 +83,7 @@ class Fleet:
         self.controller: subprocess.Popen | None = None
         self.log_dir = options.log_dir or Path(tempfile.mkdtemp(prefix="selfspec-fleet-"))
         self.upstream = f"127.0.0.1:{self.config['grpc_options']['port']}"
+        self.internal_token_file = self.log_dir / "internal-token"  # written at start
 
     def start(self, timeout_s: float = 600.0) -> Fleet:
         try:
@@ -141,6 +147,11 @@ class Fleet:
 
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         cpus = self.options.num_cpus or os.cpu_count() or 1
+        # A new secret per fleet; the replicas get its path, never its value, so that it
+        # shows nowhere in Ray's job metadata.
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        internal_auth.write_new(self.internal_token_file)
+        env = {**self.options.env, internal_auth.ENV_FILE: str(self.internal_token_file)}
         for attempt in range(1, RAY_START_TRIES + 1):
             try:
                 ray.init(
@@ -148,7 +159,7 @@ class Fleet:
                     include_dashboard=False,
                     namespace="serve",
                     log_to_driver=False,
-                    runtime_env={"env_vars": dict(self.options.env)} if self.options.env else None,
+                    runtime_env={"env_vars": env},
                 )
                 break
             # Ray gives a node 30 s to register and then raises a bare Exception; on a busy
@@ -183,8 +194,9 @@ class Fleet:
     def _start_gateway(self) -> None:
         cmd = [sys.executable, "-m", "services.cli", "gateway", "--listen", self.options.listen]
         cmd += ["--upstream", self.upstream, "--app", self.app["name"], *self.options.gateway_args]
+        env = {**self._env(), internal_auth.ENV_FILE: str(self.internal_token_file)}
         self.gateway = subprocess.Popen(
-            cmd, env=self._env(), stdout=self._log("gateway"), stderr=subprocess.STDOUT
+            cmd, env=env, stdout=self._log("gateway"), stderr=subprocess.STDOUT
         )
         port = int(self.options.listen.rsplit(":", 1)[1])
         wait_for_port(port, 30, self.gateway, "the gateway", self.log_dir / "gateway.log")
@@ -348,6 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
         "with RESOURCE_EXHAUSTED (default 1024)",
     )
     p.add_argument("--listen", default="127.0.0.1:50051", help="the gateway's address")
+    p.add_argument(
+        "--allow-insecure-token",
+        action="store_true",
+        help="let the gateway take SELFSPEC_TOKEN without TLS on a non-loopback --listen",
+    )
     p.add_argument("--redis-url", help="use this Redis instead of starting one")
     p.add_argument("--num-cpus", type=int, help="CPUs for the local Ray cluster")
     p.add_argument("--no-controller", action="store_true", help="do not start the controller")
@@ -371,7 +388,7 @@ def options_from(args: argparse.Namespace) -> FleetOptions:
             if d["name"] == "Engine":
                 d.pop("autoscaling_config", None)
                 d["num_replicas"] = args.replicas
-    gateway_args = []
+    gateway_args = ["--allow-insecure-token"] if args.allow_insecure_token else []
     if args.gateway_max_in_flight is not None:
         _at_least_one("--gateway-max-in-flight", args.gateway_max_in_flight)
         gateway_args += ["--max-in-flight", str(args.gateway_max_in_flight)]

@@ -151,3 +151,57 @@ def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
     """Whether a label selector's matchLabels pick out a pod with `labels`."""
     assert not selector.get("matchExpressions"), "only matchLabels are used in this chart"
     return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def secret_refs(spec: dict[str, Any]) -> set[str]:
+    """Names of the Secrets a pod spec uses: in volumes (projected ones too), env and envFrom."""
+    names = set()
+    for volume in spec.get("volumes", []):
+        if "secret" in volume:
+            names.add(volume["secret"]["secretName"])
+        for source in volume.get("projected", {}).get("sources", []):
+            if "secret" in source:
+                names.add(source["secret"]["name"])
+    for c in spec.get("initContainers", []) + spec["containers"]:
+        for e in c.get("env", []):
+            ref = e.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                names.add(ref["name"])
+        for source in c.get("envFrom", []):
+            if "secretRef" in source:
+                names.add(source["secretRef"]["name"])
+    return names
+
+
+def unnamed_peers(policies: list[dict[str, Any]]) -> list[str]:
+    """Every `from` of these NetworkPolicies that does not name its peers: an empty list,
+    an empty selector (`{}` matches every pod or every namespace), a peer with no
+    selector, or an ipBlock of everything (/0). Empty when each peer is named."""
+    found = []
+    for policy in policies:
+        name = policy["metadata"]["name"]
+        for i, rule in enumerate(policy["spec"].get("ingress", [])):
+            if "from" not in rule:
+                continue  # open to anyone: only the gateway's port may be (tested apart)
+            where = f"{name} ingress[{i}]"
+            if not rule["from"]:
+                found.append(f"{where}: from: [] admits anyone")
+            for peer in rule["from"]:
+                found.extend(f"{where}: {problem}" for problem in _peer_problems(peer))
+    return found
+
+
+def _peer_problems(peer: dict[str, Any]) -> list[str]:
+    problems = []
+    for key in ("podSelector", "namespaceSelector"):
+        if key in peer and not _names_labels(peer[key]):
+            problems.append(f"{key}: {peer[key]} selects everything")
+    if "ipBlock" in peer and peer["ipBlock"]["cidr"].endswith("/0"):
+        problems.append(f"ipBlock {peer['ipBlock']['cidr']} is every address")
+    if not {"podSelector", "namespaceSelector", "ipBlock"} & set(peer):
+        problems.append(f"{peer} names no peer")
+    return problems
+
+
+def _names_labels(selector: dict[str, Any] | None) -> bool:
+    return bool(selector and (selector.get("matchLabels") or selector.get("matchExpressions")))

@@ -6,6 +6,7 @@ objects. Nothing here needs a cluster, a helm binary or the network.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import warnings
@@ -18,6 +19,7 @@ from chart_helpers import (
     CHART,
     CUSTOM_KINDS,
     DOCKERFILE,
+    NAMESPACE,
     RELEASE,
     REPO,
     arg,
@@ -29,7 +31,9 @@ from chart_helpers import (
     pod_specs,
     rayservice_errors,
     render,
+    secret_refs,
     selects,
+    unnamed_peers,
     validate_core,
 )
 
@@ -47,6 +51,15 @@ def gpu_group(name: str, replicas: int = 1, lo: int = 1, hi: int = 4, gpus: int 
 OTEL = "http://otel-collector.observability:4317"
 METRICS_PORT = 9466  # engine.metrics.port's default
 PROMETHEUS = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+# The label the API server gives every namespace: its name, which no one else can set.
+NAMESPACE_NAME = "kubernetes.io/metadata.name"
+OPS = {"namespaceSelector": {"matchLabels": {NAMESPACE_NAME: "ops"}}}
+RAY_JOBS = {"podSelector": {"matchLabels": {"app": "ray-jobs-submitter"}}}
+# networkPolicy.kuberayOperatorFrom's default: the operator's pods, in its namespace by name.
+KUBERAY_OPERATOR = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}},
+    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}},
+}
 
 VALUE_SETS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -92,6 +105,11 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "maxDraftConfigs": 2,
         },
         "gateway": {"maxInFlight": 300, "retryAfterMs": 250},
+    },
+    "operator-peers": {
+        "networkPolicy": {"controllerAdminFrom": [OPS], "rayFrom": [OPS, RAY_JOBS]},
+        "controller": {"admin": {"existingSecret": "ops-admin-tokens"}},
+        "internalAuth": {"existingSecret": "fleet-internal"},
     },
     "everything-on": {
         "otel": {"endpoint": OTEL},
@@ -223,7 +241,9 @@ def test_serve_config_follows_the_contract(case):
     assert args["device"] == "cuda" and args["draft"] == "auto"
     assert args["backend"] is None  # the replica picks the GPU's best
     assert isinstance(args["kv_cache_bytes"], int)  # not 4.294967296e+09
-    assert args["redis_url"] == env(gateway(docs)["containers"][0])["SELFSPEC_REDIS_URL"]["value"]
+    assert (
+        args["redis_url"] == env(controller(docs)["containers"][0])["SELFSPEC_REDIS_URL"]["value"]
+    )
     assert args["metrics_port"] == _metrics_port(values)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Ray's own deprecation warnings
@@ -494,8 +514,8 @@ def test_redis_password_reaches_every_component_from_one_secret(case):
     external = values.get("redis", {}).get("external", {})
     refs = set()
     for where, container, _ in containers(docs):
-        if "autoscaler" in where or container["name"] == "redis":
-            continue
+        if "autoscaler" in where or container["name"] in ("redis", "gateway"):
+            continue  # the gateway never uses Redis (test_gateway_holds_no_redis_credential)
         ref = env(container)["SELFSPEC_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
         refs.add((ref["name"], ref["key"]))
     (secret, key), *others = refs
@@ -532,6 +552,11 @@ def test_network_policies_isolate_redis(case):
                 assert set(peer) == {"podSelector"}, peer
                 assert peer["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == RELEASE
             assert [p["port"] for p in rule["ports"]] == [6379]
+    # The components that use Redis reach it; the gateway, which holds no Redis credential, not.
+    rules = [rule for policy in policies for rule in policy["spec"]["ingress"]]
+    admitted = {pod["app.kubernetes.io/component"] for _, pod in _pod_labels(docs)}
+    admitted = {c for c in admitted if _ports_open_to(rules, _labels_of(docs, c))}
+    assert admitted == {"controller", "engine"}
 
 
 def test_only_the_gateway_is_open_to_everyone(docs):
@@ -574,6 +599,237 @@ def test_engine_policy_admits_the_gateway_and_ray_itself(docs):
     for _, labels in _pod_labels(docs):
         if labels["app.kubernetes.io/component"] == "engine":
             assert "all" in _ports_open_to(rules, labels)  # GCS, raylets, object transfers
+
+
+def _labels_of(docs, component: str) -> dict[str, str]:
+    """The pod labels of one component (the first Ray group's for "engine")."""
+    for _, labels in _pod_labels(docs):
+        if labels["app.kubernetes.io/component"] == component:
+            return labels
+    raise AssertionError(f"no {component} pods")
+
+
+def _peers_admitted(rules, port: int) -> list[dict[str, Any]]:
+    """Every peer of every rule that opens `port` (a rule naming no ports opens them all)."""
+    peers = []
+    for rule in rules:
+        if "ports" not in rule or any(_covers(p, port) for p in rule["ports"]):
+            peers.extend(rule.get("from", [{"anyone": True}]))
+    return peers
+
+
+def _covers(rule_port: dict[str, Any], port: int) -> bool:
+    return rule_port["port"] <= port <= rule_port.get("endPort", rule_port["port"])
+
+
+def _same(peers: list[dict[str, Any]], expected: list[dict[str, Any]]) -> bool:
+    """Whether two peer lists hold the same peers, in any order."""
+    return sorted(map(json.dumps, peers)) == sorted(map(json.dumps, expected))
+
+
+def _own(docs, component: str) -> dict[str, Any]:
+    """The peer that names one component's pods of this release, in its namespace."""
+    labels = _labels_of(docs, component)
+    keys = ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component")
+    return {"podSelector": {"matchLabels": {k: labels[k] for k in keys}}}
+
+
+def _selects_gateway(docs, peer: dict[str, Any]) -> bool:
+    """Whether a peer admits the gateway's pods: a bare podSelector matching their labels,
+    or the release's namespace by name without a podSelector that leaves them out."""
+    labels = _labels_of(docs, "gateway")
+    namespace = peer.get("namespaceSelector")
+    in_namespace = namespace is None or selects(namespace, {NAMESPACE_NAME: NAMESPACE})
+    pods = peer.get("podSelector")
+    return in_namespace and "ipBlock" not in peer and (pods is None or selects(pods, labels))
+
+
+def test_every_network_policy_from_names_its_peers(docs):
+    """No `from` in any policy admits every pod or every namespace (issue 19's Ray hole:
+    `namespaceSelector: {}` with a pod label that anyone can set)."""
+    policies = find(docs, "NetworkPolicy")
+    assert len(policies) >= 3
+    assert unnamed_peers(policies) == []
+
+
+NAMED = {"podSelector": {"matchLabels": {"app.kubernetes.io/component": "engine"}}}
+UNNAMED_PEERS = [
+    pytest.param([{"namespaceSelector": {}}], "namespaceSelector", id="any-namespace"),
+    pytest.param([{"podSelector": {}}], "podSelector", id="any-pod"),
+    pytest.param(
+        [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "kuberay-operator"}}}],
+        "namespaceSelector",
+        id="the-old-kuberay-default",
+    ),
+    pytest.param(
+        [NAMED, {"namespaceSelector": {"matchLabels": {"team": "ml"}}, "podSelector": {}}],
+        "podSelector",
+        id="every-pod-of-a-namespace",
+    ),
+    pytest.param([{"podSelector": {"matchLabels": {}}}], "podSelector", id="empty-match-labels"),
+    pytest.param([{"ipBlock": {"cidr": "0.0.0.0/0"}}], "every address", id="every-address"),
+    pytest.param([], "admits anyone", id="empty-from"),
+]
+
+
+@pytest.mark.parametrize(("peers", "flagged"), UNNAMED_PEERS)
+def test_the_peer_check_flags_what_admits_everyone(peers, flagged):
+    """The check above, against policies crafted to break it, and one that does not."""
+    policy = {
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "crafted"},
+        "spec": {"ingress": [{"ports": [{"port": 8265}], "from": peers}]},
+    }
+    (problem,) = unnamed_peers([policy])
+    assert problem.startswith("crafted ingress[0]") and flagged in problem
+    policy["spec"]["ingress"][0]["from"] = [NAMED, OPS, {"ipBlock": {"cidr": "10.0.0.0/8"}}]
+    assert unnamed_peers([policy]) == []
+
+
+def test_admin_port_admits_only_the_configured_operator_selector(case):
+    _, values, docs = case
+    configured = values.get("networkPolicy", {}).get("controllerAdminFrom", [])
+    rules = [
+        rule
+        for policy in _policies_for(docs, _labels_of(docs, "controller"))
+        for rule in policy["spec"].get("ingress", [])
+    ]
+    admitted = _peers_admitted(rules, 50052)
+    assert _same(admitted, configured), admitted  # default: nobody
+    assert not [p for p in admitted if _selects_gateway(docs, p)]
+
+
+def test_ray_ports_admit_only_ray_pods_and_configured_peers(case):
+    _, values, docs = case
+    np = values.get("networkPolicy", {})
+    ray_from = np.get("rayFrom", [])
+    operator = np.get("kuberayOperatorFrom", [KUBERAY_OPERATOR])
+    ray = _own(docs, "engine")
+    # (port, who may reach it besides the release's own Ray pods)
+    expected = {
+        6379: ray_from,  # GCS
+        8265: operator + ray_from,  # dashboard and its Jobs API
+        10001: ray_from,  # Ray client
+        52365: operator,  # dashboard agent
+        9000: [_own(docs, "gateway")],  # Serve's gRPC proxy
+        20000: [],  # any other: raylets, object transfers, workers
+    }
+    for where, labels in _pod_labels(docs):
+        if labels["app.kubernetes.io/component"] != "engine":
+            continue
+        rules = [r for p in _policies_for(docs, labels) for r in p["spec"].get("ingress", [])]
+        for port, others in expected.items():
+            admitted = _peers_admitted(rules, port)
+            assert _same(admitted, [ray, *others]), (where, port, admitted)
+            if port != 9000:
+                assert not [p for p in admitted if _selects_gateway(docs, p)], (where, port)
+
+
+def test_gateway_holds_no_redis_credential(case):
+    _, values, docs = case
+    spec = gateway(docs)
+    (container,) = spec["containers"]
+    assert not [e for e in env(container) if e.startswith("SELFSPEC_REDIS")]
+    assert "envFrom" not in container
+    gw = values.get("gateway", {})
+    expected = {_internal_secret(values)}
+    if gw.get("auth", {}).get("enabled", True):
+        expected.add(gw.get("auth", {}).get("existingSecret") or "demo-selfspec-gateway-token")
+    if gw.get("tls", {}).get("enabled"):
+        expected.add(gw["tls"]["secretName"])
+    assert secret_refs(spec) == expected
+    # The same look sees the Redis credential where it is.
+    redis_secret = env(controller(docs)["containers"][0])["SELFSPEC_REDIS_PASSWORD"]
+    assert redis_secret["valueFrom"]["secretKeyRef"]["name"] in secret_refs(controller(docs))
+
+
+def test_secret_refs_sees_every_way_a_pod_names_a_secret():
+    spec = {
+        "volumes": [
+            {"name": "a", "secret": {"secretName": "in-volume"}},
+            {"name": "b", "projected": {"sources": [{"secret": {"name": "projected"}}]}},
+            {"name": "c", "emptyDir": {}},
+        ],
+        "initContainers": [{"envFrom": [{"secretRef": {"name": "env-from"}}]}],
+        "containers": [
+            {"env": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "env", "key": "k"}}}]}
+        ],
+    }
+    assert secret_refs(spec) == {"in-volume", "projected", "env-from", "env"}
+
+
+def _internal_secret(values) -> str:
+    return values.get("internalAuth", {}).get("existingSecret") or "demo-selfspec-internal"
+
+
+def _admin_secret(values) -> str:
+    admin = values.get("controller", {}).get("admin", {})
+    return admin.get("existingSecret") or "demo-selfspec-controller-admin"
+
+
+def _mounted_secret(spec, container, directory: str) -> dict[str, Any]:
+    """The secret volume mounted read-only at `directory`, as a rotating Secret must be."""
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == directory]
+    assert mount.get("readOnly") is True and "subPath" not in mount, mount
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    return volume["secret"]
+
+
+def test_internal_credential_reaches_the_gateway_and_every_ray_pod(case):
+    _, values, docs = case
+    name = _internal_secret(values)
+    holders = []
+    for where, spec in pod_specs(docs):
+        if name not in secret_refs(spec):
+            continue
+        holders.append(where)
+        container = spec["containers"][0]
+        assert env(container)["SELFSPEC_INTERNAL_TOKEN_FILE"]["value"] == (
+            "/var/run/selfspec/internal/token"
+        )
+        secret = _mounted_secret(spec, container, "/var/run/selfspec/internal")
+        assert secret["secretName"] == name
+        assert secret["items"] == [{"key": "token", "path": "token"}]
+    groups = ["head"] + [g["groupName"] for g in ray_cluster(docs)["workerGroupSpecs"]]
+    ray_pods = [f"RayService/demo-selfspec-engine/{g}" for g in groups]
+    assert holders == ["Deployment/demo-selfspec-gateway", *ray_pods]  # not the controller
+    _assert_made_unless_existing(docs, values.get("internalAuth", {}), name, ["token"])
+
+
+def test_admin_tokens_reach_the_controller_alone(case):
+    _, values, docs = case
+    name = _admin_secret(values)
+    spec = controller(docs)
+    (container,) = spec["containers"]
+    assert arg(container, "--admin-listen") == "0.0.0.0:50052"
+    variables = env(container)
+    assert variables["SELFSPEC_ADMIN_TOKEN_FILE"]["value"] == "/var/run/selfspec/admin/token"
+    assert variables["SELFSPEC_ADMIN_READ_TOKEN_FILE"]["value"] == (
+        "/var/run/selfspec/admin/read-token"
+    )
+    secret = _mounted_secret(spec, container, "/var/run/selfspec/admin")
+    assert secret["secretName"] == name
+    assert secret["items"] == [
+        {"key": "token", "path": "token"},
+        {"key": "read-token", "path": "read-token"},
+    ]
+    assert [w for w, s in pod_specs(docs) if name in secret_refs(s)] == [
+        "Deployment/demo-selfspec-controller"
+    ]
+    admin = values.get("controller", {}).get("admin", {})
+    _assert_made_unless_existing(docs, admin, name, ["token", "read-token"])
+
+
+def _assert_made_unless_existing(docs, settings, name: str, keys: list[str]) -> None:
+    """The chart makes the Secret, with random distinct values, unless one is named."""
+    made = find(docs, "Secret", name)
+    if settings.get("existingSecret"):
+        assert made == []
+        return
+    (secret,) = made
+    assert sorted(secret["data"]) == sorted(keys)
+    tokens = [base64.b64decode(secret["data"][k]) for k in keys]
+    assert all(len(t) >= 32 for t in tokens) and len(set(tokens)) == len(tokens)
 
 
 def test_no_container_runs_as_root(docs):
@@ -775,6 +1031,9 @@ def _family(series: str, defined: set[str]) -> str | None:
 
 # --- Bad values fail at render time, saying why --------------------------------------------
 
+GATEWAY = {"app.kubernetes.io/component": "gateway"}
+SERVING = {NAMESPACE_NAME: NAMESPACE}  # the release's namespace, by name
+
 BAD_VALUES = [
     pytest.param(
         {"gateway": {"replicas": -1}},
@@ -857,6 +1116,41 @@ BAD_VALUES = [
         id="tls-without-secret",
     ),
     pytest.param(
+        {"networkPolicy": {"rayFrom": [{"namespaceSelector": {}}]}},
+        "at '/networkPolicy/rayFrom/0/namespaceSelector': minProperties: got 0, want 1",
+        id="ray-from-every-namespace",
+    ),
+    pytest.param(
+        {"networkPolicy": {"controllerAdminFrom": [{"podSelector": {}}]}},
+        "at '/networkPolicy/controllerAdminFrom/0/podSelector': minProperties: got 0, want 1",
+        id="admin-from-every-pod",
+    ),
+    pytest.param(
+        {"networkPolicy": {"kuberayOperatorFrom": [{"namespaceSelector": {}} | RAY_JOBS]}},
+        "at '/networkPolicy/kuberayOperatorFrom/0/namespaceSelector': minProperties: got 0",
+        id="operator-label-in-any-namespace",
+    ),
+    pytest.param(
+        {"networkPolicy": {"metricsFrom": [{"namespaceSelector": {"matchLabels": {}}}]}},
+        "at '/networkPolicy/metricsFrom/0/namespaceSelector/matchLabels': minProperties",
+        id="empty-match-labels",
+    ),
+    pytest.param(
+        {"networkPolicy": {"rayFrom": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}},
+        "at '/networkPolicy/rayFrom/0/ipBlock/cidr': '0.0.0.0/0' does not match pattern",
+        id="ray-from-every-address",
+    ),
+    pytest.param(
+        {"networkPolicy": {"rayFrom": [{}]}},
+        "at '/networkPolicy/rayFrom/0': minProperties: got 0, want 1",
+        id="peer-naming-nothing",
+    ),
+    pytest.param(
+        {"controller": {"admin": {"token": "x"}}},
+        "at '/controller/admin': additional properties 'token' not allowed",
+        id="admin-token-in-values",
+    ),
+    pytest.param(
         {
             "engine": {
                 "workerGroups": [
@@ -879,6 +1173,31 @@ BAD_VALUES = [
 ]
 
 BAD_COMBINATIONS = [
+    pytest.param(
+        {"networkPolicy": {"controllerAdminFrom": [{"podSelector": {"matchLabels": GATEWAY}}]}},
+        "networkPolicy.controllerAdminFrom[0] "
+        '({"podSelector":{"matchLabels":{"app.kubernetes.io/component":"gateway"}}}) '
+        "admits the gateway's pods: name the operator's own namespace or pods instead",
+        id="admin-from-the-gateway",
+    ),
+    pytest.param(
+        {"networkPolicy": {"rayFrom": [OPS, {"namespaceSelector": {"matchLabels": SERVING}}]}},
+        "networkPolicy.rayFrom[1] "
+        '({"namespaceSelector":{"matchLabels":{"kubernetes.io/metadata.name":"serving"}}}) '
+        "admits the gateway's pods",
+        id="ray-from-the-release-namespace",
+    ),
+    pytest.param(
+        {
+            "networkPolicy": {
+                "kuberayOperatorFrom": [
+                    {"podSelector": {"matchLabels": {"app.kubernetes.io/instance": RELEASE}}}
+                ]
+            }
+        },
+        "networkPolicy.kuberayOperatorFrom[0]",
+        id="dashboard-from-every-release-pod",
+    ),
     pytest.param(
         {"gateway": {"drainSeconds": 60}},
         "gateway.terminationGracePeriodSeconds (45) must exceed gateway.preStopSeconds + "
@@ -914,6 +1233,18 @@ BAD_COMBINATIONS = [
         id="more-replicas-than-metrics-ports",
     ),
 ]
+
+
+def test_peers_that_leave_the_gateway_out_render():
+    """The check above refuses only peers that take in the gateway."""
+    for peer in (
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/component": "controller"}}},
+        {"namespaceSelector": {"matchLabels": SERVING}, "podSelector": {"matchLabels": {"x": "y"}}},
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ops"}}},
+    ):
+        np = {"controllerAdminFrom": [peer], "rayFrom": [peer]}
+        (policy,) = find(render({"networkPolicy": np}), "NetworkPolicy", "-controller")
+        assert policy["spec"]["ingress"][0]["from"] == [peer]
 
 
 def test_schema_forbids_unknown_keys_everywhere():

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+from services.common import internal_auth
 from services.gen.selfspec.v1 import generation_pb2 as pb
 from services.serve.local import (
     DEFAULT_CONFIG,
@@ -88,9 +89,10 @@ def start_gateway(fleet: Fleet, *args: str, env: dict | None = None) -> tuple:
     port = free_port()
     cmd = [sys.executable, "-m", "services.cli", "gateway", "--listen", f"127.0.0.1:{port}"]
     cmd += ["--upstream", fleet.upstream, *args]
+    internal = {internal_auth.ENV_FILE: str(fleet.internal_token_file)}  # as the fleet's own
     proc = subprocess.Popen(
         cmd,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, **internal, **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -76,6 +76,42 @@ app.kubernetes.io/component: {{ .component }}
 {{- default (printf "%s-gateway-token" (include "selfspec.fullname" .)) .Values.gateway.auth.existingSecret }}
 {{- end }}
 
+{{/* The controller admin API's tokens: keys `token` (operator) and `read-token` (read-only). */}}
+{{- define "selfspec.controllerAdminSecretName" -}}
+{{- default (printf "%s-controller-admin" (include "selfspec.fullname" .)) .Values.controller.admin.existingSecret }}
+{{- end }}
+
+{{/* The fleet's internal credential (key `token`): the gateway proves with it to Serve's
+replicas that a call came through it. */}}
+{{- define "selfspec.internalSecretName" -}}
+{{- default (printf "%s-internal" (include "selfspec.fullname" .)) .Values.internalAuth.existingSecret }}
+{{- end }}
+
+{{/* Where the internal credential is mounted, in the gateway and in every Ray pod. */}}
+{{- define "selfspec.internalTokenDir" -}}
+/var/run/selfspec/internal
+{{- end }}
+
+{{/* The internal credential as a read-only volume; a Secret volume without subPath is
+updated in place when the Secret changes, so a rotated token reaches running pods. */}}
+{{- define "selfspec.internalTokenVolume" -}}
+- name: internal-token
+  secret:
+    secretName: {{ include "selfspec.internalSecretName" . }}
+    defaultMode: 0440
+    items:
+      - {key: token, path: token}
+{{- end }}
+
+{{- define "selfspec.internalTokenMount" -}}
+- {name: internal-token, mountPath: {{ include "selfspec.internalTokenDir" . }}, readOnly: true}
+{{- end }}
+
+{{- define "selfspec.internalTokenEnv" -}}
+- name: SELFSPEC_INTERNAL_TOKEN_FILE
+  value: {{ include "selfspec.internalTokenDir" . }}/token
+{{- end }}
+
 {{/*
 A Secret value that survives upgrades: the one in the cluster if there is one, else the
 given value, else a random one. Call with (dict "ctx" $ "name" N "key" K "value" V).

@@ -59,6 +59,8 @@ spec:
         {{- /* Engine replicas run on workers alone (the head has no GPU). */}}
         {{- include "selfspec.redisEnv" (dict "ctx" $ctx "role" "replica") | nindent 8 }}
         {{- end }}
+        {{- /* Serve's replicas accept only calls that carry it (the gateway's). */}}
+        {{- include "selfspec.internalTokenEnv" $ctx | nindent 8 }}
         - name: SELFSPEC_CACHE_DIR
           value: /cache
         - name: RAY_USAGE_STATS_ENABLED
@@ -87,7 +89,9 @@ spec:
         - {name: tmp, mountPath: /tmp}
         - {name: dshm, mountPath: /dev/shm}
         - {name: model-cache, mountPath: /cache}
+        {{- include "selfspec.internalTokenMount" $ctx | nindent 8 }}
   volumes:
+    {{- include "selfspec.internalTokenVolume" $ctx | nindent 4 }}
     - name: tmp
       emptyDir: {}
     # The default 64 MiB /dev/shm is far too small for Ray's object store.
