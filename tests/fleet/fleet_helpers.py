@@ -6,7 +6,8 @@ import contextlib
 import os
 import subprocess
 import sys
-import time
+
+from waiting import wait_for
 
 from services.common import internal_auth
 from services.gen.selfspec.v1 import generation_pb2 as pb
@@ -75,13 +76,8 @@ def replica_stats(expected: int = REPLICAS, tries: int = 60) -> dict[str, dict]:
 
 
 def wait_until(predicate, timeout_s: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    """`waiting.wait_for`, polling at the pace a fleet's stats calls allow."""
+    return wait_for(predicate, timeout_s, every=0.2, what=what)
 
 
 def start_gateway(fleet: Fleet, *args: str, env: dict | None = None) -> tuple:
