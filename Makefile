@@ -39,9 +39,11 @@ format: $(STAMP)
 test: setup lint
 	$(BIN)/pytest -q
 
-# A longer fuzz run of the gRPC API against a running fleet (make test runs 2,000 cases).
+# Longer fuzz runs against a running fleet (make test runs 2,000 messages and 150 calls).
 fuzz: setup
-	SELFSPEC_FUZZ_CASES=$${SELFSPEC_FUZZ_CASES:-20000} $(BIN)/pytest -q tests/fleet/test_fleet.py -k fuzz
+	SELFSPEC_FUZZ_CASES=$${SELFSPEC_FUZZ_CASES:-20000} \
+	SELFSPEC_FUZZ_ENGINE_CASES=$${SELFSPEC_FUZZ_ENGINE_CASES:-2000} \
+	$(BIN)/pytest -q tests/fleet/test_fleet.py -k fuzz
 
 bench: setup
 	$(BIN)/selfspec bench engine --model default --out benchmarks/results

@@ -19,8 +19,7 @@ import secrets
 from collections.abc import Iterable
 from pathlib import Path
 
-# TODO(integration): TokenSource moves to services.common.tokens.
-from services.gateway.auth import TokenSource
+from services.common.tokens import TokenSource
 
 ENV_FILE = "SELFSPEC_INTERNAL_TOKEN_FILE"
 ENV_VALUE = "SELFSPEC_INTERNAL_TOKEN"

@@ -9,6 +9,7 @@ import json
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,7 @@ class Engine:
         self._stopping = False
         # Requests that failed in a row, with none completing between: for health checks.
         self.consecutive_failures = 0
+        self.finished: Counter[str] = Counter()  # requests ended, by finish reason
 
     @classmethod
     def from_pretrained(
@@ -291,6 +293,7 @@ class Engine:
             "kv_blocks_sessions": session_blocks,
             "kv_blocks_in_use": pool.num_blocks - pool.num_free - session_blocks,
             "sessions": len(sch.sessions),
+            "finished": dict(self.finished),
         }
 
     # -- the loop ------------------------------------------------------------------
@@ -420,6 +423,7 @@ class Engine:
             self.consecutive_failures += 1
         elif seq.finish_reason != "abort":
             self.consecutive_failures = 0
+        self.finished[seq.finish_reason] += 1
         self.scheduler.finish(request, seq)
         _notify(request, seq, True)
 

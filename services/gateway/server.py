@@ -135,6 +135,7 @@ class _Call:
     owner: str = ""  # who may abort it (`Gateway.owner_of`)
     upstream: grpc.aio.Call | None = None
     aborted: bool = False
+    finished: bool = False  # its last response is on its way: too late to abort
     usage: pb.Usage = field(default_factory=pb.Usage)
     span: telemetry.GenerationSpan | None = None  # None when tracing is off
 
@@ -204,6 +205,8 @@ class Gateway:
         call = self.calls.get(request.request_id)
         # Another caller's request is as good as none: ids cannot be probed, nor aborted.
         if call is None or not hmac.compare_digest(call.owner, self.owner_of(context)):
+            return pb.AbortResponse(found=False)
+        if call.finished:  # one final response per stream: it already has its own
             return pb.AbortResponse(found=False)
         call.aborted = True
         if call.upstream is not None:
@@ -305,6 +308,7 @@ class Gateway:
                 try:
                     async for response in _read(call):
                         sent, last = True, response
+                        call.finished = bool(response.finish_reason)
                         self._answered = time.monotonic()
                         call.usage = response.usage
                         clock.saw(response)

@@ -439,7 +439,12 @@ def test_gateway_token_and_tls_come_from_secrets(case):
     gw_values = values.get("gateway", {})
     volumes = {v["name"]: v for v in spec["volumes"]}
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-    if gw_values.get("auth", {}).get("enabled", True):
+    auth = gw_values.get("auth", {})
+    tls = gw_values.get("tls", {}).get("enabled", False)
+    # The gateway refuses a token in clear text off loopback unless told it may.
+    plaintext_token = auth.get("enabled", True) and not tls
+    assert ("--allow-insecure-token" in container["args"]) == plaintext_token
+    if auth.get("enabled", True):
         assert arg(container, "--token-file") == "/var/run/selfspec/token/token"
         assert mounts["token"] == "/var/run/selfspec/token"
         secret = volumes["token"]["secret"]
@@ -1173,6 +1178,11 @@ BAD_VALUES = [
 ]
 
 BAD_COMBINATIONS = [
+    pytest.param(
+        {"gateway": {"auth": {"allowInsecureToken": False}}},
+        "the token would travel in clear text",
+        id="token-in-clear-text",
+    ),
     pytest.param(
         {"networkPolicy": {"controllerAdminFrom": [{"podSelector": {"matchLabels": GATEWAY}}]}},
         "networkPolicy.controllerAdminFrom[0] "

@@ -6,7 +6,8 @@ import contextlib
 import os
 import subprocess
 import sys
-import time
+
+from waiting import wait_for
 
 from services.common import internal_auth
 from services.gen.selfspec.v1 import generation_pb2 as pb
@@ -27,8 +28,8 @@ def fleet_config(replicas: int = REPLICAS) -> dict:
     config["http_options"]["port"] = free_port()
     config["grpc_options"]["port"] = free_port()
     app = config["applications"][0]
-    # A small KV pool and a short queue, so that tests can fill them.
-    app["args"].update(kv_cache_bytes=16 << 20, max_waiting=4, threads=1)
+    # A small KV pool, so that tests can fill it; the shipped limits on calls held.
+    app["args"].update(kv_cache_bytes=16 << 20, threads=1)
     (engine,) = app["deployments"]
     engine.pop("autoscaling_config")
     engine.update(num_replicas=replicas, graceful_shutdown_timeout_s=5)
@@ -75,13 +76,8 @@ def replica_stats(expected: int = REPLICAS, tries: int = 60) -> dict[str, dict]:
 
 
 def wait_until(predicate, timeout_s: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    """`waiting.wait_for`, polling at the pace a fleet's stats calls allow."""
+    return wait_for(predicate, timeout_s, every=0.2, what=what)
 
 
 def start_gateway(fleet: Fleet, *args: str, env: dict | None = None) -> tuple:

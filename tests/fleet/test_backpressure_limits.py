@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 
 import grpc
 import pytest
@@ -25,7 +24,6 @@ from services.serve import local
 from services.serve.app import ARG_OPTIONS, EngineSettings, build
 
 Code = grpc.StatusCode
-AT_ONCE_S = 1.0
 # What Serve's gRPC proxy says when its queue is full (ray.serve.exceptions.BackPressureError).
 SERVE_FULL = "Request dropped due to backpressure (num_queued_requests=8, max_queued_requests=8)."
 # What gRPC says of a message over a size limit: also RESOURCE_EXHAUSTED, but no retry helps.
@@ -151,13 +149,12 @@ async def gateway_before(upstream: FakeUpstream, limits: Limits):
         await server.stop(None)
 
 
-async def refusal(call) -> tuple[grpc.aio.AioRpcError, float]:
-    """The error a stream ends with, and how long it took."""
-    started = time.monotonic()
+async def refusal(call) -> grpc.aio.AioRpcError:
+    """The error a stream ends with."""
     with pytest.raises(grpc.aio.AioRpcError) as error:
         async for _ in call:
             pass
-    return error.value, time.monotonic() - started
+    return error.value
 
 
 def assert_retry_hint(error: grpc.aio.AioRpcError, retry_after_ms: int) -> None:
@@ -174,9 +171,10 @@ def test_the_gateway_refuses_past_its_limit_at_once():
             held = [stub.Generate(chat(f"story {i}", 8), timeout=30) for i in range(2)]
             for call in held:
                 await call.read()  # both admitted and streaming
-            error, took = await refusal(stub.Generate(chat("one more", 8), timeout=30))
+            # Refused while both are still held: the call did not wait for room.
+            error = await refusal(stub.Generate(chat("one more", 8), timeout=30))
             assert_retry_hint(error, 300)
-            assert "limit of 2 calls in flight" in error.details() and took < AT_ONCE_S
+            assert "limit of 2 calls in flight" in error.details()
             assert upstream.calls == 2  # the refused call cost the fleet nothing
             upstream.release.set()
             for call in held:
@@ -197,15 +195,14 @@ def test_a_full_fleet_is_passed_on_with_a_hint_and_not_retried():
                 before = upstream.calls
                 call = method(chat("hello", 8), timeout=30)
                 if method is stub.Generate:
-                    error, took = await refusal(call)
+                    error = await refusal(call)
                 else:
-                    started = time.monotonic()
                     with pytest.raises(grpc.aio.AioRpcError) as raised:
                         await call
-                    error, took = raised.value, time.monotonic() - started
+                    error = raised.value
                 assert_retry_hint(error, 250)
                 assert "at capacity" in error.details() and SERVE_FULL in error.details()
-                assert took < AT_ONCE_S and upstream.calls == before + 1  # one attempt
+                assert upstream.calls == before + 1  # one attempt, not retried
 
     asyncio.run(scenario())
 
@@ -213,7 +210,7 @@ def test_a_full_fleet_is_passed_on_with_a_hint_and_not_retried():
 def test_a_message_too_large_gets_no_retry_hint():
     async def scenario():
         async with gateway_before(FakeUpstream("too_large"), Limits()) as stub:
-            error, _ = await refusal(stub.Generate(chat("hello", 8), timeout=30))
+            error = await refusal(stub.Generate(chat("hello", 8), timeout=30))
             assert error.code() == Code.RESOURCE_EXHAUSTED and error.details() == TOO_LARGE
             assert not set(RETRY_AFTER_KEYS) & set(dict(error.trailing_metadata()))
 

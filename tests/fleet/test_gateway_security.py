@@ -184,6 +184,36 @@ def test_only_the_token_that_started_a_stream_can_abort_it():
     asyncio.run(scenario())
 
 
+class FinishThenHold(RecordingUpstream):
+    """Sends a stream's last response, then holds the stream open until `release`, as a
+    replica may between its final message and the stream's end."""
+
+    async def Generate(self, request, context):
+        yield pb.GenerateResponse(request_id=request.request_id, token_ids=[1], finish_reason=1)
+        await self.release.wait()
+
+
+def test_an_abort_after_the_last_response_finds_nothing():
+    """Found by the engine fuzz test: an Abort that came after a stream's final response
+    (STOP) but before its end made the gateway send a second final response (ABORT)."""
+
+    async def scenario():
+        upstream = FinishThenHold()
+        async with (
+            gateway_before(upstream) as address,
+            grpc.aio.insecure_channel(address) as channel,
+        ):
+            stub = generation(channel)
+            call = stub.Generate(chat("a", 8, request_id="done-1"))
+            assert (await call.read()).finish_reason == pb.FINISH_REASON_STOP
+            assert not (await stub.Abort(pb.AbortRequest(request_id="done-1"))).found
+            upstream.release.set()
+            assert await call.read() is grpc.aio.EOF  # one final response, not two
+            assert await call.code() == Code.OK
+
+    asyncio.run(scenario())
+
+
 def test_without_a_token_a_stream_belongs_to_its_connection():
     async def scenario():
         upstream = RecordingUpstream()

@@ -8,8 +8,6 @@ test-only `SELFSPEC_FAULT` (see `services.serve.app`) where it needs to be.
 
 from __future__ import annotations
 
-import time
-
 import grpc
 import pytest
 from fleet_helpers import chat, fleet_config, running_fleet, wait_until
@@ -20,7 +18,6 @@ from services.serve.app import FAILED_REQUESTS_UNHEALTHY, FAULT_ENV
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-AT_ONCE_S = 5.0  # a generous bound on "at once": a queued call would wait out its deadline
 
 
 def health_of(channel: grpc.Channel, service: str = "") -> int:
@@ -49,13 +46,13 @@ def engine_replicas() -> set[str]:
 
 
 def assert_refused_at_once(channel: grpc.Channel) -> None:
+    """Refused by the gateway's readiness check (a call queued instead would end
+    DEADLINE_EXCEEDED), saying why."""
     stub = pb_grpc.GenerationStub(channel)
-    started = time.monotonic()
     with pytest.raises(grpc.RpcError) as refused:
         stub.GenerateUnary(chat("Say hi.", 4), timeout=60)
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "no engine replica is ready" in refused.value.details()
-    assert time.monotonic() - started < AT_ONCE_S
 
 
 def test_a_broken_backend_is_never_ready(tmp_path):

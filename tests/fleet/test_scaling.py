@@ -46,6 +46,7 @@ def test_traffic_step_scales_up_and_back_down_without_failures(scaling_fleet):
     every request, those in flight while the replica drains included, succeeds."""
     assert running_replicas() == 1
     failures: list[str] = []
+    trickled: list[int] = []  # one entry per trickle call that ended
     stop = threading.Event()
 
     with grpc.insecure_channel(scaling_fleet.options.listen) as channel:
@@ -61,11 +62,10 @@ def test_traffic_step_scales_up_and_back_down_without_failures(scaling_fleet):
                 failures.append(repr(exc))
 
         def trickle() -> None:  # low traffic throughout, including the scale-down
-            i = 0
             while not stop.is_set():
-                ask(i, 4)
-                i += 1
-                time.sleep(0.2)
+                ask(len(trickled), 4)
+                trickled.append(1)
+                time.sleep(0.2)  # a pace, not a wait
 
         background = threading.Thread(target=trickle)
         background.start()
@@ -76,7 +76,8 @@ def test_traffic_step_scales_up_and_back_down_without_failures(scaling_fleet):
                 for f in burst:
                     f.result()
             wait_until(lambda: running_replicas() == 1, 120, "the scale-down")
-            time.sleep(2)  # traffic goes on after the scale-down, too
+            after = len(trickled)  # traffic goes on after the scale-down, too
+            wait_until(lambda: len(trickled) >= after + 5, 60, "calls after the scale-down")
         finally:
             stop.set()
             background.join()
