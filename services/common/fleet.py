@@ -66,6 +66,7 @@ class FleetLink:
         self._windows: deque[dict] = deque(maxlen=queue_windows)  # oldest dropped first
         self._redis = rs.connect(self.url, timeout=1.0)
         self._pubsub = None
+        self._refusal = ""  # the last refusal reported
         self._previous = engine.telemetry.snapshot()
         self._window_start = time.time()
         self._candidates: list[str] = []
@@ -125,6 +126,10 @@ class FleetLink:
 
         try:
             fn()
+        # AuthenticationError is a ConnectionError: caught first, for its own message.
+        except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as exc:
+            self._refused(exc)
+            return False
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             if self.connected:
                 log.warning("fleet: lost Redis at %s (%s); serving on", rs.describe(self.url), exc)
@@ -138,6 +143,19 @@ class FleetLink:
             log.info("fleet: connected to Redis at %s", rs.describe(self.url))
         self.connected = True
         return True
+
+    def _refused(self, exc: Exception) -> None:
+        """Redis refused our credential or a command: say what to check, once, not at every
+        retry; a refused login counts as Redis away."""
+        import redis
+
+        hint = rs.refused_hint(exc, self.url)
+        if hint != self._refusal:
+            log.error("fleet: %s", hint)
+        self._refusal = hint
+        if isinstance(exc, redis.AuthenticationError):
+            self.connected = False
+            self._close_pubsub()
 
     def _cut_window(self) -> None:
         now = self.engine.telemetry.snapshot()

@@ -27,10 +27,12 @@ and `by`.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from services.engine.params import DraftConfig
@@ -42,6 +44,7 @@ KIND = "selfspec.draft-config"
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 URL_ENV = "SELFSPEC_REDIS_URL"
 PASSWORD_ENV = "SELFSPEC_REDIS_PASSWORD"
+PASSWORD_FILE_ENV = "SELFSPEC_REDIS_PASSWORD_FILE"
 
 LEASE = f"{PREFIX}:lease"
 VERSION = f"{PREFIX}:version"
@@ -68,45 +71,103 @@ def redis_url(url: str | None = None) -> str:
 
 
 def connect(url: str | None = None, timeout: float = 2.0):
-    """A Redis client for `url`; `SELFSPEC_REDIS_PASSWORD` overrides the URL's password
-    (the Helm chart passes it that way). Timeouts are short: callers retry."""
+    """A Redis client for `url`, as the user the URL names (`redis://replica@host:6379/0`;
+    none: `default`), with the password of `password()`. Timeouts are short: callers
+    retry."""
     import redis
 
     url = redis_url(url)
-    if os.environ.get(PASSWORD_ENV):
-        url = _with_password(url, os.environ[PASSWORD_ENV])
+    override = password()
+    if override:
+        url = with_credentials(url, password=override)
     return redis.Redis.from_url(
         url,
         decode_responses=True,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         retry_on_timeout=False,
+        **_no_client_setinfo(),
     )
 
 
-def _with_password(url: str, password: str) -> str:
-    """`url` with its password replaced (redis-py lets a URL's password win over a
-    keyword argument, so the override goes into the URL)."""
+def password() -> str | None:
+    """The password that replaces the URL's, if any: the content of the file that
+    `SELFSPEC_REDIS_PASSWORD_FILE` names (what `selfspec serve` gives its replicas: Ray
+    logs their args and env), else `SELFSPEC_REDIS_PASSWORD` (the Helm chart's way)."""
+    path = os.environ.get(PASSWORD_FILE_ENV)
+    if path:
+        try:
+            return Path(path).read_text().strip()
+        except OSError as exc:
+            raise ValueError(
+                f"cannot read the Redis password ({PASSWORD_FILE_ENV}): {exc}"
+            ) from None
+    return os.environ.get(PASSWORD_ENV) or None
+
+
+def _no_client_setinfo() -> dict:
+    """redis-py's arguments that keep it from sending CLIENT SETINFO on connect: the ACL
+    users may not run it (Redis before 7.2 lacks it, so no rule could allow it on every
+    Redis), and each refusal would add an entry to ACL LOG, hiding real ones."""
+    from redis.connection import AbstractConnection
+
+    if "driver_info" in inspect.signature(AbstractConnection.__init__).parameters:
+        return {"driver_info": None}
+    return {"lib_name": None, "lib_version": None}
+
+
+def with_credentials(url: str, user: str | None = None, password: str | None = None) -> str:
+    """`url` with its user and/or password replaced (redis-py lets a URL's password win
+    over a keyword argument, so an override goes into the URL)."""
     parts = urlsplit(url)
-    user = quote(unquote(parts.username), safe="") if parts.username else ""
+    user = user if user is not None else (unquote(parts.username) if parts.username else "")
+    if password is None:
+        password = unquote(parts.password) if parts.password else ""
+    auth = quote(user, safe="") + (f":{quote(password, safe='')}" if password else "")
     host = parts.hostname or ""
     host = f"[{host}]" if ":" in host else host
-    netloc = f"{user}:{quote(password, safe='')}@{host}" + (f":{parts.port}" if parts.port else "")
+    netloc = (f"{auth}@" if auth else "") + host + (f":{parts.port}" if parts.port else "")
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def user_of(url: str | None = None) -> str:
+    """The Redis user `url` logs in as."""
+    name = urlsplit(redis_url(url)).username
+    return unquote(name) if name else "default"
 
 
 def describe(url: str | None = None) -> str:
     """The URL without its password, for messages and logs."""
     parts = urlsplit(redis_url(url))
+    user = f"{unquote(parts.username)}@" if parts.username else ""
     host = parts.hostname or "?"
     port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
+    return f"{parts.scheme}://{user}{host}{port}{parts.path}"
 
 
 def unreachable_hint(url: str | None = None) -> str:
     return (
         f"cannot reach Redis at {describe(url)}: start one (`redis-server --port "
         f"{urlsplit(redis_url(url)).port or 6379}`) or point --redis-url / {URL_ENV} at yours"
+    )
+
+
+def refused_hint(exc: Exception, url: str | None = None) -> str:
+    """What to check when Redis refused our user (WRONGPASS, NOAUTH) or one of its
+    commands (NOPERM)."""
+    import redis
+
+    user, where = user_of(url), describe(url)
+    if isinstance(exc, redis.exceptions.NoPermissionError):
+        return (
+            f"Redis at {where} refused user {user!r} a command (NOPERM {exc}): run each role "
+            "as its own user, `replica` for engine replicas and `controller` for controllers, "
+            "with the rules that `python -m services.common.redis_acl` prints"
+        )
+    return (
+        f"Redis at {where} refused user {user!r} ({exc}): check its password "
+        f"({PASSWORD_FILE_ENV}, {PASSWORD_ENV} or the URL's), and that the user exists "
+        "there (`python -m services.common.redis_acl` prints the users to create)"
     )
 
 

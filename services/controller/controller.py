@@ -92,13 +92,19 @@ class Controller:
                 self.lease.release()
 
     def run(self) -> None:
-        was_down = False
+        was_down, refused = False, ""
         while not self._stop.is_set():
             try:
                 self.tick()
                 if was_down:
                     log.info("controller %s: Redis at %s is back", self.id, rs.describe(self.url))
                 was_down = False
+            # AuthenticationError is a ConnectionError: caught first, for its own message.
+            except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as exc:
+                hint = rs.refused_hint(exc, self.url)
+                if hint != refused:  # once, not at every tick
+                    log.error("controller %s: %s", self.id, hint)
+                refused = hint
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 if not was_down:
                     log.warning(

@@ -177,15 +177,15 @@ def _reachable(controller, wait_s: float = 10.0) -> bool:
     while True:
         try:
             return bool(controller.redis.ping())
+        # AuthenticationError is a ConnectionError: a wrong password is no reason to wait.
+        except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as exc:
+            raise SystemExit(
+                f"selfspec controller: {rs.refused_hint(exc, controller.url)}"
+            ) from None
         except (redis.ConnectionError, redis.TimeoutError, OSError):
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.5)
-        except redis.AuthenticationError:
-            raise SystemExit(
-                f"Redis at {rs.describe(controller.url)} refused the password: set it in the URL "
-                f"or in {rs.PASSWORD_ENV}"
-            ) from None
 
 
 async def _serve(controller, args, access, tls) -> int:

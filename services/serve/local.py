@@ -30,7 +30,8 @@ from pathlib import Path
 
 import yaml
 
-from services.common import internal_auth
+from services.common import internal_auth, redis_acl
+from services.common import redis_schema as rs
 
 DEFAULT_CONFIG = Path(__file__).with_name("fleet.yaml")
 RAY_START_TRIES = 3
@@ -75,7 +76,9 @@ class Fleet:
         self.app = self.config["applications"][0]
         check_limits(self.app)
         self.redis: subprocess.Popen | None = None
-        self.redis_url = options.redis_url
+        self.redis_url = options.redis_url  # where Redis listens, without a user
+        self.redis_users: dict[str, str] = {}  # role -> password, for the Redis we start
+        self.redis_argv: list[str] = []  # how we started it (a test restarts it so)
         self.gateway: subprocess.Popen | None = None
         self.controller: subprocess.Popen | None = None
         self.log_dir = options.log_dir or Path(tempfile.mkdtemp(prefix="selfspec-fleet-"))
@@ -104,16 +107,40 @@ class Fleet:
                     "redis-server), or give --redis-url"
                 )
             port = free_port()
+            self.redis_users = redis_acl.new_passwords()
+            self.redis_argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1"]
+            self.redis_argv += ["--save", "", "--appendonly", "no", "--aclfile", self._aclfile()]
             self.redis = subprocess.Popen(
-                ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
-                + ["--appendonly", "no"],
-                stdout=self._log("redis"),
-                stderr=subprocess.STDOUT,
+                self.redis_argv, stdout=self._log("redis"), stderr=subprocess.STDOUT
             )
             wait_for_port(port, 10, self.redis, "redis-server")
             self.redis_url = f"redis://127.0.0.1:{port}/0"
-        self.app.setdefault("args", {})["redis_url"] = self.redis_url
-        self.say(f"[1/5] redis       {self.redis_url}")
+        self.app.setdefault("args", {})["redis_url"] = self.redis_role_url("replica")
+        if self.redis_users:  # Ray logs the app's args and env: the password goes in a file
+            runtime_env = self.app.setdefault("runtime_env", {})
+            runtime_env.setdefault("env_vars", {}).update(self.redis_password_env("replica"))
+        self.say(f"[1/5] redis       {rs.describe(self.redis_url)}")
+
+    def _aclfile(self) -> str:
+        """The Redis users, one per role (services/common/redis_acl.py), in the log dir."""
+        return self._private("redis-users.acl", redis_acl.aclfile(self.redis_users))
+
+    def _private(self, name: str, text: str) -> str:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        return str(redis_acl.write_private(self.log_dir / name, text))
+
+    def redis_role_url(self, role: str) -> str:
+        """The URL a role reaches Redis with: our own Redis as that role's user, its
+        password aside (see `redis_password_env`); the `--redis-url` given as it is."""
+        return rs.with_credentials(self.redis_url, role) if self.redis_users else self.redis_url
+
+    def redis_password_env(self, role: str) -> dict[str, str]:
+        """The env that gives a role its password for our own Redis: a file's path, the
+        file readable by us alone; none for a `--redis-url`."""
+        if not self.redis_users:
+            return {}
+        path = self._private(f"redis-{role}.password", self.redis_users[role])
+        return {rs.PASSWORD_FILE_ENV: path}
 
     def _start_ray(self) -> None:
         import ray
@@ -186,10 +213,11 @@ class Fleet:
             return
         admin = self.options.controller_admin
         cmd = [sys.executable, "-m", "services.cli", "controller", "run"]
-        cmd += ["--redis-url", self.redis_url, "--admin-listen", admin]
-        cmd += self.options.controller_args
+        cmd += ["--redis-url", self.redis_role_url("controller")]
+        cmd += ["--admin-listen", admin, *self.options.controller_args]
+        env = {**self._env(), **self.redis_password_env("controller")}
         self.controller = subprocess.Popen(
-            cmd, env=self._env(), stdout=self._log("controller"), stderr=subprocess.STDOUT
+            cmd, env=env, stdout=self._log("controller"), stderr=subprocess.STDOUT
         )
         port = int(admin.rsplit(":", 1)[1])
         log = self.log_dir / "controller.log"

@@ -371,16 +371,12 @@ def test_serving_goes_on_while_redis_is_down(stub, fleet):
 
     prompt = chat("Name three rivers.", 16)
     before = stub.GenerateUnary(prompt, timeout=120)
-    port = fleet.redis_url.rsplit(":", 1)[1].split("/")[0]
     fleet.redis.terminate()
     fleet.redis.wait(10)
     try:
         during = [stub.GenerateUnary(prompt, timeout=120) for _ in range(4)]
-    finally:  # back on the same port, for the tests after this one
-        fleet.redis = subprocess.Popen(
-            ["redis-server", "--port", port, "--bind", "127.0.0.1", "--save", ""],
-            stdout=subprocess.DEVNULL,
-        )
+    finally:  # back on the same port, with the same users, for the tests after this one
+        fleet.redis = subprocess.Popen(fleet.redis_argv, stdout=subprocess.DEVNULL)
     assert all(list(r.token_ids) == list(before.token_ids) for r in during)
 
 

@@ -72,32 +72,6 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s-serve-svc" (include "selfspec.rayServiceName" .) }}
 {{- end }}
 
-{{/* Redis: the URL (no password: that comes from SELFSPEC_REDIS_PASSWORD) and its Secret. */}}
-{{- define "selfspec.redisName" -}}
-{{- printf "%s-redis" (include "selfspec.fullname" .) }}
-{{- end }}
-
-{{- define "selfspec.redisUrl" -}}
-{{- if .Values.redis.external.enabled }}
-{{- $address := required "redis.external.address is required when redis.external.enabled is true" .Values.redis.external.address }}
-{{- if contains "://" $address }}{{ $address }}{{ else }}{{ printf "redis://%s/0" $address }}{{ end }}
-{{- else }}
-{{- printf "redis://%s:6379/0" (include "selfspec.redisName" .) }}
-{{- end }}
-{{- end }}
-
-{{- define "selfspec.redisSecretName" -}}
-{{- if .Values.redis.external.enabled }}
-{{- required "redis.external.existingSecret is required when redis.external.enabled is true" .Values.redis.external.existingSecret }}
-{{- else }}
-{{- default (include "selfspec.redisName" .) .Values.redis.auth.existingSecret }}
-{{- end }}
-{{- end }}
-
-{{- define "selfspec.redisSecretKey" -}}
-{{- if .Values.redis.external.enabled }}{{ .Values.redis.external.secretKey }}{{ else }}{{ .Values.redis.auth.secretKey }}{{ end }}
-{{- end }}
-
 {{- define "selfspec.gatewayTokenSecretName" -}}
 {{- default (printf "%s-gateway-token" (include "selfspec.fullname" .)) .Values.gateway.auth.existingSecret }}
 {{- end }}
@@ -153,19 +127,7 @@ given value, else a random one. Call with (dict "ctx" $ "name" N "key" K "value"
 {{- end }}
 {{- end }}
 
-{{/* Redis' address and credential, for the pods that use Redis: the controller and the
-Ray pods. The gateway never uses Redis, so it gets neither. */}}
-{{- define "selfspec.redisEnv" -}}
-- name: SELFSPEC_REDIS_URL
-  value: {{ include "selfspec.redisUrl" . | quote }}
-- name: SELFSPEC_REDIS_PASSWORD
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "selfspec.redisSecretName" . }}
-      key: {{ include "selfspec.redisSecretKey" . }}
-{{- end }}
-
-{{/* Env shared by every selfspec container. */}}
+{{/* Env shared by every selfspec container (Redis credentials: selfspec.redisEnv). */}}
 {{- define "selfspec.commonEnv" -}}
 # The root filesystem is read-only: caches (Triton, torch extensions, matplotlib) go to /tmp.
 - name: HOME

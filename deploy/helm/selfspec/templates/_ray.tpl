@@ -54,8 +54,11 @@ spec:
         - {name: {{ include "selfspec.replicaMetricsPortName" $i }}, containerPort: {{ add $engine.metrics.port $i }}}
         {{- end }}
       env:
-        {{- include "selfspec.redisEnv" $ctx | nindent 8 }}
         {{- include "selfspec.commonEnv" $ctx | nindent 8 }}
+        {{- if not .isHead }}
+        {{- /* Engine replicas run on workers alone (the head has no GPU). */}}
+        {{- include "selfspec.redisEnv" (dict "ctx" $ctx "role" "replica") | nindent 8 }}
+        {{- end }}
         {{- /* Serve's replicas accept only calls that carry it (the gateway's). */}}
         {{- include "selfspec.internalTokenEnv" $ctx | nindent 8 }}
         - name: SELFSPEC_CACHE_DIR

@@ -1,0 +1,154 @@
+"""Redis ACL users, one per role, defined once from the schema's key names.
+
+Each role may run the commands its code runs, on the keys and the channel it touches:
+
+    replica     engine replicas (services/common/fleet.py): append telemetry and
+                rejections, register their model and their own state, read the
+                current config and the candidates, subscribe to announcements. No
+                write to a config, its history, the version counter, the pin or the
+                lease: a replica's credential cannot steer the fleet.
+    controller  the controllers (services/controller/): every key of the schema, the
+                lease and the Lua scripts that write configs included, and announcing.
+
+The gateway has no Redis user at all. `selfspec serve` turns the `default` user off;
+the chart's Redis keeps it only for an admin password that its own pod alone holds.
+
+The same rules reach every Redis: `selfspec serve` writes them to an aclfile, the
+chart's StatefulSet reads them from deploy/helm/selfspec/redis/users.yaml (generated
+here; tests/deploy/test_chart_redis.py fails when it differs), and the operator of an
+external Redis creates them from `python -m services.common.redis_acl`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import secrets
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.common import redis_schema as rs
+
+CHART_FILE = Path(__file__).resolve().parents[2] / "deploy/helm/selfspec/redis/users.yaml"
+
+
+@dataclass(frozen=True)
+class Role:
+    """One Redis user: the commands it may run, its keys and its channels."""
+
+    user: str
+    commands: tuple[str, ...]
+    keys: tuple[str, ...]  # ACL key selectors: `%R~` read only, `%W~` write only, `~` both
+    channels: tuple[str, ...]
+
+    def rules(self) -> list[str]:
+        """The user's ACL rules, password and `on` aside."""
+        return [
+            "-@all",
+            *(f"+{c}" for c in self.commands),
+            *self.keys,
+            *(f"&{c}" for c in self.channels),
+        ]
+
+
+# Every command is one the role's code sends; `select` serves a database other than 0 in
+# the URL. redis-py's CLIENT SETINFO is not sent (see redis_schema.connect).
+REPLICA = Role(
+    "replica",
+    commands=("xadd", "sadd", "hset", "get", "subscribe", "select"),
+    keys=(
+        f"%W~{rs.TELEMETRY}",
+        f"%W~{rs.REJECTIONS}",
+        f"%W~{rs.MODELS}",
+        f"%W~{rs.model_key('*', 'replicas')}",
+        f"%R~{rs.model_key('*', 'current')}",
+        f"%R~{rs.model_key('*', 'candidates')}",
+    ),
+    channels=(rs.CHANNEL,),
+)
+# The Lua scripts (store.PUBLISH, lease.RENEW and RELEASE) run with the caller's rights:
+# their commands (incr, hlen, pexpire, ...) are in the list too.
+CONTROLLER = Role(
+    "controller",
+    commands=(
+        *("get", "set", "del", "exists", "incr", "pexpire"),  # configs, pin, search, lease
+        *("hset", "hget", "hmget", "hkeys", "hgetall", "hdel", "hlen"),  # history, replicas
+        *("smembers", "xread", "xrevrange", "publish"),  # models, streams, announcements
+        *("evalsha", "script|load", "ping", "select"),  # scripts (redis-py loads on a miss)
+    ),
+    keys=(f"~{rs.PREFIX}:*",),
+    channels=(rs.CHANNEL,),
+)
+ROLES = {role.user: role for role in (REPLICA, CONTROLLER)}
+
+
+def setuser(role: Role, password: str) -> list[str]:
+    """`ACL SETUSER`'s arguments for `role`; `password` is a rule: `>plain` or `#sha256`.
+    `reset` first, so that running it again replaces the user's rules."""
+    return [role.user, "reset", "on", password, *role.rules()]
+
+
+def hashed(password: str) -> str:
+    """A password as an ACL rule that does not reveal it."""
+    return "#" + hashlib.sha256(password.encode()).hexdigest()
+
+
+def new_passwords() -> dict[str, str]:
+    """A random password per role."""
+    return {user: secrets.token_hex(24) for user in ROLES}
+
+
+def aclfile(passwords: dict[str, str]) -> str:
+    """An aclfile with every role's user, passwords hashed, and `default` off."""
+    lines = [" ".join(["user", *setuser(ROLES[u], hashed(p))]) for u, p in passwords.items()]
+    return "\n".join(["user default reset off", *lines]) + "\n"
+
+
+def write_private(path: Path, text: str) -> Path:
+    """Write `text` to `path`, readable by its owner alone (from its creation on)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path
+
+
+def setuser_commands() -> str:
+    """`ACL SETUSER` lines for an external Redis, the passwords left to fill in: pipe
+    them through `envsubst` into `redis-cli`."""
+    return "".join(
+        "ACL SETUSER " + " ".join(setuser(role, f">${{REDIS_{user.upper()}_PASSWORD}}")) + "\n"
+        for user, role in ROLES.items()
+    )
+
+
+def chart_rules() -> str:
+    """deploy/helm/selfspec/redis/users.yaml: each user's rules, for the chart's Redis."""
+    lines = [
+        "# Generated by `python -m services.common.redis_acl --chart` from",
+        "# services/common/redis_acl.py; tests/deploy/test_chart_redis.py checks it.",
+    ]
+    for user, role in ROLES.items():
+        lines.append(f"{user}:")
+        lines.extend(f'  - "{rule}"' for rule in role.rules())
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m services.common.redis_acl",
+        description="Print the fleet's Redis users: ACL SETUSER lines for an external Redis.",
+    )
+    p.add_argument("--chart", action="store_true", help="write the chart's copy of the rules")
+    args = p.parse_args(argv)
+    if args.chart:
+        CHART_FILE.write_text(chart_rules())
+        print(f"wrote {CHART_FILE}", file=sys.stderr)
+    else:
+        sys.stdout.write(setuser_commands())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
