@@ -69,7 +69,6 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                 "enabled": True,
                 "address": "redis.data.svc.cluster.local:6379",
                 "existingSecret": "shared-redis",
-                "secretKey": "password",
             }
         }
     },
@@ -148,6 +147,10 @@ def controller(docs) -> dict[str, Any]:
 
 def ray_cluster(docs) -> dict[str, Any]:
     return one(docs, "RayService")["spec"]["rayClusterConfig"]
+
+
+def ray_worker(docs) -> dict[str, Any]:
+    return ray_cluster(docs)["workerGroupSpecs"][0]["template"]["spec"]
 
 
 def serve_config(docs) -> dict[str, Any]:
@@ -242,7 +245,7 @@ def test_serve_config_follows_the_contract(case):
     assert args["backend"] is None  # the replica picks the GPU's best
     assert isinstance(args["kv_cache_bytes"], int)  # not 4.294967296e+09
     assert (
-        args["redis_url"] == env(controller(docs)["containers"][0])["SELFSPEC_REDIS_URL"]["value"]
+        args["redis_url"] == env(ray_worker(docs)["containers"][0])["SELFSPEC_REDIS_URL"]["value"]
     )
     assert args["metrics_port"] == _metrics_port(values)
     with warnings.catch_warnings():
@@ -376,7 +379,11 @@ def test_ray_pods_have_the_contract_env_and_model_cache(case):
         assert variables["RAY_USAGE_STATS_ENABLED"]["value"] == "0", where
         assert variables["HF_HUB_OFFLINE"]["value"] == "1", where
         assert variables["SELFSPEC_CACHE_DIR"]["value"] == "/cache", where
-        assert "SELFSPEC_REDIS_URL" in variables and "SELFSPEC_REDIS_PASSWORD" in variables
+        # Engine replicas run on the workers alone: only they hold the replica's credential.
+        redis_env = {"SELFSPEC_REDIS_URL", "SELFSPEC_REDIS_PASSWORD"} & set(variables)
+        assert redis_env == (
+            set() if where.endswith("/head") else {"SELFSPEC_REDIS_URL", "SELFSPEC_REDIS_PASSWORD"}
+        ), where
         mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
         volumes = {v["name"]: v for v in spec["volumes"]}
         cache = volumes[mounts["/cache"]]
@@ -501,7 +508,7 @@ def test_redis_statefulset_or_external(case):
     url = env(controller(docs)["containers"][0])["SELFSPEC_REDIS_URL"]["value"]
     if external.get("enabled"):
         assert not find(docs, "StatefulSet") and not find(docs, "Service", "-redis")
-        assert url == f"redis://{external['address']}/0"
+        assert url == f"redis://controller@{external['address']}/0"
         return
     statefulset = one(docs, "StatefulSet", "-redis")
     container = statefulset["spec"]["template"]["spec"]["containers"][0]
@@ -511,24 +518,11 @@ def test_redis_statefulset_or_external(case):
     persistent = values.get("redis", {}).get("persistence", {}).get("enabled", True)
     assert bool(statefulset["spec"].get("volumeClaimTemplates")) is persistent
     service = one(docs, "Service", "-redis")
-    assert url == f"redis://{service['metadata']['name']}:6379/0"
+    assert url == f"redis://controller@{service['metadata']['name']}:6379/0"
 
 
-def test_redis_password_reaches_every_component_from_one_secret(case):
-    _, values, docs = case
-    external = values.get("redis", {}).get("external", {})
-    refs = set()
-    for where, container, _ in containers(docs):
-        if "autoscaler" in where or container["name"] in ("redis", "gateway"):
-            continue  # the gateway never uses Redis (test_gateway_holds_no_redis_credential)
-        ref = env(container)["SELFSPEC_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
-        refs.add((ref["name"], ref["key"]))
-    (secret, key), *others = refs
-    assert not others, refs
-    if external.get("enabled"):
-        assert (secret, key) == (external["existingSecret"], external["secretKey"])
-    else:
-        assert key in one(docs, "Secret", secret)["data"]
+# Which Redis credential each pod holds (its role's own; the gateway and the Ray head
+# none) and the ACL rules themselves: tests/deploy/test_chart_redis.py.
 
 
 # --- Isolation and least privilege ------------------------------------------------------------
