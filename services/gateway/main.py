@@ -12,8 +12,8 @@ import sys
 from prometheus_client import REGISTRY
 
 from services.common import internal_auth, metrics_push, telemetry
+from services.common.tokens import TokenSource
 from services.gateway import metrics
-from services.gateway.auth import TokenSource
 from services.gateway.server import (
     MAX_IN_FLIGHT,
     RETRY_AFTER_MS,

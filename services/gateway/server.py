@@ -50,8 +50,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common import api, internal_auth, telemetry
+from services.common.tokens import TokenSource
 from services.gateway import metrics, tls
-from services.gateway.auth import AuthInterceptor, TokenSource
+from services.gateway.auth import AuthInterceptor
 from services.gen.selfspec.v1 import generation_pb2 as pb
 from services.gen.selfspec.v1 import generation_pb2_grpc as pb_grpc
 

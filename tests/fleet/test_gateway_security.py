@@ -12,15 +12,15 @@ import os
 import shutil
 import socket
 import ssl
-import subprocess
 
 import grpc
 import pytest
+from certs import self_signed
 from fleet_helpers import chat
 
 from services.common import internal_auth
+from services.common.tokens import TokenSource
 from services.gateway import main as gateway_main
-from services.gateway.auth import TokenSource
 from services.gateway.server import (
     Gateway,
     GatewayConfig,
@@ -275,20 +275,6 @@ def test_selfspec_gateway_refuses_to_start_with_a_token_in_plaintext(monkeypatch
 # -- TLS --------------------------------------------------------------------------------
 
 
-def self_signed(folder, name: str, *sans: str) -> tuple:
-    """A new self-signed certificate and its key; returns their paths."""
-    cert, key = folder / f"{name}.crt", folder / f"{name}.key"
-    alt = ",".join(sans or ("DNS:localhost", "IP:127.0.0.1"))
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
-        + ["-nodes", "-days", "1", "-subj", f"/CN={name}", "-addext", f"subjectAltName={alt}"]
-        + ["-keyout", str(key), "-out", str(cert)],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
-
-
 def der(cert) -> bytes:
     return ssl.PEM_cert_to_DER_cert(cert.read_text())
 
@@ -343,7 +329,7 @@ def test_a_key_that_is_not_the_certificates_is_refused_at_start(tmp_path):
 
 
 def test_tls_to_the_upstream_verifies_its_certificate(tmp_path):
-    cert, key = self_signed(tmp_path, "serve", "DNS:serve.selfspec.internal")
+    cert, key = self_signed(tmp_path, "serve", ("serve.selfspec.internal",))
 
     async def ready(upstream: Upstream) -> bool:
         gw = Gateway(upstream)

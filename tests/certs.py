@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 
-def self_signed(folder: Path, name: str, hosts: tuple[str, ...]) -> tuple[Path, Path]:
+def self_signed(
+    folder: Path, name: str, hosts: tuple[str, ...] = ("localhost", "127.0.0.1")
+) -> tuple[Path, Path]:
     """`name.crt` and `name.key` in `folder`, valid for `hosts` (names or IPs)."""
     cert, key = folder / f"{name}.crt", folder / f"{name}.key"
     try:
