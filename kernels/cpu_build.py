@@ -1,27 +1,33 @@
 """Building our C++ CPU kernels: compiled on first use, cached, never fatal.
 
-Each kernel module holds its C++ source (`SOURCE`, its names in a namespace of its own)
-and the functions it exposes (`FUNCTIONS`). `CPU` compiles them together with
-`torch.utils.cpp_extension.load_inline` the first time a function is asked for (cached
-in torch's extension directory; needs a C++ compiler and `ninja`) into one Python module:
-one build, and one translation unit, so that `cpu_layers` calls the other kernels
-directly. A pybind11 call costs about a microsecond, a quarter of a call through
-PyTorch's dispatcher. When it can't be built here (no AVX2 or FMA, no compiler,
-`SELFSPEC_NO_CPU_KERNEL` set), `available()` says False and `unavailable_reason()` says
-why; callers fall back to PyTorch.
+The sources are in `kernels/csrc/`, each kernel's names in a namespace of its own.
+`CPU` compiles them together with `torch.utils.cpp_extension.load_inline` the first
+time a function is asked for (cached in torch's extension directory; needs a C++
+compiler and `ninja`) into one Python module: one build, and one translation unit, so
+that `layers.cpp` calls the other kernels directly. The files are joined in order, each
+after a `#line` naming it, so that compiler messages point at the real file; their
+`#include "..."` of one another are dropped, the text being there already. A pybind11
+call costs about a microsecond, a quarter of a call through PyTorch's dispatcher. When
+it can't be built here (no AVX2 or FMA, no compiler, `SELFSPEC_NO_CPU_KERNEL` set),
+`available()` says False and `unavailable_reason()` says why; callers fall back to
+PyTorch.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
+import re
 import shutil
 import sys
 import threading
+from pathlib import Path
 
 import torch
 
 __all__ = ["CPU", "InlineExtension"]
+
+CSRC = Path(__file__).with_name("csrc")
+_LOCAL_INCLUDE = re.compile(r'^#include "[^"]+"$', re.MULTILINE)
 
 
 def _cpu_supported() -> str | None:
@@ -60,14 +66,24 @@ def _find_ninja() -> str | None:
     return "ninja not found (pip install ninja)"
 
 
-class InlineExtension:
-    """The C++ sources of `modules` (each with `SOURCE` and `FUNCTIONS`) as one Python
-    module, with AVX2 and OpenMP. The modules are imported when it is built, not before,
-    so that they can use it themselves."""
+def translation_unit(files: list[str]) -> str:
+    """`files` of `kernels/csrc/` joined into one source, each after a `#line` with its
+    path from the repository root (a path, not the checkout's: the build's cache key)."""
+    parts = []
+    for name in files:
+        text = _LOCAL_INCLUDE.sub("", (CSRC / name).read_text())
+        parts.append(f'#line 1 "kernels/csrc/{name}"\n{text}')
+    return "\n".join(parts)
 
-    def __init__(self, name: str, modules: list[str]) -> None:
+
+class InlineExtension:
+    """The C++ `files` of `kernels/csrc/` as one Python module exposing `functions`, with
+    AVX2 and OpenMP."""
+
+    def __init__(self, name: str, files: list[str], functions: list[str]) -> None:
         self.name = name
-        self.modules = modules
+        self.files = files
+        self.functions = functions
         self._lock = threading.Lock()
         self._ops = None
         self._error: str | None = None
@@ -92,11 +108,10 @@ class InlineExtension:
         try:
             from torch.utils.cpp_extension import load_inline
 
-            modules = [importlib.import_module(m) for m in self.modules]
             self._ops = load_inline(
                 name=self.name,
-                cpp_sources=[m.SOURCE for m in modules],
-                functions=[f for m in modules for f in m.FUNCTIONS],
+                cpp_sources=[translation_unit(self.files)],
+                functions=self.functions,
                 extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
                 extra_ldflags=["-fopenmp"],
                 verbose=False,
@@ -119,5 +134,7 @@ class InlineExtension:
 
 
 CPU = InlineExtension(
-    "selfspec_cpu", ["kernels.cpu_linear", "kernels.cpu_attention", "kernels.cpu_layers"]
+    "selfspec_cpu",
+    ["simd.h", "linear.cpp", "attention.cpp", "layers.cpp"],
+    ["linear_bf16", "linear_bf16_add", "linear_bf16_swiglu", "paged_attention", "run_layers"],
 )

@@ -25,61 +25,6 @@ from kernels.cpu_build import CPU
 
 __all__ = ["Stack", "run"]
 
-SOURCE = r"""
-namespace layers {
-
-// Bits of a layer's entry in `plan`.
-constexpr int64_t ATTENTION = 1, MLP = 2;
-constexpr int64_t PER_LAYER = 6;  // qkv, attention gain, o, gate_up, MLP gain, down
-
-at::Tensor run_layers(at::Tensor h, const std::vector<at::Tensor>& weights,
-                      const std::vector<std::optional<at::Tensor>>& qkv_bias,
-                      const std::vector<at::Tensor>& kv, const std::vector<int64_t>& outputs,
-                      int64_t start, const std::vector<int64_t>& plan, const at::Tensor& rope,
-                      const at::Tensor& slots, const at::Tensor& tables, const at::Tensor& starts,
-                      const at::Tensor& q_lens, const at::Tensor& q_offsets, int64_t block_size,
-                      int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double scale,
-                      int64_t window, double n_eps) {
-  const int64_t L = kv.size();
-  TORCH_CHECK(int64_t(weights.size()) == PER_LAYER * L && int64_t(qkv_bias.size()) == L,
-              "cpu_layers: ", PER_LAYER, " matrices and gains and a bias per layer, got ",
-              weights.size(), " and ", qkv_bias.size(), " for ", L, " layers");
-  TORCH_CHECK(outputs.size() == 4, "cpu_layers: outputs of qkv, o, gate_up and down");
-  TORCH_CHECK(start >= 0 && start + int64_t(plan.size()) <= L, "cpu_layers: layers ", start,
-              "..", start + int64_t(plan.size()), " of ", L);
-  pybind11::gil_scoped_release no_gil;
-  const std::optional<at::Tensor> none;
-  for (int64_t i = 0; i < int64_t(plan.size()); ++i) {
-    const int64_t l = start + i;
-    const at::Tensor* w = &weights[PER_LAYER * l];
-    if (plan[i] & ATTENTION) {
-      const at::Tensor qkv = linear::linear_bf16_epi(h, w[0], outputs[0], qkv_bias[l], none, true,
-                                                     w[1], n_eps, linear::EPI_NONE);
-      const at::Tensor out = attention::paged_attention(
-          qkv, kv[l], rope, slots, tables, starts, q_lens, q_offsets, block_size, num_heads,
-          num_kv_heads, head_dim, scale, window);
-      h = linear::linear_bf16_epi(out, w[2], outputs[1], none, h, false, none, 0.0,
-                                  linear::EPI_ADD);
-    }
-    if (plan[i] & MLP) {
-      const at::Tensor a = linear::linear_bf16_epi(h, w[3], outputs[2], none, none, true, w[4],
-                                                   n_eps, linear::EPI_SWIGLU);
-      h = linear::linear_bf16_epi(a, w[5], outputs[3], none, h, false, none, 0.0,
-                                  linear::EPI_ADD);
-    }
-  }
-  return h;
-}
-
-}  // namespace layers
-
-using layers::run_layers;
-"""
-
-FUNCTIONS = ["run_layers"]
-
-ATTENTION, MLP = 1, 2  # bits of a layer's entry in the plan: keep in step with the C++
-
 
 @dataclass(frozen=True)
 class Stack:
@@ -125,10 +70,11 @@ def run(
     kv_cache: list[torch.Tensor],
     rope: torch.Tensor,
     start: int,
-    plan: list[int],
+    run_attention: list[bool],
+    run_mlp: list[bool],
 ) -> torch.Tensor:
-    """Hidden states `[T, hidden]` through layers `start, start + 1, ...`: `plan` has one
-    entry per layer, its `ATTENTION` and `MLP` bits saying which sublayers run. `batch`
+    """Hidden states `[T, hidden]` through layers `start, start + 1, ...`, running layer
+    `start + i`'s attention where `run_attention[i]` and its MLP where `run_mlp[i]`. `batch`
     (an `AttentionBatch`) says where the tokens sit; `rope` is `[T, D / 2, 2]`, cos and
     sin of each token's position."""
     H, KV, D = stack.heads
@@ -140,7 +86,8 @@ def run(
         kv_cache,
         stack.outputs,
         start,
-        plan,
+        run_attention,
+        run_mlp,
         rope,
         batch.slots,
         *cpu_attention.batch_fields(batch),

@@ -345,12 +345,10 @@ class Model:
         if fused:
             rope = torch.view_as_real(rope)
             if self.stack is not None and not bulk and start < end:
-                plan_bits = [
-                    (i not in plan.skip_attn) * cpu_layers.ATTENTION
-                    + (i not in plan.skip_mlp) * cpu_layers.MLP
-                    for i in range(start, end)
-                ]
-                return cpu_layers.run(self.stack, h, batch, kv_cache, rope, start, plan_bits)
+                layers = range(start, end)
+                attention = [i not in plan.skip_attn for i in layers]
+                mlp = [i not in plan.skip_mlp for i in layers]
+                return cpu_layers.run(self.stack, h, batch, kv_cache, rope, start, attention, mlp)
         for i in range(start, end):
             layer = self.layers[i]
             if i not in plan.skip_attn:

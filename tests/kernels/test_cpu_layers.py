@@ -97,6 +97,8 @@ def test_bad_plan_is_refused(cpu_model) -> None:
     pool = [torch.zeros(16, 2 * model.kv_dim, dtype=model.kv_dtype)] * model.num_layers
     h = torch.zeros(1, model.config.hidden_size)
     rope = torch.view_as_real(model.rope[batch.positions])
-    plan = [cpu_layers.ATTENTION] * 3
+    last = model.num_layers - 1
     with pytest.raises(RuntimeError, match="layers 29..32 of 30"):
-        cpu_layers.run(model.stack, h, batch, pool, rope, model.num_layers - 1, plan)
+        cpu_layers.run(model.stack, h, batch, pool, rope, last, [True] * 3, [False] * 3)
+    with pytest.raises(RuntimeError, match="3 attention flags but 2 MLP flags"):
+        cpu_layers.run(model.stack, h, batch, pool, rope, 0, [True] * 3, [False] * 2)

@@ -1,0 +1,50 @@
+// Layers of a model in one call: the fused kernels of linear.cpp and attention.cpp, one
+// after another, with no Python between them. Compiled in one translation unit with them
+// (kernels/cpu_build.py), so these calls are direct.
+namespace layers {
+
+constexpr int64_t PER_LAYER = 6;  // qkv, attention gain, o, gate_up, MLP gain, down
+
+at::Tensor run_layers(at::Tensor h, const std::vector<at::Tensor>& weights,
+                      const std::vector<std::optional<at::Tensor>>& qkv_bias,
+                      const std::vector<at::Tensor>& kv, const std::vector<int64_t>& outputs,
+                      int64_t start, const std::vector<bool>& run_attention,
+                      const std::vector<bool>& run_mlp, const at::Tensor& rope,
+                      const at::Tensor& slots, const at::Tensor& tables, const at::Tensor& starts,
+                      const at::Tensor& q_lens, const at::Tensor& q_offsets, int64_t block_size,
+                      int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double scale,
+                      int64_t window, double n_eps) {
+  const int64_t L = kv.size();
+  TORCH_CHECK(int64_t(weights.size()) == PER_LAYER * L && int64_t(qkv_bias.size()) == L,
+              "cpu_layers: ", PER_LAYER, " matrices and gains and a bias per layer, got ",
+              weights.size(), " and ", qkv_bias.size(), " for ", L, " layers");
+  TORCH_CHECK(outputs.size() == 4, "cpu_layers: outputs of qkv, o, gate_up and down");
+  const int64_t n = run_attention.size();
+  TORCH_CHECK(int64_t(run_mlp.size()) == n, "cpu_layers: ", n, " attention flags but ",
+              run_mlp.size(), " MLP flags");
+  TORCH_CHECK(start >= 0 && start + n <= L, "cpu_layers: layers ", start, "..", start + n, " of ",
+              L);
+  pybind11::gil_scoped_release no_gil;
+  const std::optional<at::Tensor> none;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t l = start + i;
+    const at::Tensor* w = &weights[PER_LAYER * l];
+    if (run_attention[i]) {
+      const at::Tensor qkv =
+          linear::linear_bf16(h, w[0], outputs[0], qkv_bias[l], true, w[1], n_eps);
+      const at::Tensor out = attention::paged_attention(
+          qkv, kv[l], rope, slots, tables, starts, q_lens, q_offsets, block_size, num_heads,
+          num_kv_heads, head_dim, scale, window);
+      h = linear::linear_bf16_add(out, w[2], outputs[1], none, h);
+    }
+    if (run_mlp[i]) {
+      const at::Tensor a = linear::linear_bf16_swiglu(h, w[3], outputs[2], true, w[4], n_eps);
+      h = linear::linear_bf16_add(a, w[5], outputs[3], none, h);
+    }
+  }
+  return h;
+}
+
+}  // namespace layers
+
+using layers::run_layers;
