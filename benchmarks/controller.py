@@ -117,10 +117,10 @@ class _redis:
 
 
 def _run(args, url: str) -> dict:
-    from services.common.fleet import FleetLink
     from services.common.redis_schema import model_key
     from services.controller.controller import Controller, Settings
     from services.engine import DraftConfig, Engine, SamplingParams
+    from services.serve.fleet_link import FleetLink
 
     base = Engine.from_pretrained(args.model, dtype=args.dtype, backend=args.backend)
     middle = tuple(range(2, 2 * base.model.num_layers // 3))

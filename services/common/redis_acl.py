@@ -2,7 +2,7 @@
 
 Each role may run the commands its code runs, on the keys and the channel it touches:
 
-    replica     engine replicas (services/common/fleet.py): append telemetry and
+    replica     engine replicas (services/serve/fleet_link.py): append telemetry and
                 rejections, register their model and their own state, read the
                 current config and the candidates, subscribe to announcements. No
                 write to a config, its history, the version counter, the pin or the

@@ -4,7 +4,7 @@ Each round proposes a few neighbours of the incumbent skip set (keep one or two 
 its sublayers, drop half of it, drop one, add one, swap one) and early exits (an exit
 at layer E is the skip set of every sublayer from E up: near the incumbent's exit if
 it is one, else one in the upper half of the model). Replicas score them, and the
-incumbent, teacher-forced on text they served (`services.common.scoring`). When every
+incumbent, teacher-forced on text they served (`services.serve.scoring`). When every
 candidate has enough scored positions, or the round times out, each is ranked by
 the speedup model with its agreement's lower confidence bound and its estimated
 draft cost; the best is adopted only if that beats the incumbent's speedup at its

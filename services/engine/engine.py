@@ -613,7 +613,7 @@ class Engine:
             stats=seq.stats.as_dict(),
         )
 
-    # -- fleet configuration: hooks for services.common.fleet ---------------------------
+    # -- fleet configuration: hooks for services.serve.fleet_link ---------------------------
     # A fleet link applies the controller's versioned configs here, between steps, and
     # scores candidate skip sets in spare moments. With no link nothing below changes
     # what the engine does.

@@ -203,7 +203,7 @@ class EngineServer:
     def _join_fleet(self):
         if not self.settings.redis_url:
             return None
-        from services.common.fleet import FleetLink
+        from services.serve.fleet_link import FleetLink
 
         link = FleetLink(
             self.engine,

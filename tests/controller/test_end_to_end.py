@@ -12,9 +12,9 @@ from controller_helpers import poor_draft, replica
 from waiting import wait_for
 
 from services.common import redis_schema as rs
-from services.common.fleet import FleetLink
 from services.controller.controller import Controller, Settings
 from services.engine import SamplingParams
+from services.serve.fleet_link import FleetLink
 
 PROMPTS = [
     "Write a Python function that returns the square of a number.",

@@ -19,12 +19,12 @@ from waiting import wait_for
 
 from services.common import redis_acl
 from services.common import redis_schema as rs
-from services.common.fleet import FleetLink
 from services.controller.admin import Admin
 from services.controller.client import status_dict
 from services.controller.controller import Controller, Settings
 from services.controller.store import PUBLISH
 from services.engine import SamplingParams
+from services.serve.fleet_link import FleetLink
 from services.serve.local import Fleet, FleetOptions, free_port
 
 MODEL = "smollm-acl"
@@ -173,7 +173,7 @@ def test_controller_run_with_the_replicas_credential_says_so(users):
 def test_fleet_link_with_a_wrong_password_says_so_once(engine, users, caplog):
     url = rs.with_credentials(users["replica"], password="not-the-password-4711")
     fl = FleetLink(replica(engine), url, MODEL, "r0", score=False)
-    with caplog.at_level(logging.ERROR, logger="services.common.fleet"):
+    with caplog.at_level(logging.ERROR, logger="services.serve.fleet_link"):
         for _ in range(3):  # the link's retries: one message, not one per retry
             assert not fl._guard(fl._poll)
     (message,) = [r.getMessage() for r in caplog.records]

@@ -16,7 +16,7 @@ config stays. Without Redis the engine keeps serving with that config and its ow
 `auto` adaptation.
 
 A second thread scores the controller's skip-set candidates in spare moments
-(see `services.common.scoring`).
+(see `services.serve.scoring`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import time
 from collections import deque
 
 from services.common import redis_schema as rs
-from services.common.scoring import CandidateScorer
+from services.serve.scoring import CandidateScorer
 
 log = logging.getLogger(__name__)
 
