@@ -100,7 +100,7 @@ class Engine:
             eos.append(tokenizer.eos_token_id)
         self.eos_ids = frozenset(e for e in eos if e is not None)
         self._ids = itertools.count()
-        self.scheduler = Scheduler(self.pool, max_waiting=max_waiting, prefill_chunk=prefill_chunk)
+        self.scheduler = Scheduler(self.pool, max_waiting=max_waiting)
         self._step_lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None

@@ -48,10 +48,9 @@ class CachedSession:
 
 
 class Scheduler:
-    def __init__(self, pool: KVPool, *, max_waiting: int, prefill_chunk: int) -> None:
+    def __init__(self, pool: KVPool, *, max_waiting: int) -> None:
         self.pool = pool
         self.max_waiting = max_waiting
-        self.prefill_chunk = prefill_chunk
         self.waiting: deque[tuple[Request, Sequence]] = deque()
         self.prefilling: list[tuple[Request, Sequence]] = []
         self.running: list[tuple[Request, Sequence]] = []
