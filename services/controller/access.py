@@ -9,12 +9,12 @@ open (Kubernetes' gRPC probes cannot send credentials); reflection is a read.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from collections.abc import Callable
 
 import grpc
 
+from services.common.addresses import is_loopback
 from services.common.tokens import TokenSource
 from services.gen.selfspec.v1 import controller_pb2 as pb
 
@@ -89,7 +89,7 @@ def admin_access(
     if operator is None:
         _allow_open(listen, allow_insecure)
         return None
-    if not tls and not loopback(listen):
+    if not tls and not is_loopback(listen):
         log.warning(
             "the admin API on %s takes tokens in clear text: pass --admin-tls-cert and "
             "--admin-tls-key, or keep the network to it private",
@@ -99,7 +99,7 @@ def admin_access(
 
 
 def _allow_open(listen: str, allowed: bool) -> None:
-    if loopback(listen):
+    if is_loopback(listen):
         log.warning(
             "the admin API on %s is unauthenticated: anyone on this host may pin and roll "
             "back; pass --admin-token-file or set %s",
@@ -119,18 +119,6 @@ def _allow_open(listen: str, allowed: bool) -> None:
         "reaches it may pin and roll back",
         listen,
     )
-
-
-def loopback(listen: str) -> bool:
-    """Whether host:port names a loopback address; a name other than localhost is not
-    taken to be one (it may resolve to anything)."""
-    host = listen.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class AccessInterceptor(grpc.aio.ServerInterceptor):

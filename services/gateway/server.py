@@ -35,7 +35,6 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import ipaddress
 import logging
 import os
 import random
@@ -50,6 +49,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common import api, internal_auth, telemetry
+from services.common.addresses import is_loopback
 from services.common.tokens import TokenSource
 from services.gateway import metrics, tls
 from services.gateway.auth import AuthInterceptor
@@ -464,18 +464,6 @@ class GatewayConfig:
                 "encrypts the traffic itself (a service mesh with mTLS), pass "
                 "--allow-insecure-token"
             )
-
-
-def is_loopback(listen: str) -> bool:
-    """Whether host:port listens on loopback only (an empty host or 0.0.0.0 is every
-    interface; a host name other than localhost may resolve anywhere)."""
-    host = listen.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class GatewayServer:

@@ -19,6 +19,7 @@ from certs import self_signed
 from fleet_helpers import chat
 
 from services.common import internal_auth
+from services.common.addresses import is_loopback
 from services.common.tokens import TokenSource
 from services.gateway import main as gateway_main
 from services.gateway.server import (
@@ -26,7 +27,6 @@ from services.gateway.server import (
     GatewayConfig,
     GatewayServer,
     Upstream,
-    is_loopback,
 )
 from services.gen.selfspec.v1 import generation_pb2 as pb
 from services.gen.selfspec.v1 import generation_pb2_grpc as pb_grpc
