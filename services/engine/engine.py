@@ -312,25 +312,25 @@ class Engine:
             self._decode()
 
     def _prefill_next(self) -> None:
-        request, seq = self.scheduler.prefilling[0]
+        sch = self.scheduler
+        request, seq = sch.prefilling[0]
+        resumed = bool(seq.output)  # after a preemption: its next token is known
         try:
             logits = self.runner.prefill(seq, self.prefill_chunk)
-            if logits is None:
+            if logits is None:  # more chunks to come
                 return
-            self.scheduler.prefilling.pop(0)
-            if seq.output:  # resumed after a preemption: its next token is known
-                self.scheduler.running.append((request, seq))
-                return
-            seq.append([self._first_token(seq, logits[-1])], self.eos_ids)
+            if not resumed:
+                seq.append([self._first_token(seq, logits[-1])], self.eos_ids)
         except Exception as exc:
-            if (request, seq) in self.scheduler.prefilling:
-                self.scheduler.prefilling.remove((request, seq))
+            sch.drop(request, seq)
             self._fail(request, seq, exc)
             return
         if seq.finished:
+            sch.drop(request, seq)
             self._done(request, seq)
-        else:
-            self.scheduler.running.append((request, seq))
+            return
+        sch.start_running(request, seq)
+        if not resumed:
             _notify(request, seq, False)
 
     def _decode(self) -> None:
@@ -351,11 +351,7 @@ class Engine:
                 for seq, state in zip(seqs, states, strict=True):
                     _restore_generator(seq, state)
                     self._step_alone(seq, cfg)
-        # The queue is settled before anyone hears: a client told its request finished
-        # finds the engine no longer running it.
-        done = [(r, s) for r, s in sch.running if s.finished]
-        sch.running[:] = [(r, s) for r, s in sch.running if not s.finished]
-        for request, seq in done:
+        for request, seq in sch.settle():
             self._done(request, seq)
         for request, seq in sch.running:
             _notify(request, seq, False)
@@ -459,13 +455,9 @@ class Engine:
                 self._fail_all()
 
     def _fail_all(self) -> None:
-        sch = self.scheduler
-        for queue in (sch.prefilling, sch.running):
-            failed = list(queue)
-            queue.clear()
-            for request, seq in failed:
-                seq.finish("error", "the engine failed a step; retry")
-                self._done(request, seq)
+        for request, seq in self.scheduler.take_active():
+            seq.finish("error", "the engine failed a step; retry")
+            self._done(request, seq)
 
     async def submit(
         self,

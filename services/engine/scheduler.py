@@ -166,13 +166,37 @@ class Scheduler:
 
     def preempt(self, request: Request, seq: Sequence) -> None:
         """Give up a sequence's KV and queue it first, to resume by recomputing it."""
-        for queue in (self.running, self.prefilling):
-            if (request, seq) in queue:
-                queue.remove((request, seq))
+        self.drop(request, seq)
         seq.table.free()
         seq.stats.preemptions += 1
         with self.lock:
             self.waiting.appendleft((request, seq))
+
+    def start_running(self, request: Request, seq: Sequence) -> None:
+        """A sequence whose prompt is prefilled joins the running ones."""
+        self.prefilling.remove((request, seq))
+        self.running.append((request, seq))
+
+    def drop(self, request: Request, seq: Sequence) -> None:
+        """Take a sequence out of prefill or the running set (it ended, failed or is
+        preempted); nothing when it is in neither."""
+        for queue in (self.prefilling, self.running):
+            if (request, seq) in queue:
+                queue.remove((request, seq))
+
+    def settle(self) -> list[tuple[Request, Sequence]]:
+        """The running sequences that finished in this step, taken out of the running set,
+        so that a client told its request finished finds it no longer running."""
+        done = [(r, s) for r, s in self.running if s.finished]
+        self.running[:] = [(r, s) for r, s in self.running if not s.finished]
+        return done
+
+    def take_active(self) -> list[tuple[Request, Sequence]]:
+        """Every sequence prefilling or running, taken out: a step failed them all."""
+        active = self.prefilling + self.running
+        self.prefilling.clear()
+        self.running.clear()
+        return active
 
     def finish(self, request: Request, seq: Sequence) -> None:
         """Release a finished sequence: keep a session's blocks, free the rest."""
