@@ -30,11 +30,7 @@ OWNER_KEY = "x-selfspec-owner"
 def from_env(path: str | None = None) -> TokenSource | None:
     """`path`, else `$SELFSPEC_INTERNAL_TOKEN_FILE`, else `$SELFSPEC_INTERNAL_TOKEN`; None
     when none is set. A file that is missing or empty is a ValueError here, at start."""
-    path = path or os.environ.get(ENV_FILE)
-    if path:
-        return TokenSource(path=path)
-    value = os.environ.get(ENV_VALUE)
-    return TokenSource(value=value) if value else None
+    return TokenSource.from_env(path, file_env=ENV_FILE, value_env=ENV_VALUE)
 
 
 def metadata(source: TokenSource | None) -> list[tuple[str, str]]:

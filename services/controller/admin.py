@@ -11,14 +11,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import ssl
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common import redis_schema as rs
+from services.common.tls import ReloadingCertificate
 from services.controller.access import SERVICE, Access, AccessInterceptor
 from services.controller.controller import Controller
 from services.gen.selfspec.v1 import controller_pb2 as pb
@@ -168,38 +167,10 @@ async def serve(
     if tls is None:
         port = server.add_insecure_port(listen)
     else:
-        port = server.add_secure_port(listen, _reloading_credentials(*tls))
+        port = server.add_secure_port(listen, ReloadingCertificate(*tls).credentials())
     if port == 0:
         raise OSError(f"cannot listen on {listen}: the port is taken or the address is wrong")
     await server.start()
     for name in ("", SERVICE):
         await checker.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server
-
-
-def _reloading_credentials(cert: str, key: str) -> grpc.ServerCredentials:
-    """TLS credentials that read `cert` and `key` again when either file changes.
-
-    gRPC asks the fetcher at each new handshake (from one of its own threads). It
-    answers None while the files are unchanged, and also while they do not make a
-    pair (a rotation half written), so the last good pair stays in use until the
-    files are whole again. At start a bad pair is a ValueError."""
-    paths = (Path(cert), Path(key))
-    served: list[tuple[float, ...] | None] = [None]
-
-    def fetch() -> grpc.ServerCertificateConfiguration | None:
-        try:
-            stamps = tuple(p.stat().st_mtime for p in paths)
-            if stamps == served[0]:
-                return None
-            chain, private = (p.read_bytes() for p in paths)
-            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
-        except OSError as exc:  # ssl.SSLError is one too
-            if served[0] is None:
-                raise ValueError(f"cannot serve TLS with {cert} and {key}: {exc}") from None
-            log.warning("admin TLS: keeping the last certificate: %s", exc)
-            return None
-        served[0] = stamps
-        return grpc.ssl_server_certificate_configuration([(private, chain)])
-
-    return grpc.dynamic_ssl_server_credentials(fetch(), fetch)

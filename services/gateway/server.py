@@ -48,10 +48,10 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common import api, internal_auth, telemetry
+from services.common import api, internal_auth, telemetry, tls
 from services.common.addresses import is_loopback
 from services.common.tokens import TokenSource
-from services.gateway import metrics, tls
+from services.gateway import metrics
 from services.gateway.auth import AuthInterceptor
 from services.gen.selfspec.v1 import generation_pb2 as pb
 from services.gen.selfspec.v1 import generation_pb2_grpc as pb_grpc

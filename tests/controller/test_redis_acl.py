@@ -144,29 +144,29 @@ def test_fleet_link_and_controller_work_together_under_their_users(engine, users
     assert denied == [], f"a role was denied something its code does: {denied}"
 
 
-def test_controller_with_a_wrong_password_says_what_to_check(users):
-    """`selfspec controller run` stops at once, naming the user and what to check: a
-    wrong password is no outage to wait out."""
-    url = rs.with_credentials(users["controller"], password="not-the-password-4711")
-    proc = spawn_controller(url, "ctl-wrong", f"127.0.0.1:{free_port()}", "--wait-redis", "600")
+def controller_run(url: str, name: str, *args: str) -> tuple[int, str]:
+    """`selfspec controller run` against `url` until it exits: its code and its output."""
+    proc = spawn_controller(url, name, f"127.0.0.1:{free_port()}", *args)
     try:
         out, _ = proc.communicate(timeout=120)
     finally:
         kill(proc)
-    text = out.decode()
-    assert proc.returncode != 0
+    return proc.returncode, out.decode()
+
+
+def test_controller_with_a_wrong_password_says_what_to_check(users):
+    """`selfspec controller run` stops at once, naming the user and what to check: a
+    wrong password is no outage to wait out."""
+    url = rs.with_credentials(users["controller"], password="not-the-password-4711")
+    code, text = controller_run(url, "ctl-wrong", "--wait-redis", "600")
+    assert code != 0
     assert "refused user 'controller'" in text and rs.PASSWORD_ENV in text, text
     assert "not-the-password-4711" not in text, "the password must not be printed"
 
 
 def test_controller_run_with_the_replicas_credential_says_so(users):
-    proc = spawn_controller(users["replica"], "ctl-as-replica", f"127.0.0.1:{free_port()}")
-    try:
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        kill(proc)
-    text = out.decode()
-    assert proc.returncode != 0
+    code, text = controller_run(users["replica"], "ctl-as-replica")
+    assert code != 0
     assert "refused user 'replica' a command" in text and "NOPERM" in text, text
 
 

@@ -1,9 +1,10 @@
-"""TLS for the gateway: its server certificate, reloaded when the files change, and the
-credentials of its channel to Serve.
+"""TLS for our gRPC servers (the gateway, the controller's admin API): a server
+certificate reloaded when its files change, and the credentials of a channel that trusts
+one CA.
 
 The certificate and key are read again when either file changes, and new connections get
 the new pair without a restart (running ones keep theirs): cert-manager renews a Secret,
-the kubelet swaps the mounted files, and the gateway follows. gRPC asks for the current
+the kubelet swaps the mounted files, and the server follows. gRPC asks for the current
 pair at each handshake; a pair that does not load (the key of one certificate beside the
 next, while a rotation is half done) is skipped with a warning, and the last good pair
 stays until the files agree again.
