@@ -6,6 +6,7 @@ import asyncio
 from dataclasses import dataclass, field
 
 from services.engine import Engine, SamplingParams
+from services.engine.policy import Costs
 from services.engine.sequence import Sequence
 
 # Eight short chat prompts of different lengths, for batches.
@@ -73,3 +74,15 @@ def assert_no_blocks_held(eng: Engine) -> None:
     assert not eng.scheduler.has_work, eng.stats()
     eng.scheduler.clear_sessions()
     assert eng.pool.num_free == eng.pool.num_blocks
+
+
+class FreeDrafts(Costs):
+    """Costs for which drafting is free: `auto` then drafts as far as it may and chooses
+    its mode by acceptance alone, the same on every run and every machine (not by how long
+    a pass took here), and its layer drafts are long enough for every mistake to show."""
+
+    def relative(self, mode: str, batch: int, prior_draft: float) -> tuple[float, float]:
+        return 0.0, 0.0
+
+    def extra_costs(self, batch: int, length: int) -> list[float]:
+        return [0.0] * length

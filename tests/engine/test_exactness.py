@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from backend_cases import backend_params
+from engine_helpers import FreeDrafts
 
 from services.engine import DraftConfig, Engine, SamplingParams
 
@@ -40,7 +41,9 @@ SLOW = backend_params(("bfloat16",), ("torch",))  # the rest run on the tiny mod
 
 def _default(which) -> Engine:
     name, dtype = which
-    return Engine.from_pretrained("default", dtype=dtype, backend=name, kv_cache_bytes=64 << 20)
+    eng = Engine.from_pretrained("default", dtype=dtype, backend=name, kv_cache_bytes=64 << 20)
+    eng.runner.costs = FreeDrafts()  # `auto` drafts on every machine, however fast it is
+    return eng
 
 
 @pytest.fixture(scope="module", params=FAST)
@@ -119,6 +122,7 @@ def _drafting_equals_off(eng: Engine, batch: int, max_tokens: int) -> None:
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     prompts = [[(7 * i + 3 * j) % 500 + 1 for j in range(5 + 9 * i)] for i in range(batch)]
     alone = [eng.generate([p], params, "off")[0].token_ids for p in prompts]
+    eng.runner.costs = FreeDrafts()
     for cfg in modes(eng.model.num_layers):
         outs = eng.generate(prompts, params, cfg)
         assert [o.token_ids for o in outs] == alone, cfg

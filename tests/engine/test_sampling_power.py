@@ -15,12 +15,11 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
-from engine_helpers import Case, run_together
+from engine_helpers import Case, FreeDrafts, run_together
 from scipy.stats import chi2_contingency
 
 from services.engine import DraftConfig, Engine, SamplingParams, sampler
 from services.engine import engine as engine_module
-from services.engine.policy import Costs
 
 SAMPLES = 1500  # per arm; the negative controls are rejected with this many
 ALPHA = 1e-4  # the test's level: the real sampler passes above it, a wrong one fails below
@@ -44,18 +43,6 @@ MODES = {
     "ngram": (DraftConfig(mode="ngram", max_draft=2), NGRAM_PROMPT),
     "auto": (DraftConfig(mode="auto", skip_attn=SKIP), NGRAM_PROMPT),
 }
-
-
-class FreeDrafts(Costs):
-    """Costs for which drafting is free: `auto` then drafts as far as it may and chooses
-    its mode by acceptance alone, the same on every run and every machine (not by how long
-    a pass took here), and its layer drafts are long enough for every mistake to show."""
-
-    def relative(self, mode: str, batch: int, prior_draft: float) -> tuple[float, float]:
-        return 0.0, 0.0
-
-    def extra_costs(self, batch: int, length: int) -> list[float]:
-        return [0.0] * length
 
 
 @pytest.fixture(scope="module")
