@@ -28,13 +28,17 @@ $(STAMP): pyproject.toml
 run: setup
 	$(BIN)/selfspec serve
 
+CSRC := $(wildcard kernels/csrc/*.cpp kernels/csrc/*.h)
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/clang-format --dry-run --Werror $(CSRC)
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+	$(BIN)/clang-format -i $(CSRC)
 
 test: setup lint
 	$(BIN)/pytest -q

@@ -28,8 +28,8 @@ static inline __m256 exp_neg(__m256 x) {
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
   p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256i e =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
 }
 
@@ -39,8 +39,7 @@ static inline __m256 sum8x8(const __m256* v) {
   const __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
   const __m256 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
   const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
-  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
-                       _mm256_permute2f128_ps(u0, u1, 0x31));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
 // Pool elements: float32, or bfloat16 kept as its bits (the top half of a float32).
@@ -99,14 +98,14 @@ template <typename E>
 struct Args {
   const float* q;  // [T, H * D], row stride qs
   int64_t qs;
-  const E* kv;  // [slots, 2 * KV * D]
+  const E* kv;            // [slots, 2 * KV * D]
   const int32_t* tables;  // [B, nb]
   int64_t nb, block_size, H, KV, D, window;
   float scale;
 };
 
-constexpr int64_t CHUNK = 64;  // keys whose values stay in L1 while every head uses them
-constexpr int64_t AHEAD = 16;  // keys ahead to prefetch
+constexpr int64_t CHUNK = 64;   // keys whose values stay in L1 while every head uses them
+constexpr int64_t AHEAD = 16;   // keys ahead to prefetch
 constexpr int64_t SPLIT = 256;  // key positions per unit of work
 
 // Line `l` of the 8 pool rows at `rows` (each `row_lines` lines) into L1.
@@ -311,9 +310,17 @@ static at::Tensor attend_pool(E* pool, const at::Tensor& q_in, const at::Tensor&
   for (const at::Tensor* t : {&tables, &starts, &q_lens, &q_offsets})
     TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous() && t->size(0) == B,
                 "cpu_attention: tables, starts, q_lens and q_offsets: int32, one per sequence");
-  Args<E> a{q.data_ptr<float>(), q.stride(0), pool, tables.data_ptr<int32_t>(),
-         tables.size(1), block_size, H, num_kv_heads, head_dim, window,
-         static_cast<float>(scale)};
+  Args<E> a{q.data_ptr<float>(),
+            q.stride(0),
+            pool,
+            tables.data_ptr<int32_t>(),
+            tables.size(1),
+            block_size,
+            H,
+            num_kv_heads,
+            head_dim,
+            window,
+            static_cast<float>(scale)};
   at::Tensor out = at::empty({T, H * head_dim}, q.options());
   // One unit per (query, head): its sequence and position.
   const int32_t* st = starts.data_ptr<int32_t>();
@@ -397,9 +404,9 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& kv,
               "cpu_attention: the pool must be contiguous float32 or bfloat16 [slots, ",
               2 * num_kv_heads * head_dim, "], got ", kv.sizes(), " ", kv.scalar_type());
   if (bf16)
-    return attend_pool(reinterpret_cast<uint16_t*>(kv.data_ptr<at::BFloat16>()), q, kv, rope,
-                       slots, tables, starts, q_lens, q_offsets, block_size, num_heads,
-                       num_kv_heads, head_dim, scale, window);
+    return attend_pool(reinterpret_cast<uint16_t*>(kv.data_ptr<at::BFloat16>()), q, kv, rope, slots,
+                       tables, starts, q_lens, q_offsets, block_size, num_heads, num_kv_heads,
+                       head_dim, scale, window);
   return attend_pool(kv.data_ptr<float>(), q, kv, rope, slots, tables, starts, q_lens, q_offsets,
                      block_size, num_heads, num_kv_heads, head_dim, scale, window);
 }

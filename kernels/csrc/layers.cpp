@@ -32,9 +32,9 @@ at::Tensor run_layers(at::Tensor h, const std::vector<at::Tensor>& weights,
     if (run_attention[i]) {
       const at::Tensor qkv =
           linear::linear_bf16(h, w[0], outputs[0], qkv_bias[l], true, w[1], n_eps);
-      const at::Tensor out = attention::paged_attention(
-          qkv, kv[l], rope, slots, tables, starts, q_lens, q_offsets, block_size, num_heads,
-          num_kv_heads, head_dim, scale, window);
+      const at::Tensor out =
+          attention::paged_attention(qkv, kv[l], rope, slots, tables, starts, q_lens, q_offsets,
+                                     block_size, num_heads, num_kv_heads, head_dim, scale, window);
       h = linear::linear_bf16_add(out, w[2], outputs[1], none, h);
     }
     if (run_mlp[i]) {

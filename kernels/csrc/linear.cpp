@@ -14,12 +14,12 @@ namespace linear {
 enum Epi : int { EPI_NONE = 0, EPI_ADD = 1, EPI_SWIGLU = 2 };
 
 struct Args {
-  const float* x;         // [m, ks * 8], row stride xs, zero past K
+  const float* x;  // [m, ks * 8], row stride xs, zero past K
   int64_t xs;
-  const uint16_t* w;      // packed bfloat16 bits [groups, ks, 2, 8, 2]
-  const float* bias;      // [n] or null
-  const float* other;     // [m, n] contiguous residual, or null
-  float* y;               // [m, n] contiguous
+  const uint16_t* w;   // packed bfloat16 bits [groups, ks, 2, 8, 2]
+  const float* bias;   // [n] or null
+  const float* other;  // [m, n] contiguous residual, or null
+  float* y;            // [m, n] contiguous
   int64_t m, n, ks, groups;
   int epi;
 };
@@ -79,8 +79,8 @@ static inline void stream_steps(const Args& a, int64_t r0, const uint16_t* wg, i
 // no widening and no packed stream, so 3 rows (12 accumulators) fit the 16 registers.
 // The accumulators live in `accs` between chunks.
 template <int R>
-static inline void wide_steps(const Args& a, int64_t r0, int64_t s0, int64_t s1,
-                              const float* wide, __m256* accs) {
+static inline void wide_steps(const Args& a, int64_t r0, int64_t s0, int64_t s1, const float* wide,
+                              __m256* accs) {
   __m256 acc[R][4];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < 4; ++j) acc[r][j] = accs[r * 4 + j];
@@ -112,8 +112,7 @@ constexpr int64_t CHUNK = 32;  // k-steps of a group widened and used at a time
 // the stream and keep it widened in `wide`; the other rows take it from there three at a
 // time. So the widening is done once, and the stream is read at a steady pace while the
 // arithmetic runs. `accs` holds 4 accumulators per row of x.
-static void many_rows(const Args& a, int64_t g, const uint16_t* wg, float* wide,
-                      __m256* accs) {
+static void many_rows(const Args& a, int64_t g, const uint16_t* wg, float* wide, __m256* accs) {
   for (int64_t i = 0; i < a.m * 4; ++i) accs[i] = _mm256_setzero_ps();
   for (int64_t s0 = 0; s0 < a.ks; s0 += CHUNK) {
     const int64_t s1 = std::min(a.ks, s0 + CHUNK);
@@ -167,8 +166,8 @@ static void run(const Args& a) {
 
 // x copied to [m, ks * 8], zero past K, each row scaled by 1 / sqrt(n_eps + sum x^2)
 // and by the gain when `norm`: an RMSNorm whose sum has one fixed order per row.
-static std::vector<float> prepare(const at::Tensor& x, int64_t ks, bool norm,
-                                  const float* gain, double n_eps) {
+static std::vector<float> prepare(const at::Tensor& x, int64_t ks, bool norm, const float* gain,
+                                  double n_eps) {
   const int64_t m = x.size(0), K = x.size(1), K8 = K & ~int64_t(7), xs = x.stride(0);
   const float* src = x.data_ptr<float>();
   std::vector<float> out(m * ks * 8, 0.0f);
@@ -206,8 +205,8 @@ at::Tensor linear_bf16_epi(const at::Tensor& x, const at::Tensor& w, int64_t n,
               w.scalar_type());
   const int64_t m = x.size(0), K = x.size(1), groups = w.size(0), ks = w.size(1);
   const int64_t per_group = epi == EPI_SWIGLU ? 2 : 4;  // outputs per group
-  TORCH_CHECK(n > 0 && (n + per_group - 1) / per_group == groups,
-              "cpu_linear: ", n, " outputs do not fit a packed weight of ", groups, " groups");
+  TORCH_CHECK(n > 0 && (n + per_group - 1) / per_group == groups, "cpu_linear: ", n,
+              " outputs do not fit a packed weight of ", groups, " groups");
   TORCH_CHECK(K > (ks - 1) * 8 && K <= ks * 8, "cpu_linear: x is [", m, ", ", K,
               "] but the packed weight takes ", ks * 8 - 7, "..", ks * 8, " columns");
   Args a{};
