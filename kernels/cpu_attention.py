@@ -4,7 +4,8 @@ Decode and verification passes attend 1 to a few dozen new queries per sequence 
 the whole KV pool. The PyTorch reference gathers every key through the block table,
 pads and masks, and runs SDPA; for a few queries its fixed cost is most of the work.
 This kernel reads keys and values in place through the block table instead. A unit of
-work is one query and one split of 256 key positions, for every head: it reads the pool
+work is one query and one split of 256 key positions (`ATTENTION_SPLIT`, exported by
+the module), for every head: it reads the pool
 rows of its keys in order, whole (the keys and values of every KV head), so the reads
 from memory spread over all of its arithmetic. Units are spread over OpenMP threads and
 each query's splits are merged in order, as flash-decoding does.

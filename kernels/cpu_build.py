@@ -7,10 +7,15 @@ compiler and `ninja`) into one Python module: one build, and one translation uni
 that `layers.cpp` calls the other kernels directly. The files are joined in order, each
 after a `#line` naming it, so that compiler messages point at the real file; their
 `#include "..."` of one another are dropped, the text being there already. A pybind11
-call costs about a microsecond, a quarter of a call through PyTorch's dispatcher. When
-it can't be built here (no AVX2 or FMA, no compiler, `SELFSPEC_NO_CPU_KERNEL` set),
-`available()` says False and `unavailable_reason()` says why; callers fall back to
-PyTorch.
+call costs about a microsecond, a quarter of a call through PyTorch's dispatcher.
+
+`bindings.cpp` makes the module: the kernels' entry points, and the constants of their
+layouts (`GROUP_ROWS`, `LAYER_WEIGHTS`, ...), which Python reads from the built module
+(`CPU.ops().GROUP_ROWS`) instead of keeping copies of them. When it can't be built here
+(no AVX2 or FMA, no compiler, `SELFSPEC_NO_CPU_KERNEL` set), `available()` says False and
+`unavailable_reason()` says why; callers fall back to PyTorch, and nothing on that path
+reads a constant: only packing for the kernels does, and the `cpu` backend is refused
+there (`kernels.backend`).
 """
 
 from __future__ import annotations
@@ -77,13 +82,12 @@ def translation_unit(files: list[str]) -> str:
 
 
 class InlineExtension:
-    """The C++ `files` of `kernels/csrc/` as one Python module exposing `functions`, with
-    AVX2 and OpenMP."""
+    """The C++ `files` of `kernels/csrc/` as one Python module, with AVX2 and OpenMP; the
+    last file defines the module (`PYBIND11_MODULE`)."""
 
-    def __init__(self, name: str, files: list[str], functions: list[str]) -> None:
+    def __init__(self, name: str, files: list[str]) -> None:
         self.name = name
         self.files = files
-        self.functions = functions
         self._lock = threading.Lock()
         self._ops = None
         self._error: str | None = None
@@ -111,7 +115,6 @@ class InlineExtension:
             self._ops = load_inline(
                 name=self.name,
                 cpp_sources=[translation_unit(self.files)],
-                functions=self.functions,
                 extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
                 extra_ldflags=["-fopenmp"],
                 verbose=False,
@@ -134,7 +137,5 @@ class InlineExtension:
 
 
 CPU = InlineExtension(
-    "selfspec_cpu",
-    ["simd.h", "linear.cpp", "attention.cpp", "layers.cpp"],
-    ["linear_bf16", "linear_bf16_add", "linear_bf16_swiglu", "paged_attention", "run_layers"],
+    "selfspec_cpu", ["simd.h", "linear.cpp", "attention.cpp", "layers.cpp", "bindings.cpp"]
 )

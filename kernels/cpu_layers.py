@@ -30,9 +30,9 @@ __all__ = ["Stack", "run"]
 class Stack:
     """A model's layers as `run` takes them, gathered once at load."""
 
-    weights: list[torch.Tensor]  # per layer: qkv, attention gain, o, gate_up, MLP gain, down
+    weights: list[torch.Tensor]  # per layer, in the order the C++ loop names: LAYER_WEIGHTS
     qkv_bias: list[torch.Tensor | None]
-    outputs: list[int]  # of qkv, o, gate_up (SwiGLU's), down
+    outputs: list[int]  # of the matrices LAYER_OUTPUTS names (gate_up: SwiGLU's)
     heads: tuple[int, int, int]  # H, KV, D
     scale: float
     n_eps: float
@@ -44,23 +44,19 @@ class Stack:
         packed = all(x.kernel is not None for layer in layers for x in layer.linears)
         if not packed or layers[0].q_norm is not None:
             return None
-        weights = [
-            t
-            for layer in layers
-            for t in (
-                layer.qkv.kernel.data,
-                layer.attn_norm.gain,
-                layer.o.kernel.data,
-                layer.gate_up.kernel.data,
-                layer.mlp_norm.gain,
-                layer.down.kernel.data,
-            )
-        ]
-        first = layers[0]
-        outputs = [x.kernel.n for x in first.linears]
+        # The C++ side names what it takes, in order: attributes of the model's layers.
+        ops = CPU.ops()
+        weights = [_tensor(getattr(x, name)) for x in layers for name in ops.LAYER_WEIGHTS]
+        outputs = [getattr(layers[0], name).kernel.n for name in ops.LAYER_OUTPUTS]
         heads = (model.num_heads, model.num_kv_heads, model.head_dim)
         biases = [layer.qkv.bias for layer in layers]
         return cls(weights, biases, outputs, heads, model.scale, model.n_eps)
+
+
+def _tensor(part) -> torch.Tensor:
+    """A layer's part as the C++ loop takes it: a matrix's packed data, or a norm's gain."""
+    kernel = getattr(part, "kernel", None)  # a `Linear`'s; a `Norm` has none
+    return part.gain if kernel is None else kernel.data
 
 
 def run(

@@ -9,7 +9,8 @@ bfloat16 product once per row.
 
 The weights are packed once at load (`pack`) so that the kernel reads one sequential
 stream: groups of 4 rows, and within a group each step of 8 columns is one 64-byte
-line holding the 4 rows' values interleaved in pairs. Packed with `swiglu=True`, the
+line holding the 4 rows' values interleaved in pairs (the numbers are the C++ side's,
+read from the built module: `GROUP_ROWS`, `STEP_COLUMNS`). Packed with `swiglu=True`, the
 matrix `[gate; up]` puts 2 gate rows and the 2 matching up rows in each group, and the
 kernel returns `silu(x @ gate.T) * (x @ up.T)`. The kernel can also apply the RMSNorm
 before the product (`norm`), and add a residual after it (`linear_bf16_add`).
@@ -65,7 +66,8 @@ def unavailable_reason() -> str | None:
 
 @dataclass(frozen=True)
 class Packed:
-    """A bfloat16 matrix in the kernel's layout: `data` is `[groups, ceil(k / 8), 2, 8, 2]`.
+    """A bfloat16 matrix in the kernel's layout: `data` is `[groups, ceil(k / S), R / 2,
+    S, 2]` for groups of R rows and k-steps of S columns (`GROUP_ROWS`, `STEP_COLUMNS`).
 
     `n` is the number of outputs: the matrix's rows, or for `swiglu` its gate rows."""
 
@@ -76,40 +78,43 @@ class Packed:
 
     def unpack(self) -> torch.Tensor:
         """The matrix `[rows, k]` as it was given to `pack`."""
-        g, ks = self.data.shape[:2]
-        w = self.data.permute(0, 2, 4, 1, 3).reshape(g * 4, ks * 8)[:, : self.k]
+        g, ks, pairs, step = self.data.shape[:4]
+        w = self.data.permute(0, 2, 4, 1, 3).reshape(g * 2 * pairs, ks * step)[:, : self.k]
         if not self.swiglu:
             return w[: self.n]
-        w = w.view(g, 2, 2, self.k).transpose(0, 1).reshape(2, g * 2, self.k)
+        w = w.view(g, 2, pairs, self.k).transpose(0, 1).reshape(2, g * pairs, self.k)
         return w[:, : self.n].reshape(2 * self.n, self.k)
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """Rows `index` (1-D ids) of the matrix, unpacked, without unpacking the rest."""
         if self.swiglu:
             raise ValueError("rows of a [gate; up] matrix: unpack it instead")
-        index = index.long()
-        picked = self.data[index // 4, :, (index % 4) // 2, :, index % 2]  # [len, ks, 8]
-        return picked.flatten(1)[:, : self.k].contiguous()  # none: [0, k]
+        index, group_rows = index.long(), 2 * self.data.shape[2]
+        picked = self.data[index // group_rows, :, (index % group_rows) // 2, :, index % 2]
+        return picked.flatten(1)[:, : self.k].contiguous()  # [len, k]; none: [0, k]
 
 
 def pack(w: torch.Tensor, *, swiglu: bool = False) -> Packed:
     """Pack a bfloat16 `[N, K]` matrix for the kernel; with `swiglu`, `w` is `[gate; up]`
-    (2I rows) and each group holds gate rows 2g, 2g+1 and up rows 2g, 2g+1."""
+    (2I rows) and group g holds gate rows 2g, 2g+1 and up rows 2g, 2g+1. Needs the built
+    module (the layout is its); raises RuntimeError where it can't be built."""
     if w.dtype != torch.bfloat16 or w.dim() != 2:
         raise ValueError(f"pack takes a 2-D bfloat16 matrix, got {tuple(w.shape)} {w.dtype}")
+    ops = CPU.ops()
+    group_rows, step = ops.GROUP_ROWS, ops.STEP_COLUMNS
     rows, k = w.shape
     if swiglu:
         if rows % 2:
             raise ValueError(f"a [gate; up] matrix has an even number of rows, got {rows}")
-        n = rows // 2
-        pairs = -(-n // 2)
-        halves = F.pad(w.view(2, n, k), (0, 0, 0, 2 * pairs - n))  # [2, 2 * pairs, k]
-        w = halves.view(2, pairs, 2, k).transpose(0, 1).reshape(4 * pairs, k)
+        n, half = rows // 2, group_rows // 2  # gate (and up) rows per group
+        groups = -(-n // half)
+        halves = F.pad(w.view(2, n, k), (0, 0, 0, half * groups - n))  # [2, half * groups, k]
+        w = halves.view(2, groups, half, k).transpose(0, 1).reshape(group_rows * groups, k)
     else:
         n = rows
-    groups, ks = -(-w.shape[0] // 4), -(-k // 8)
-    w = F.pad(w, (0, 8 * ks - k, 0, 4 * groups - w.shape[0]))
-    data = w.view(groups, 2, 2, ks, 8).permute(0, 3, 1, 4, 2).contiguous()
+    groups, ks = -(-w.shape[0] // group_rows), -(-k // step)
+    w = F.pad(w, (0, step * ks - k, 0, group_rows * groups - w.shape[0]))
+    data = w.view(groups, group_rows // 2, 2, ks, step).permute(0, 3, 1, 4, 2).contiguous()
     return Packed(data, n, k, swiglu)
 
 

@@ -106,7 +106,7 @@ struct Args {
 
 constexpr int64_t CHUNK = 64;   // keys whose values stay in L1 while every head uses them
 constexpr int64_t AHEAD = 16;   // keys ahead to prefetch
-constexpr int64_t SPLIT = 256;  // key positions per unit of work
+constexpr int64_t SPLIT = 256;  // key positions per unit of work (exported: bindings.cpp)
 
 // Line `l` of the 8 pool rows at `rows` (each `row_lines` lines) into L1.
 template <typename E>
@@ -412,5 +412,3 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& kv,
 }
 
 }  // namespace attention
-
-using attention::paged_attention;

@@ -3,7 +3,14 @@
 // (kernels/cpu_build.py), so these calls are direct.
 namespace layers {
 
-constexpr int64_t PER_LAYER = 6;  // qkv, attention gain, o, gate_up, MLP gain, down
+// A layer's tensors in `weights`, PER_LAYER of them in this order, and its matrices'
+// outputs in `outputs`. Python gathers both by these names, which are its layers'
+// attributes (exported as LAYER_WEIGHTS and LAYER_OUTPUTS, bindings.cpp).
+enum Weight : int { W_QKV, W_ATTN_NORM, W_O, W_GATE_UP, W_MLP_NORM, W_DOWN, PER_LAYER };
+constexpr const char* WEIGHT_NAMES[PER_LAYER] = {"qkv",     "attn_norm", "o",
+                                                 "gate_up", "mlp_norm",  "down"};
+enum Output : int { OUT_QKV, OUT_O, OUT_GATE_UP, OUT_DOWN, OUTPUTS };
+constexpr const char* OUTPUT_NAMES[OUTPUTS] = {"qkv", "o", "gate_up", "down"};
 
 at::Tensor run_layers(at::Tensor h, const std::vector<at::Tensor>& weights,
                       const std::vector<std::optional<at::Tensor>>& qkv_bias,
@@ -18,7 +25,8 @@ at::Tensor run_layers(at::Tensor h, const std::vector<at::Tensor>& weights,
   TORCH_CHECK(int64_t(weights.size()) == PER_LAYER * L && int64_t(qkv_bias.size()) == L,
               "cpu_layers: ", PER_LAYER, " matrices and gains and a bias per layer, got ",
               weights.size(), " and ", qkv_bias.size(), " for ", L, " layers");
-  TORCH_CHECK(outputs.size() == 4, "cpu_layers: outputs of qkv, o, gate_up and down");
+  TORCH_CHECK(int64_t(outputs.size()) == OUTPUTS,
+              "cpu_layers: outputs of qkv, o, gate_up and down");
   const int64_t n = run_attention.size();
   TORCH_CHECK(int64_t(run_mlp.size()) == n, "cpu_layers: ", n, " attention flags but ",
               run_mlp.size(), " MLP flags");
@@ -30,21 +38,20 @@ at::Tensor run_layers(at::Tensor h, const std::vector<at::Tensor>& weights,
     const int64_t l = start + i;
     const at::Tensor* w = &weights[PER_LAYER * l];
     if (run_attention[i]) {
-      const at::Tensor qkv =
-          linear::linear_bf16(h, w[0], outputs[0], qkv_bias[l], true, w[1], n_eps);
+      const at::Tensor qkv = linear::linear_bf16(h, w[W_QKV], outputs[OUT_QKV], qkv_bias[l], true,
+                                                 w[W_ATTN_NORM], n_eps);
       const at::Tensor out =
           attention::paged_attention(qkv, kv[l], rope, slots, tables, starts, q_lens, q_offsets,
                                      block_size, num_heads, num_kv_heads, head_dim, scale, window);
-      h = linear::linear_bf16_add(out, w[2], outputs[1], none, h);
+      h = linear::linear_bf16_add(out, w[W_O], outputs[OUT_O], none, h);
     }
     if (run_mlp[i]) {
-      const at::Tensor a = linear::linear_bf16_swiglu(h, w[3], outputs[2], true, w[4], n_eps);
-      h = linear::linear_bf16_add(a, w[5], outputs[3], none, h);
+      const at::Tensor a = linear::linear_bf16_swiglu(h, w[W_GATE_UP], outputs[OUT_GATE_UP], true,
+                                                      w[W_MLP_NORM], n_eps);
+      h = linear::linear_bf16_add(a, w[W_DOWN], outputs[OUT_DOWN], none, h);
     }
   }
   return h;
 }
 
 }  // namespace layers
-
-using layers::run_layers;

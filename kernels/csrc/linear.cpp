@@ -13,6 +13,13 @@ namespace linear {
 
 enum Epi : int { EPI_NONE = 0, EPI_ADD = 1, EPI_SWIGLU = 2 };
 
+// The packed layout, [groups, ks, ROWS / 2, STEP, 2]: a group is ROWS weight rows (two
+// pairs, each pair interleaved so that one 32-bit lane holds both rows' bfloat16) and a
+// k-step is STEP columns (one 8-lane vector). The loops below are written for these
+// values; Python packs by them (exported as GROUP_ROWS and STEP_COLUMNS, bindings.cpp).
+constexpr int64_t ROWS = 4;
+constexpr int64_t STEP = 8;
+
 struct Args {
   const float* x;  // [m, ks * 8], row stride xs, zero past K
   int64_t xs;
@@ -200,11 +207,11 @@ at::Tensor linear_bf16_epi(const at::Tensor& x, const at::Tensor& w, int64_t n,
   TORCH_CHECK(x.stride(1) == 1, "cpu_linear: x rows must be contiguous");
   TORCH_CHECK(epi >= EPI_NONE && epi <= EPI_SWIGLU, "cpu_linear: unknown epilogue ", epi);
   TORCH_CHECK(w.dim() == 5 && w.scalar_type() == at::kBFloat16 && w.is_contiguous() &&
-                  w.size(2) == 2 && w.size(3) == 8 && w.size(4) == 2,
+                  w.size(2) == ROWS / 2 && w.size(3) == STEP && w.size(4) == 2,
               "cpu_linear: w must be packed by cpu_linear.pack, got ", w.sizes(), " ",
               w.scalar_type());
   const int64_t m = x.size(0), K = x.size(1), groups = w.size(0), ks = w.size(1);
-  const int64_t per_group = epi == EPI_SWIGLU ? 2 : 4;  // outputs per group
+  const int64_t per_group = epi == EPI_SWIGLU ? ROWS / 2 : ROWS;  // outputs per group
   TORCH_CHECK(n > 0 && (n + per_group - 1) / per_group == groups, "cpu_linear: ", n,
               " outputs do not fit a packed weight of ", groups, " groups");
   TORCH_CHECK(K > (ks - 1) * 8 && K <= ks * 8, "cpu_linear: x is [", m, ", ", K,
@@ -274,7 +281,3 @@ at::Tensor linear_bf16_swiglu(const at::Tensor& x, const at::Tensor& w, int64_t 
 }
 
 }  // namespace linear
-
-using linear::linear_bf16;
-using linear::linear_bf16_add;
-using linear::linear_bf16_swiglu;
