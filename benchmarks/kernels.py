@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks.cuda_graphs import StepGraphs
 from kernels import attention, backend
 from kernels.attention import AttentionBatch
-from kernels.cuda_graphs import StepGraphs
 from services.engine.kv_pool import KVPool
 from services.engine.model import Model
 
@@ -68,11 +68,9 @@ NOTES = {
     "bandwidth": "a device-to-device copy of COPY_BYTES: (read + write) bytes / time",
     "draft": "LayerSkip-style early exit: the first draft_layers layers, then the LM head",
     "verify_k": "k new tokens per sequence through all layers, logits for each",
-    "graph_ms": "the step replayed as one CUDA graph (kernels.cuda_graphs); eager_ms: launched",
+    "graph_ms": "the step replayed as one CUDA graph (benchmarks.cuda_graphs); eager_ms: launched",
     "attention": "one layer; dense_sdpa reads contiguous [B, kv_heads, L, D] keys and values, "
     "with a boolean causal mask when q_len > 1",
-    "acceptance": "kernels.acceptance for k drafted tokens per sequence, all accepted (the most "
-    "work): greedy over float32 logits, sampling with draft distributions",
 }
 
 
@@ -93,7 +91,6 @@ def main(argv: list[str] | None = None) -> int:
     _log(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s")
     report["steps"] = bench_steps(shape, args, device, timer, bandwidth)
     report["attention"] = bench_attention(shape, args, device, timer)
-    report["acceptance"] = bench_acceptance(shape, args, device, timer)
     report["checks"] = _checks(report["steps"])
     report["notes"] = NOTES
     out = Path(args.out)
@@ -348,34 +345,6 @@ def _attention_case(B, ctx, q_len, H, KV, D, device, timer: Timer) -> dict:
     row["paged_GBps"] = kv_bytes / (row["paged_ms"] / 1e3) / 1e9
     row["speedup_vs_dense_sdpa"] = row["dense_sdpa_ms"] / row["paged_ms"]
     return row
-
-
-def bench_acceptance(shape: dict, args, device, timer: Timer) -> list[dict]:
-    if device.type != "cuda":
-        return []  # the Triton kernel needs a GPU (or the interpreter, far too slow to time)
-    from kernels.acceptance import accept
-
-    vocab, k = shape["vocab_size"], max(_ints(args.verify_lens))
-    rows = []
-    for batch_size in _ints(args.batch_sizes):
-        lens = torch.full((batch_size,), k, device=device)
-        logits = torch.randn(batch_size * (k + 1), vocab, device=device)
-        target = logits.view(batch_size, k + 1, vocab)
-        drafts = target[:, :k].argmax(-1)  # every drafted token the target's choice
-        probs = torch.softmax(logits, -1)
-        sampled = dict(
-            greedy=torch.zeros(batch_size, dtype=torch.bool, device=device),
-            draft_probs=probs.view(batch_size, k + 1, vocab)[:, :k].reshape(-1, vocab),
-            has_draft_probs=torch.ones(batch_size, dtype=torch.bool, device=device),
-            u_accept=torch.zeros(batch_size, k, device=device),  # p == q: all kept
-            u_final=torch.rand(batch_size, device=device),
-        )
-        greedy_ms = timer.ms(lambda d=drafts, n=lens, t=logits: accept(d, n, t))
-        sample_ms = timer.ms(lambda d=drafts, n=lens, t=probs, kw=sampled: accept(d, n, t, **kw))
-        rows.append({"batch": batch_size, "k": k, "greedy_ms": greedy_ms, "sampling_ms": sample_ms})
-        _log(f"acceptance b={batch_size:<3} k={k}: greedy {greedy_ms:.4f} ms, "
-             f"sampling {sample_ms:.4f} ms")  # fmt: skip
-    return rows
 
 
 def _checks(steps: list[dict]) -> dict:

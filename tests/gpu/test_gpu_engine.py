@@ -24,7 +24,7 @@ from gpu_engines import (
     random_engine,
 )
 
-from kernels.cuda_graphs import StepGraphs
+from benchmarks.cuda_graphs import StepGraphs
 from services.engine import Engine, SamplingParams
 from services.engine.kv_pool import KVPool
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.cuda_graphs import StepGraphs
+from benchmarks.cuda_graphs import StepGraphs
 
 
 def _step(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,8 +9,7 @@ What a captured step must satisfy (none of it is checked here):
 - it is a function of its tensor arguments and of state that stays put (weights, the
   KV pool), and returns a tensor or a tuple of tensors, the same shapes for one key;
 - it never synchronises with the host: no `.item()`, `.tolist()`, `.cpu()`, no
-  data-dependent shapes; the Triton kernels in `kernels/` qualify (the acceptance
-  kernel takes its uniforms as inputs for this reason);
+  data-dependent shapes; the Triton kernels in `kernels/` qualify;
 - every input tensor, including those inside an `AttentionBatch`, is among `inputs`,
   so that replay sees the new step's values. For attention that means a batch built
   for a fixed capacity (block tables padded to the bucket's width, `kv_len` the
@@ -19,8 +18,8 @@ What a captured step must satisfy (none of it is checked here):
 
 The outputs are the graph's own tensors, overwritten by the next replay of the same
 key: copy what must outlive it. Off CUDA, or with `enabled=False`, the step just runs.
-Not exercised by the CPU test suite beyond that fallback; `selfspec bench kernels`
-uses it on a GPU.
+The engine does not use it: `selfspec bench kernels` (`benchmarks/kernels.py`) times
+model steps with it, and `tests/gpu` checks a replayed model step equals the eager one.
 """
 
 from __future__ import annotations
