@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention import AttentionBatch
+from kernels.attention_batch import AttentionBatch
 
 BLOCK_M = 64  # query rows per program (fixed: see the module docstring)
 BLOCK_N = 64  # keys per tile
