@@ -9,7 +9,7 @@ A backend is chosen once per engine from what the hardware offers, or forced wit
   arithmetic (AMX, AVX-512 BF16) where the CPU has it, with PyTorch's attention.
 - `torch`: `F.linear` and PyTorch's attention, in the dtype asked for (bfloat16 too,
   on any CPU: slowly).
-- `triton`: `kernels.triton_linear` and `kernels.paged_attention`, on CUDA, or on the
+- `triton`: `kernels.triton_linear`, `triton_norm` and `paged_attention`, on CUDA, or on the
   CPU in Triton's interpreter (`TRITON_INTERPRET=1`, for tests).
 
 Greedy exactness needs every few-row product and attention to give each row the same

@@ -26,15 +26,12 @@ import triton
 import triton.language as tl
 
 from kernels.attention_batch import AttentionBatch
+from kernels.triton_common import interpreting
 
 BLOCK_M = 64  # query rows per program (fixed: see the module docstring)
 BLOCK_N = 64  # keys per tile
 SPLIT_KEYS = 256  # keys per split
 NUM_WARPS = 4
-
-
-def _interpreting() -> bool:
-    return triton.knobs.runtime.interpret
 
 
 @triton.jit
@@ -261,4 +258,4 @@ def paged_attention(
 def _f32_dot(dtype: torch.dtype) -> bool:
     """Products in float32 for float32 inputs (tensor-core TF32 would lose precision the
     reference keeps), and under the interpreter, whose bfloat16 `dot` is wrong."""
-    return dtype == torch.float32 or _interpreting()
+    return dtype == torch.float32 or interpreting()

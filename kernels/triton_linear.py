@@ -1,11 +1,12 @@
-"""Batch-invariant linear layers in Triton: `x @ w.T + bias`, fused variants, RMSNorm.
+"""Batch-invariant linear layers in Triton: `x @ w.T + bias`, and fused variants.
 
 Why: drafting is exact only if verifying k drafted tokens in one pass gives each token
 the same bits as decoding it alone. cuBLAS picks its kernel, tile shape and split-K by
 the number of rows, so a 5-row product rounds differently from a 1-row one, and greedy
 output with drafting would drift from drafting off on a GPU. PyTorch's CUDA reductions
 (`vector_norm`, `mean`) choose their thread layout by the number of rows too, so the
-RMSNorm is here as well (`normalize`, or fused into the product with `norm=`).
+RMSNorm is ours as well: fused into the product with `norm=`, or alone in
+`kernels.triton_norm`.
 
 Here row r of a result depends only on row r of the input and on the weights, bit for
 bit, whatever M is and wherever the row sits in the pass:
@@ -32,6 +33,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.triton_common import check_device, interpreting, unit_stride
+
 Norm = tuple[torch.Tensor | None, float]  # (gain or None, n * eps), as `cpu_linear.Norm`
 
 
@@ -57,14 +60,12 @@ CUDA_WIDE = Tiles(16, 64, 64, num_warps=4, num_stages=4)
 # about 10 ms on a 2-core machine.
 INTERPRETER_ROWS = 32
 INTERPRETER_ELEMENTS = 1 << 20  # Triton's largest block: rows * columns * K per product
-NORM_ROWS = {"cuda": 1, "interpreter": 64}  # rows per program of `normalize`
-NORM_BLOCK_D = 1024
 
 
 def tiles_for(n: int, k: int, swiglu: bool = False) -> Tiles:
     """The tiles for a product of `n` outputs over `k` inputs (SwiGLU: `n` outputs of a
     `[2n, k]` weight), on this process's device."""
-    if _interpreting():
+    if interpreting():
         block_k = min(triton.next_power_of_2(k), 128)
         widest = INTERPRETER_ELEMENTS // (INTERPRETER_ROWS * block_k * (1 + swiglu))
         return Tiles(INTERPRETER_ROWS, min(triton.next_power_of_2(n), widest), block_k)
@@ -155,40 +156,6 @@ def _linear_kernel(
     tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], out, mask=out_ok)
 
 
-@triton.jit(do_not_specialize=["M"])
-def _normalize_kernel(
-    x_ptr,
-    gain_ptr,
-    out_ptr,
-    M,
-    D,
-    n_eps,
-    stride_xm,
-    stride_out,
-    HAS_GAIN: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    x_rows = x_ptr + rows[:, None] * stride_xm
-    out_rows = out_ptr + rows[:, None] * stride_out
-    sumsq = tl.zeros((BLOCK_M,), tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        x = tl.load(x_rows + d[None, :], mask=row_ok[:, None] & (d < D)[None, :], other=0.0)
-        x = x.to(tl.float32)
-        sumsq += tl.sum(x * x, 1)
-    scale = tl.rsqrt(sumsq + n_eps)[:, None]
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        mask = row_ok[:, None] & (d < D)[None, :]
-        y = tl.load(x_rows + d[None, :], mask=mask, other=0.0).to(tl.float32) * scale
-        if HAS_GAIN:
-            y *= tl.load(gain_ptr + d, mask=d < D, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_rows + d[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
-
-
 def linear(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -226,13 +193,13 @@ def _run(x, w, *, bias=None, other=None, norm=None, swiglu=False, tiles=None) ->
     K = x.shape[-1]
     n = w.shape[0] // 2 if swiglu else w.shape[0]
     _check(x, w, bias, swiglu)
-    x2 = _rows(x.reshape(-1, K))
-    w = _rows(w)
+    x2 = unit_stride(x.reshape(-1, K))
+    w = unit_stride(w)
     M = x2.shape[0]
     out = torch.empty(M, n, dtype=x.dtype, device=x.device)
     if M == 0:
         return out.view(*x.shape[:-1], n)
-    other2 = None if other is None else _rows(other.reshape(M, n))
+    other2 = None if other is None else unit_stride(other.reshape(M, n))
     gain, n_eps = norm if norm is not None else (None, 0.0)
     t = tiles or tiles_for(n, K, swiglu)
     grid = (triton.cdiv(M, t.block_m), triton.cdiv(n, t.block_n))
@@ -257,7 +224,7 @@ def _run(x, w, *, bias=None, other=None, norm=None, swiglu=False, tiles=None) ->
         NORM=norm is not None,
         HAS_GAIN=gain is not None,
         F32=x.dtype != w.dtype or x.dtype == torch.float32,
-        SUM=_interpreting(),
+        SUM=interpreting(),
         EVEN_K=K % t.block_k == 0,
         BLOCK_M=t.block_m,
         BLOCK_N=t.block_n,
@@ -267,35 +234,6 @@ def _run(x, w, *, bias=None, other=None, norm=None, swiglu=False, tiles=None) ->
         num_stages=t.num_stages,
     )
     return out.view(*x.shape[:-1], n)
-
-
-def normalize(x: torch.Tensor, n_eps: float, gain: torch.Tensor | None = None) -> torch.Tensor:
-    """The RMSNorm over the last dim as the engine writes it, `x * rsqrt(n_eps +
-    sum(x**2)) * gain` (`services.engine.model.normalize`, with `n_eps = n * eps` and the
-    gain holding sqrt(n)), in float32 and rounded once to x's dtype."""
-    D = x.shape[-1]
-    _check_device(x)
-    x2 = _rows(x.reshape(-1, D))
-    M = x2.shape[0]
-    out = torch.empty(M, D, dtype=x.dtype, device=x.device)
-    if M == 0:
-        return out.view(x.shape)
-    block_m = NORM_ROWS["interpreter" if _interpreting() else "cuda"]
-    block_d = min(triton.next_power_of_2(D), NORM_BLOCK_D)
-    _normalize_kernel[(triton.cdiv(M, block_m),)](
-        x2,
-        x2 if gain is None else gain,
-        out,
-        M,
-        D,
-        float(n_eps),
-        x2.stride(0),
-        out.stride(0),
-        HAS_GAIN=gain is not None,
-        BLOCK_M=block_m,
-        BLOCK_D=block_d,
-    )
-    return out.view(x.shape)
 
 
 def linear_reference(
@@ -328,17 +266,8 @@ def linear_reference(
     return y.to(x.dtype)
 
 
-def normalize_reference(
-    x: torch.Tensor, n_eps: float, gain: torch.Tensor | None = None
-) -> torch.Tensor:
-    """What `normalize` computes, in float32 PyTorch."""
-    xf = x.float()
-    y = xf * torch.rsqrt(n_eps + xf.pow(2).sum(-1, keepdim=True))
-    return (y if gain is None else y * gain.float()).to(x.dtype)
-
-
 def _check(x: torch.Tensor, w: torch.Tensor, bias, swiglu: bool) -> None:
-    _check_device(x)
+    check_device(x)
     if w.dim() != 2 or w.shape[1] != x.shape[-1]:
         raise ValueError(
             f"w must be [N, {x.shape[-1]}] for x {tuple(x.shape)}, got {tuple(w.shape)}"
@@ -347,17 +276,3 @@ def _check(x: torch.Tensor, w: torch.Tensor, bias, swiglu: bool) -> None:
         raise ValueError("SwiGLU takes w = [gate; up] with an even number of rows and no bias")
     if bias is not None and bias.shape != (w.shape[0],):
         raise ValueError(f"bias must be [{w.shape[0]}], got {tuple(bias.shape)}")
-
-
-def _check_device(x: torch.Tensor) -> None:
-    if not (x.is_cuda or _interpreting()):
-        raise ValueError("Triton kernels take CUDA tensors (or CPU ones under TRITON_INTERPRET=1)")
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """`t` with unit stride along its last dim, which the kernels assume."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _interpreting() -> bool:
-    return triton.knobs.runtime.interpret

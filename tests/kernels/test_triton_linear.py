@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from kernels import triton_linear as tlin
+from kernels import triton_norm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs the interpreter
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,11 +89,11 @@ def test_fused_variants(dtype, gain) -> None:
 def test_normalize(dtype) -> None:
     x = (torch.randn(9, 3, 80) * 3).to(dtype).to(DEVICE)  # leading dims: per-head norms
     g = torch.rand(80).to(DEVICE) + 0.5
-    got = tlin.normalize(x, 0.01, g)
+    got = triton_norm.normalize(x, 0.01, g)
     assert got.shape == x.shape
-    _close(got, tlin.normalize_reference(x, 0.01, g))
+    _close(got, triton_norm.normalize_reference(x, 0.01, g))
     flat = x.reshape(27, 80)
-    _assert_rows_invariant(lambda t: tlin.normalize(t, 0.01), flat)
+    _assert_rows_invariant(lambda t: triton_norm.normalize(t, 0.01), flat)
 
 
 def test_leading_dims_and_empty() -> None:
@@ -164,10 +165,10 @@ def _compile_all() -> None:
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
         assert compiled.metadata.shared <= 227 * 1024, (name, compiled.metadata.shared)
         print(name, "ok", compiled.metadata.shared, flush=True)
-    norm = tlin._normalize_kernel
+    norm = triton_norm._normalize_kernel
     types = ["*bf16"] * 3 + ["i32"] * 2 + ["fp32"] + ["i32"] * 2
     types = dict(zip(norm.arg_names, types, strict=False))
-    consts = dict(HAS_GAIN=True, BLOCK_M=1, BLOCK_D=tlin.NORM_BLOCK_D)
+    consts = dict(HAS_GAIN=True, BLOCK_M=1, BLOCK_D=triton_norm.NORM_BLOCK_D)
     src = ASTSource(fn=norm, signature=types | {c: "constexpr" for c in consts}, constexprs=consts)
     triton.compile(src, target=GPUTarget("cuda", 90, 32))
     print("normalize ok", flush=True)
