@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from services.engine.params import DraftConfig
+from services.common.params import DraftConfig
 from services.engine.policy import BUCKETS
 
 SCHEMA = 1

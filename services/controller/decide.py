@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.common.params import MAX_DRAFT_TOKENS
 from services.controller.evidence import ModelEvidence, Z, wilson
-from services.engine.params import MAX_DRAFT_TOKENS
 from services.engine.policy import LAYER_MODES, best_length
 
 MODES = ("off", "ngram", "skip", "early_exit", "auto")

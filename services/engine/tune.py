@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
+from services.common.params import DraftConfig, SamplingParams
 from services.engine.kv_pool import BlockTable
 from services.engine.model import LayerPlan
-from services.engine.params import DraftConfig, SamplingParams
 
 log = logging.getLogger(__name__)
 
