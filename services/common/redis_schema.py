@@ -36,7 +36,7 @@ from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from services.common.params import DraftConfig
-from services.engine.policy import BUCKETS
+from services.common.speedup import BUCKETS
 
 SCHEMA = 1
 PREFIX = f"selfspec:v{SCHEMA}"
