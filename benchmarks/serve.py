@@ -81,7 +81,7 @@ def timing(start: float, first: float | None, end: float, tokens: int) -> Timing
 
 
 def direct_sender(engine, max_tokens: int, draft: str):
-    from services.engine import SamplingParams
+    from services.common.params import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
 

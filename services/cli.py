@@ -47,7 +47,7 @@ def _load(args):
 
 
 def _draft(args, engine):
-    from services.engine import DraftConfig
+    from services.common.params import DraftConfig
 
     overrides = {}
     if args.draft:
@@ -76,7 +76,7 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from services.engine import SamplingParams
+    from services.common.params import SamplingParams
 
     engine = _load(args)
     params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=args.ignore_eos)

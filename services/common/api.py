@@ -12,7 +12,7 @@ from dataclasses import fields
 
 from google.protobuf import json_format
 
-from services.engine.params import DraftConfig, SamplingParams
+from services.common.params import DraftConfig, SamplingParams
 from services.gen.selfspec.v1 import generation_pb2 as pb
 
 MAX_PROMPT_CHARS = 1 << 20  # text, summed over messages

@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from services.engine.params import DraftConfig
-from services.engine.policy import BUCKETS
+from services.common.params import DraftConfig
+from services.common.speedup import BUCKETS
 
 SCHEMA = 1
 PREFIX = f"selfspec:v{SCHEMA}"

@@ -20,13 +20,13 @@ from dataclasses import dataclass, field, replace
 import redis
 
 from services.common import redis_schema as rs
+from services.common.params import MAX_DRAFT_TOKENS
+from services.common.speedup import LAYER_MODES
 from services.controller import decide
 from services.controller.evidence import ModelEvidence, Z, parse_window
 from services.controller.lease import Lease
 from services.controller.search import Search
 from services.controller.store import ConfigStore, Fenced, Pinned
-from services.engine.params import MAX_DRAFT_TOKENS
-from services.engine.policy import LAYER_MODES
 
 log = logging.getLogger(__name__)
 

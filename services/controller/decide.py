@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.common.params import MAX_DRAFT_TOKENS
+from services.common.speedup import LAYER_MODES, best_length, speedup_at
 from services.controller.evidence import ModelEvidence, Z, wilson
-from services.engine.params import MAX_DRAFT_TOKENS
-from services.engine.policy import LAYER_MODES, best_length
 
 MODES = ("off", "ngram", "skip", "early_exit", "auto")
 SWITCH_GAIN = 1.03  # a bucket's choice changes only for a predicted gain of 3%
@@ -36,12 +36,7 @@ class Choice:
 def forced_speedup(alpha: float, draft_cost: float, token_cost: float) -> tuple[float, int]:
     """Best (speedup, k) with k >= 1, drafts accepted independently with probability
     `alpha`: ranks skip sets even where no draft pays, so the search still climbs."""
-    best, tokens, survive = (0.0, 1), 1.0, 1.0
-    for k in range(1, MAX_DRAFT_TOKENS + 1):
-        survive *= alpha
-        tokens += survive
-        best = max(best, (tokens / (1.0 + k * (draft_cost + token_cost)), k))
-    return best
+    return best_length([alpha] * MAX_DRAFT_TOKENS, draft_cost, token_cost, plain=False)
 
 
 def choose_bucket(
@@ -84,16 +79,6 @@ def choose_bucket(
         if best.speedup < held.speedup * SWITCH_GAIN:
             return held
     return best
-
-
-def speedup_at(rates: list[float], draft_cost: float, token_cost: float, k: int) -> float:
-    """Expected speedup of drafting exactly k tokens (k = 0: plain decoding, 1)."""
-    tokens, survive = 1.0, 1.0
-    for a in rates[:k]:
-        survive *= a
-        tokens += survive
-    k = min(k, len(rates))
-    return tokens / (1.0 + k * (draft_cost + token_cost))
 
 
 def _value(choice: Choice, curves: dict, token_cost: float) -> Choice:

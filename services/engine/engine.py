@@ -18,12 +18,13 @@ from types import MappingProxyType
 import torch
 
 from kernels import backend as kernels_backend
+from services.common.params import DraftConfig, SamplingParams
+from services.common.speedup import LAYER_MODES, best_length, bucket
 from services.engine import checkpoint, faults
 from services.engine.detokenizer import OutputText, decode
 from services.engine.kv_pool import BlockTable, KVPool
 from services.engine.model import Model
-from services.engine.params import DraftConfig, SamplingParams
-from services.engine.policy import LAYER_MODES, Telemetry, best_length, bucket
+from services.engine.policy import Telemetry
 from services.engine.runner import ModelRunner, ngram_proposal
 from services.engine.sampler import accept_greedy, accept_sampled, probabilities, sample
 from services.engine.scheduler import Request, Scheduler

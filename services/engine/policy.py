@@ -8,7 +8,8 @@ batch size. An n-gram proposal shorter than the room left may be continued by th
 layer draft (`ngram+skip`): n-gram acceptance and no draft cost for its tokens, the
 layer draft's for the rest. Costs are measured as the engine runs. Where nothing
 beats 1 (plain decoding), as at large batches where verification stops being nearly
-free, the sequence drafts nothing.
+free, the sequence drafts nothing. The speedup model, shared with the tuner and the
+controller, is `services.common.speedup`.
 """
 
 from __future__ import annotations
@@ -17,16 +18,12 @@ import copy
 import threading
 from dataclasses import dataclass, field
 
-BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-LAYER_MODES = ("skip", "early_exit")
+from services.common.speedup import bucket
+
 CONFIDENCE_BINS = 10  # a layer draft's top probability, in bins of 0.1
 # Optimistic for the skip draft (0.8), so that it is tried and measured; still a probability.
 PRIOR_ACCEPT = {"ngram": (1.0, 2.0), "skip": (1.6, 2.0), "early_exit": (1.0, 2.0)}
 DECAY = 0.9  # older acceptance counts fade, so a sequence's changing text is followed
-
-
-def bucket(batch: int) -> int:
-    return next((b for b in BUCKETS if batch <= b), BUCKETS[-1])
 
 
 def confidence_bin(confidence: float) -> int:
@@ -143,31 +140,6 @@ class Costs:
             floor = max(floor, k * per_token if seen is None else seen / decode)
             out.append(floor)
         return out
-
-
-def best_length(
-    rates: list[float],
-    draft_cost: float | list[float],
-    token_cost: float | list[float],
-    min_k: int = 1,
-) -> tuple[float, int]:
-    """(expected speedup, k) for k = 0 (plain decoding, speedup 1) or min_k..len(rates):
-    tokens per verification over the step's cost, both relative to plain decoding.
-    `draft_cost`: of one draft pass, or of the pass for each position. `token_cost`: of
-    each verified draft token, or of verifying k of them for each k (`Costs.extra_costs`)."""
-    costs = draft_cost if isinstance(draft_cost, list) else [draft_cost] * len(rates)
-    if isinstance(token_cost, list):
-        extra = token_cost
-    else:
-        extra = [k * token_cost for k in range(1, len(rates) + 1)]
-    best, tokens, survive, drafting = (1.0, 0), 1.0, 1.0, 0.0
-    for k, (a, d, e) in enumerate(zip(rates, costs, extra, strict=False), start=1):
-        survive *= a
-        tokens += survive
-        drafting += d
-        if k >= min_k:
-            best = max(best, (tokens / (1.0 + drafting + e), k))
-    return best
 
 
 @dataclass

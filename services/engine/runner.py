@@ -16,11 +16,12 @@ import torch
 import torch.nn.functional as F
 from numpy.lib.stride_tricks import sliding_window_view
 
+from services.common.params import DraftConfig
+from services.common.speedup import LAYER_MODES
 from services.engine import faults
 from services.engine.kv_pool import KVPool
 from services.engine.model import FULL, LayerPlan, Linear, Model
-from services.engine.params import DraftConfig
-from services.engine.policy import LAYER_MODES, Costs
+from services.engine.policy import Costs
 from services.engine.sampler import probabilities, sample
 from services.engine.sequence import Sequence
 

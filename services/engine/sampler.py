@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from services.engine.params import SamplingParams
+from services.common.params import SamplingParams
 
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -19,9 +19,9 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from services.common.params import DraftConfig, SamplingParams
 from services.engine import faults
 from services.engine.kv_pool import BlockTable, KVPool
-from services.engine.params import DraftConfig, SamplingParams
 from services.engine.sequence import Sequence
 
 MAX_SESSION_ID = 256

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
+from services.common.params import SamplingParams
 from services.engine.detokenizer import OutputText
 from services.engine.kv_pool import BlockTable
-from services.engine.params import SamplingParams
 from services.engine.policy import PRIOR_ACCEPT, Acceptance
 
 

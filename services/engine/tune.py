@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
+from services.common.params import DraftConfig, SamplingParams
+from services.common.speedup import best_length
 from services.engine.kv_pool import BlockTable
 from services.engine.model import LayerPlan
-from services.engine.params import DraftConfig, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +44,6 @@ class Score:
     cost: float  # draft step time relative to a full step
     max_draft: int
     speedup: float  # predicted tokens per unit time against plain decoding
-
-
-def expected_speedup(alpha: float, cost: float, verify: list[float]) -> tuple[float, int]:
-    """Best (speedup, k) over k >= 1: k drafts accepted one after another with probability
-    alpha each yield (1 - alpha^(k+1)) / (1 - alpha) tokens for k * cost + verify[k] time.
-    Under 1, drafting does not pay; the search still climbs towards cheaper drafts."""
-    best = (0.0, 1)
-    for k in range(1, len(verify)):
-        tokens = k + 1 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
-        best = max(best, (tokens / (k * cost + verify[k]), k))
-    return best
 
 
 class Tuner:
@@ -113,6 +103,13 @@ class Tuner:
         finally:
             table.free()
 
+    def predict(self, alpha: float, cost: float) -> tuple[float, int]:
+        """Best (speedup, k) over k >= 1 for drafts agreeing with probability alpha each,
+        a draft step costing `cost` and verification as timed. Under 1, drafting does not
+        pay; the search still climbs towards cheaper drafts."""
+        extra = [v - 1.0 for v in self.verify[1:]]  # verifying k drafts, beyond one token
+        return best_length([alpha] * len(extra), cost, extra, plain=False)
+
     @torch.inference_mode()
     def agreement(self, plan: LayerPlan, shortlist: int = 0) -> float:
         """Teacher-forced, all calibration sequences in one pass: how often the draft's
@@ -155,7 +152,7 @@ class Tuner:
         for s in (4096, 8192, 16384):
             alpha = self.agreement(plan, s)
             cost = sc.cost - self.sizes["head"] * (1 - s / self.model.vocab_size)
-            speedup, k = expected_speedup(alpha, cost, self.verify)
+            speedup, k = self.predict(alpha, cost)
             if speedup > best.speedup:
                 best, size = Score(sc.skip_attn, sc.skip_mlp, alpha, cost, k, speedup), s
         return best, size
@@ -165,7 +162,7 @@ class Tuner:
         alpha = self.agreement(plan)
         s = self.sizes
         cost = 1 - len(skip_attn) * s["attn"] - len(skip_mlp) * s["mlp"]
-        speedup, k = expected_speedup(alpha, cost, self.verify)
+        speedup, k = self.predict(alpha, cost)
         return Score(tuple(sorted(skip_attn)), tuple(sorted(skip_mlp)), alpha, cost, k, speedup)
 
     def search(self, budget_s: float, per_round: int = 12) -> list[Score]:

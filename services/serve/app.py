@@ -171,7 +171,7 @@ class EngineServer:
         """A short chat generation through the engine's loop, as requests run, with the
         default drafting (its layer draft, so that the draft passes run even where `auto`
         would not draft yet). Returns why it failed, or None."""
-        from services.engine import SamplingParams
+        from services.common.params import SamplingParams
 
         cfg = self.engine.default_draft
         draft = replace(cfg, mode=cfg.layer_mode) if cfg.layer_mode else cfg
@@ -186,7 +186,7 @@ class EngineServer:
         return None
 
     def _draft(self, value):
-        from services.engine import DraftConfig
+        from services.common.params import DraftConfig
 
         cfg = DraftConfig.parse(value, self.engine.default_draft)
         cfg.check_layers(self.engine.model.num_layers)

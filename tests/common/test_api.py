@@ -8,7 +8,7 @@ import math
 import pytest
 
 from services.common import api
-from services.engine.params import (
+from services.common.params import (
     MAX_STOP_STRINGS,
     MAX_STOP_TOKEN_IDS,
     MAX_TOKENS_LIMIT,

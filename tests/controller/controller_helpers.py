@@ -51,7 +51,7 @@ def add_replica(client, model: str, rid: str = "r1", version: int = 0, layers: i
 
 
 def _default_draft():
-    from services.engine.params import DraftConfig
+    from services.common.params import DraftConfig
 
     return DraftConfig(mode="skip", skip_attn=(8, 26))
 
@@ -72,7 +72,7 @@ def replica(engine, draft=None, kv_cache_bytes: int = 96 << 20):
 
 def poor_draft():
     """A skip set that rarely agrees with the full model: most of the middle skipped."""
-    from services.engine.params import DraftConfig
+    from services.common.params import DraftConfig
 
     middle = tuple(range(2, 22))
     return DraftConfig(mode="skip", skip_attn=middle, skip_mlp=middle, max_draft=3)

@@ -12,8 +12,8 @@ from controller_helpers import poor_draft, replica
 from waiting import wait_for
 
 from services.common import redis_schema as rs
+from services.common.params import SamplingParams
 from services.controller.controller import Controller, Settings
-from services.engine import SamplingParams
 from services.serve.fleet_link import FleetLink
 
 PROMPTS = [

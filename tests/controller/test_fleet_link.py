@@ -19,13 +19,12 @@ from controller_helpers import replica
 from waiting import wait_for
 
 from services.common import redis_schema as rs
+from services.common.params import DraftConfig, SamplingParams
+from services.common.speedup import bucket
 from services.controller.admin import Admin
 from services.controller.client import status_dict
 from services.controller.controller import Controller
 from services.controller.store import ConfigStore
-from services.engine import SamplingParams
-from services.engine.params import DraftConfig
-from services.engine.policy import bucket
 from services.serve.fleet_link import FleetLink
 
 MODEL = "smollm"

@@ -19,11 +19,11 @@ from waiting import wait_for
 
 from services.common import redis_acl
 from services.common import redis_schema as rs
+from services.common.params import SamplingParams
 from services.controller.admin import Admin
 from services.controller.client import status_dict
 from services.controller.controller import Controller, Settings
 from services.controller.store import PUBLISH
-from services.engine import SamplingParams
 from services.serve.fleet_link import FleetLink
 from services.serve.local import Fleet, FleetOptions, free_port
 

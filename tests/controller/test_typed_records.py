@@ -12,12 +12,11 @@ from controller_helpers import replica
 from waiting import wait_for
 
 from services.common import redis_schema as rs
+from services.common.params import MAX_DRAFT_TOKENS, MAX_SHORTLIST, MAX_SKIP_LAYERS, SamplingParams
 from services.controller import client
 from services.controller.admin import Admin
 from services.controller.controller import Controller
 from services.controller.store import ConfigStore
-from services.engine import SamplingParams
-from services.engine.params import MAX_DRAFT_TOKENS, MAX_SHORTLIST, MAX_SKIP_LAYERS
 from services.serve.fleet_link import FleetLink
 
 MODEL = "smollm"

@@ -7,9 +7,7 @@ import math
 
 import pytest
 
-from services.engine import engine as engine_module
-from services.engine import runner, sampler
-from services.engine.params import (
+from services.common.params import (
     GREEDY_BELOW,
     MAX_DRAFT_TOKENS,
     MAX_SHORTLIST,
@@ -24,6 +22,8 @@ from services.engine.params import (
     DraftConfig,
     SamplingParams,
 )
+from services.engine import engine as engine_module
+from services.engine import runner, sampler
 
 BAD_SAMPLING = [
     ("max_tokens", 4.0),

@@ -74,7 +74,8 @@ def test_one_stall_does_not_make_drafting_look_dear_for_good():
 def test_verify_cost_is_measured_per_draft_length():
     """Verifying 1 extra token is nearly free but more are not (the products turn
     compute-bound): the policy sees each length's own cost, not the average's line."""
-    from services.engine.policy import Costs, best_length
+    from services.common.speedup import best_length
+    from services.engine.policy import Costs
 
     costs = Costs()
     for _ in range(10):

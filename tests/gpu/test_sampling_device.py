@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.engine import SamplingParams
+from services.common.params import SamplingParams
 from services.engine.kv_pool import BlockTable, KVPool
 from services.engine.sampler import accept_sampled, probabilities, sample
 from services.engine.sequence import Sequence
