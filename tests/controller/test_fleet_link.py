@@ -24,8 +24,8 @@ from services.controller.client import status_dict
 from services.controller.controller import Controller
 from services.controller.store import ConfigStore
 from services.engine import SamplingParams
+from services.engine.drafting.costs import bucket
 from services.engine.params import DraftConfig
-from services.engine.policy import bucket
 from services.serve.fleet_link import FleetLink
 
 MODEL = "smollm"

@@ -1,6 +1,7 @@
-"""Teacher-forced passes, run between steps: the full model's own next-token choices
-over text it has already produced, and how often a draft plan agrees with them. The
-fleet scores skip-set candidates this way without extra traffic."""
+"""Teacher-forced scoring: over text the full model already produced, how often a draft
+plan's next-token choice agrees with the full model's, without generating. The tuner
+searches skip sets this way offline, and a serving replica scores the fleet's
+candidates between steps (wrap the calls in `Engine.between_steps` there)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from services.engine.kv_pool import BlockTable, OutOfBlocks
-from services.engine.model import LayerPlan
+from services.engine.model import FULL, LayerPlan
 
 if TYPE_CHECKING:
     from services.engine.engine import Engine
+    from services.engine.runner import ModelRunner
 
 
 def sublayer_sizes(engine: Engine) -> dict[str, float]:
@@ -27,44 +28,39 @@ def sublayer_sizes(engine: Engine) -> dict[str, float]:
 
 
 @torch.inference_mode()
-def full_choices(engine: Engine, tokens: list[list[int]]) -> list[torch.Tensor] | None:
-    """The full model's next-token choice after every token of each sequence, in one
-    pass between steps; None when the KV pool has no room to spare."""
-    h = _forced_pass(engine, tokens, LayerPlan())
-    return None if h is None else [x.argmax(-1) for x in h]
+def full_choices(
+    runner: ModelRunner, tokens: list[list[int]], start: list[int]
+) -> list[torch.Tensor] | None:
+    """The full model's next-token choice after each token of each sequence from
+    `start[i]` on, in one pass; None when the KV pool has no room to spare."""
+    logits = runner.forced(tokens, FULL, start)
+    return None if logits is None else [x.argmax(-1) for x in logits]
 
 
 @torch.inference_mode()
 def agreement(
-    engine: Engine, tokens: list[list[int]], targets: list[torch.Tensor], start: list[int], plan
+    runner: ModelRunner,
+    tokens: list[list[int]],
+    targets: list[torch.Tensor | list[int]],
+    start: list[int],
+    plan: LayerPlan,
+    shortlist: int = 0,
 ) -> tuple[int, int] | None:
-    """Teacher-forced: (positions where the draft `plan` picks the full model's token,
-    positions scored), over each sequence from `start[i]` on; None when no room."""
-    h = _forced_pass(engine, tokens, plan)
-    if h is None:
+    """Teacher-forced, in one pass: (positions where the draft `plan` picks the target,
+    positions scored). `targets[i][j]`: the full model's token after token `start[i] + j`
+    of sequence i. `shortlist`: the draft's head covers the ids below it and the
+    sequence's own (all of it: a slight superset of what the draft saw). None when the
+    KV pool has no room to spare."""
+    logits = runner.forced(tokens, plan, start)
+    if logits is None:
         return None
-    rows = list(zip(h, targets, start, strict=True))
-    hits = sum(int((x.argmax(-1)[s:] == t[s:]).sum()) for x, t, s in rows)
-    return hits, sum(len(t) - s for _, t, s in rows)
-
-
-def _forced_pass(engine: Engine, tokens: list[list[int]], plan) -> list[torch.Tensor] | None:
-    """Logits after every token, under `plan`, in blocks borrowed from the pool."""
-    m, pool = engine.model, engine.pool
-    with engine._step_lock:
-        tables: list[BlockTable] = []
-        try:
-            for seq in tokens:
-                tables.append(BlockTable(pool))
-                tables[-1].reserve(len(seq))
-            lengths = [len(t) for t in tokens]
-            blocks = [t.blocks for t in tables]
-            batch = m.attention_batch(blocks, [0] * len(tables), lengths, pool.block_size, True)
-            ids = torch.tensor([t for seq in tokens for t in seq], device=m.device)
-            h = m.run_layers(m.embed_tokens(ids), batch, pool.kv, plan=plan, bulk=True)
-            return list(m.logits(h, bulk=True).split(lengths))
-        except OutOfBlocks:
-            return None
-        finally:
-            for table in tables:
-                table.free()
+    hits = 0
+    for x, seq, target in zip(logits, tokens, targets, strict=True):
+        x = x[: len(target)]
+        if shortlist:
+            allowed = torch.zeros(x.shape[-1], dtype=torch.bool, device=x.device)
+            allowed[:shortlist] = True
+            allowed[torch.tensor(seq, device=x.device)] = True
+            x = x.masked_fill(~allowed, float("-inf"))
+        hits += int((x.argmax(-1) == torch.as_tensor(target, device=x.device)).sum())
+    return hits, sum(len(t) for t in targets)

@@ -9,28 +9,31 @@ layer draft (`ngram+skip`): n-gram acceptance and no draft cost for its tokens, 
 layer draft's for the rest. Costs are measured as the engine runs. Where nothing
 beats 1 (plain decoding), as at large batches where verification stops being nearly
 free, the sequence drafts nothing.
+
+`AutoPolicy` holds everything the choice learns from: each sequence's acceptance, the
+measured costs, and the telemetry of what was drafted and kept.
 """
 
 from __future__ import annotations
 
-import copy
-import threading
+import weakref
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-LAYER_MODES = ("skip", "early_exit")
-CONFIDENCE_BINS = 10  # a layer draft's top probability, in bins of 0.1
+from services.engine.drafting.costs import Costs
+from services.engine.drafting.ngram import ngram_proposal
+from services.engine.drafting.plan import LAYER_MODES, OFF, DraftPlan, Kind
+from services.engine.drafting.telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from services.engine.drafting.proposer import Drafts
+    from services.engine.params import DraftConfig
+    from services.engine.sequence import Sequence
+
 # Optimistic for the skip draft (0.8), so that it is tried and measured; still a probability.
 PRIOR_ACCEPT = {"ngram": (1.0, 2.0), "skip": (1.6, 2.0), "early_exit": (1.0, 2.0)}
 DECAY = 0.9  # older acceptance counts fade, so a sequence's changing text is followed
-
-
-def bucket(batch: int) -> int:
-    return next((b for b in BUCKETS if batch <= b), BUCKETS[-1])
-
-
-def confidence_bin(confidence: float) -> int:
-    return min(max(int(confidence * CONFIDENCE_BINS), 0), CONFIDENCE_BINS - 1)
+DRAFT_COST_PRIOR = 0.6  # a layer draft pass's cost, relative to a plain step, unmeasured
 
 
 @dataclass
@@ -54,95 +57,6 @@ class Acceptance:
             c = self.counts[start + i]
             c[0] = c[0] * DECAY + (1.0 if i < accepted else 0.0)
             c[1] = c[1] * DECAY + 1.0
-
-
-@dataclass
-class Costs:
-    """Measured step costs per batch bucket, as exponential moving averages (seconds)."""
-
-    decode: dict[int, float] = field(default_factory=dict)  # verify with no drafts
-    decode_batch: dict[int, float] = field(default_factory=dict)  # their mean batch size
-    per_token: dict[int, float] = field(default_factory=dict)  # each extra verified token
-    draft_pass: dict[tuple[str, int], float] = field(default_factory=dict)
-    # What verifying k drafted tokens for every sequence adds to a plain step, per k.
-    verify_extra: dict[tuple[int, int], float] = field(default_factory=dict)
-
-    @staticmethod
-    def _ema(table: dict, key, value: float, floor: float = 0.0, weight: float = 0.2) -> None:
-        """Move the average a step towards `value`, clipped to three times the average (or
-        `floor`): one stall (a collection, a noisy neighbour) must not make drafting look
-        so dear that it stops, and with it the measurements that would correct it. A
-        lasting change still comes through, by up to 40% a step."""
-        old = table.get(key)
-        if old is None:
-            table[key] = value
-            return
-        value = min(value, 3.0 * max(old, floor))
-        table[key] = old + weight * (value - old)
-
-    def observe_verify(self, batch: int, tokens: int, seconds: float) -> None:
-        b = bucket(batch)
-        if tokens == batch:
-            self._ema(self.decode, b, seconds)
-            self._ema(self.decode_batch, b, float(batch))
-        elif b in self.decode:
-            # A bucket's batch sizes differ (sequences finish one by one): set the pass
-            # against a plain one of its own size, the bucket's scaled in proportion.
-            # Plain passes cost less than that in small batches, which errs towards
-            # dearer drafts; unscaled, a batch of 12 set against plain passes of 16 made
-            # drafting look free.
-            plain = self.decode[b] * batch / self.decode_batch.get(b, float(batch))
-            extra = max(0.0, seconds - plain)
-            floor = 0.01 * self.decode[b]
-            self._ema(self.per_token, b, extra / (tokens - batch), floor=floor)
-            k, uneven = divmod(tokens - batch, batch)
-            if not uneven:
-                self._ema(self.verify_extra, (b, k), extra, floor=floor)
-
-    def observe_draft(self, mode: str, batch: int, seconds_per_pass: float) -> None:
-        self._ema(self.draft_pass, (mode, bucket(batch)), seconds_per_pass)
-
-    def snapshot(self) -> dict:
-        """The measured costs as plain data (seconds), for the fleet's telemetry; copied
-        with retries because the engine's thread may add a key meanwhile."""
-        for _ in range(5):
-            try:
-                return {
-                    "decode": {str(b): v for b, v in list(self.decode.items())},
-                    "per_token": {str(b): v for b, v in list(self.per_token.items())},
-                    "draft_pass": {f"{m}/{b}": v for (m, b), v in list(self.draft_pass.items())},
-                }
-            except RuntimeError:  # a dict changed size while copied
-                continue
-        return {"decode": {}, "per_token": {}, "draft_pass": {}}
-
-    def relative(self, mode: str, batch: int, prior_draft: float) -> tuple[float, float]:
-        """(one draft pass, one more verified token for every sequence), relative to a plain
-        decode step at this batch size. Unmeasured costs take optimistic priors, so the
-        policy drafts and so measures them."""
-        b = bucket(batch)
-        decode = self.decode.get(b)
-        if not decode:
-            return prior_draft, 0.02 * b
-        draft = self.draft_pass.get((mode, b))
-        draft = prior_draft if draft is None else draft / decode
-        per_token = self.per_token.get(b)
-        return draft, (0.02 * b if per_token is None else per_token * b / decode)
-
-    def extra_costs(self, batch: int, length: int) -> list[float]:
-        """What verifying k = 1..length drafted tokens per sequence adds to a plain step,
-        relative to it: as measured at each k where it has been, else k times the average
-        per token. A pass's cost grows faster than its tokens once its products stop being
-        bound by reading the weights; never decreasing in k."""
-        b = bucket(batch)
-        decode = self.decode.get(b)
-        _, per_token = self.relative("ngram", batch, 0.0)
-        out, floor = [], 0.0
-        for k in range(1, length + 1):
-            seen = self.verify_extra.get((b, k)) if decode else None
-            floor = max(floor, k * per_token if seen is None else seen / decode)
-            out.append(floor)
-        return out
 
 
 def best_length(
@@ -170,94 +84,75 @@ def best_length(
     return best
 
 
-@dataclass
-class Telemetry:
-    """What the engine drafted and kept, per mode, batch bucket and draft position, and
-    how often each mode was chosen: the figures a fleet controller reads.
+class AutoPolicy:
+    """The `auto` choice, and what it learns from every verified draft, in any mode."""
 
-    `confidence[mode]` is ([tokens], [agreed]) per confidence bin of greedy layer
-    drafts: tokens whose fate verification told (those up to the first rejection), and
-    those the full model agreed with. A token the draft dropped under its threshold
-    counts too when everything before it was accepted, since the verification's next
-    token says what the full model chose there; so a threshold can be judged from below
-    as well as from above."""
+    def __init__(self) -> None:
+        self.costs = Costs()
+        self.telemetry = Telemetry()
+        # Whether `auto` may use the layer draft: off where tuning measured it slower
+        # than none, until the fleet asks for it.
+        self.layer_draft = True
+        # Per sequence, its running acceptance by mode; gone with the sequence.
+        self._acceptance: weakref.WeakKeyDictionary[Sequence, dict[str, Acceptance]] = (
+            weakref.WeakKeyDictionary()
+        )
 
-    drafted: dict[tuple[str, int], list[int]] = field(default_factory=dict)
-    accepted: dict[tuple[str, int], list[int]] = field(default_factory=dict)
-    decisions: dict[tuple[str, int], int] = field(default_factory=dict)
-    confidence: dict[str, tuple[list[int], list[int]]] = field(default_factory=dict)
-    # Readers on other threads (the fleet link) copy under it; the engine never waits long.
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    def acceptance(self, seq: Sequence, mode: str) -> Acceptance:
+        """`seq`'s running acceptance per draft position in `mode`."""
+        modes = self._acceptance.setdefault(seq, {})
+        if mode not in modes:
+            modes[mode] = Acceptance(PRIOR_ACCEPT.get(mode, (1.0, 2.0)))
+        return modes[mode]
 
-    def record(self, mode: str, batch: int, drafted: int, accepted: int) -> None:
-        key = (mode if drafted else "off", bucket(batch))
-        with self._lock:
-            self.decisions[key] = self.decisions.get(key, 0) + 1
-            for table, n in ((self.drafted, drafted), (self.accepted, accepted)):
-                counts = table.setdefault(key, [])
-                counts.extend([0] * (n - len(counts)))
-                for i in range(n):
-                    counts[i] += 1
+    def choose(self, seq: Sequence, cfg: DraftConfig, room: int, batch: int) -> DraftPlan:
+        """The plan with the best expected speedup, with the sequence's n-gram proposal
+        (looked up once, here)."""
+        if room == 0:
+            return OFF
+        proposal = tuple(ngram_proposal(seq.tokens, room, cfg.ngram_min, cfg.ngram_max))
+        ngram = self.acceptance(seq, "ngram")
+        ngram_rates = [ngram.rate(i) for i in range(len(proposal))]
+        token_cost = self.costs.extra_costs(batch, room)
+        options = [(1.0, 0, OFF)]
+        if proposal:
+            gain, k = best_length(ngram_rates, 0.0, token_cost)
+            options.append((gain, k, DraftPlan(Kind.NGRAM, k, proposal=proposal)))
+        layer = cfg.layer_mode if self.layer_draft else None
+        if layer is not None:
+            draft_cost, _ = self.costs.relative(layer, batch, DRAFT_COST_PRIOR)
+            acc = self.acceptance(seq, layer)
+            rates = [acc.rate(i) for i in range(room)]
+            gain, k = best_length(rates, draft_cost, token_cost)
+            options.append((gain, k, DraftPlan(Kind.LAYER, k, layer)))
+            lead = len(proposal)
+            if 0 < lead < room:  # the proposal runs out: the layer draft may continue it
+                per_pass = [0.0] * lead + [draft_cost] * (room - lead)
+                gain, k = best_length(ngram_rates + rates[lead:], per_pass, token_cost, lead + 1)
+                options.append((gain, k, DraftPlan(Kind.NGRAM_LAYER, k, layer, proposal)))
+        _, k, plan = max(options, key=lambda o: o[0])  # the first best, as ever
+        return plan if k else OFF
 
-    def record_confidence(
-        self,
-        mode: str,
-        confidence: list[float],
-        accepted: int,
-        dropped: tuple[int, float] | None,
-        next_token: int,
+    def observe_draft(self, cfg: DraftConfig, plans: list[DraftPlan], drafts: Drafts) -> None:
+        """A layer draft's measured cost per pass, at the batch size it drafted for."""
+        if drafts.passes:
+            batch = sum(p.layered for p in plans)
+            self.costs.observe_draft(cfg.layer_mode, batch, drafts.seconds / drafts.passes)
+
+    def learn(
+        self, seq: Sequence, plan: DraftPlan, drafts: Drafts, i: int, accepted: int, nxt: int
     ) -> None:
-        """One greedy layer draft's tokens by confidence, and whether each was accepted."""
-        told = [(c, j < accepted) for j, c in enumerate(confidence[: accepted + 1])]
-        if dropped is not None and accepted == len(confidence):
-            told.append((dropped[1], dropped[0] == next_token))
-        with self._lock:
-            tokens, agreed = self.confidence.setdefault(
-                mode, ([0] * CONFIDENCE_BINS, [0] * CONFIDENCE_BINS)
+        """What a verified draft teaches: the sequence's running acceptance per position in
+        each mode it drafted with, and (greedy layer drafts) acceptance by confidence."""
+        proposed = drafts.tokens[i]
+        lead = drafts.prefix[i] if drafts.prefix else 0  # n-gram tokens before the layer's
+        mode = plan.layer or "ngram"
+        if lead:
+            self.acceptance(seq, "ngram").update(lead, min(accepted, lead))
+            if accepted < lead:
+                return  # verification rejected the n-gram part: the rest is untold
+        self.acceptance(seq, mode).update(len(proposed) - lead, accepted - lead, start=lead)
+        if seq.params.greedy and drafts.confidence is not None and mode in LAYER_MODES:
+            self.telemetry.record_confidence(
+                mode, drafts.confidence[i], accepted - lead, drafts.dropped[i], nxt
             )
-            for c, ok in told:
-                tokens[confidence_bin(c)] += 1
-                agreed[confidence_bin(c)] += ok
-
-    def snapshot(self) -> Telemetry:
-        """A consistent copy of the running totals, for readers on other threads."""
-        with self._lock:
-            return Telemetry(
-                copy.deepcopy(self.drafted),
-                copy.deepcopy(self.accepted),
-                dict(self.decisions),
-                copy.deepcopy(self.confidence),
-            )
-
-    def since(self, earlier: Telemetry) -> Telemetry:
-        """The counts added after `earlier` (a snapshot): one telemetry window."""
-        window = Telemetry()
-        for key, steps in self.decisions.items():
-            window.decisions[key] = steps - earlier.decisions.get(key, 0)
-        for name in ("drafted", "accepted"):
-            mine, old = getattr(self, name), getattr(earlier, name)
-            for key, counts in mine.items():
-                before = old.get(key, [])
-                getattr(window, name)[key] = [
-                    c - (before[i] if i < len(before) else 0) for i, c in enumerate(counts)
-                ]
-        window.decisions = {k: v for k, v in window.decisions.items() if v}
-        for mode, (tokens, agreed) in self.confidence.items():
-            old = earlier.confidence.get(mode, ([0] * CONFIDENCE_BINS, [0] * CONFIDENCE_BINS))
-            delta = (
-                [a - b for a, b in zip(tokens, old[0], strict=True)],
-                [a - b for a, b in zip(agreed, old[1], strict=True)],
-            )
-            if any(delta[0]):
-                window.confidence[mode] = delta
-        return window
-
-    def as_dict(self) -> dict:
-        return {
-            f"{mode}/b{b}": {
-                "steps": self.decisions.get((mode, b), 0),
-                "drafted_per_position": self.drafted.get((mode, b), []),
-                "accepted_per_position": self.accepted.get((mode, b), []),
-            }
-            for mode, b in sorted(self.decisions)
-        }
