@@ -204,9 +204,8 @@ class FleetLink:
             self._windows.popleft()
 
     def _heartbeat(self) -> None:
-        from services.engine.drafting import (
-            forced,  # the replica has loaded torch; the controller not
-        )
+        # The replica has loaded torch; the controller not.
+        from services.engine.drafting import forced
 
         state = {
             "version": self.version,
