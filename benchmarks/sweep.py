@@ -233,8 +233,8 @@ def by_kind(runs: dict[str, ModeRun], kinds: list[str]) -> dict[str, dict]:
 
 
 def costs_dict(engine: Engine) -> dict[str, dict[str, float]]:
-    """The runner's measured cost EMAs in milliseconds, with JSON-friendly keys."""
-    costs = engine.runner.costs
+    """The auto policy's measured cost EMAs in milliseconds, with JSON-friendly keys."""
+    costs = engine.costs
     tables = {"decode": costs.decode, "per_token": costs.per_token, "draft_pass": costs.draft_pass}
     return {
         name: {

@@ -108,7 +108,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from services.engine.tune import tune
+    from services.engine.drafting.tune import tune
 
     engine = _load(args)
     path = tune(engine, out=args.out, budget_s=args.budget, max_tokens=args.max_tokens)

@@ -19,14 +19,15 @@ import torch
 
 from kernels import backend as kernels_backend
 from services.common.params import DraftConfig, SamplingParams
-from services.common.speedup import LAYER_MODES, best_length, bucket
-from services.engine import checkpoint, faults
+from services.common.speedup import bucket
+from services.engine import checkpoint
 from services.engine.detokenizer import OutputText, decode
+from services.engine.drafting.costs import Costs
+from services.engine.drafting.step import Speculator, first_token
+from services.engine.drafting.telemetry import Telemetry
 from services.engine.kv_pool import BlockTable, KVPool
 from services.engine.model import Model
-from services.engine.policy import Telemetry
-from services.engine.runner import ModelRunner, ngram_proposal
-from services.engine.sampler import accept_greedy, accept_sampled, probabilities, sample
+from services.engine.runner import ModelRunner
 from services.engine.scheduler import Request, Scheduler
 from services.engine.sequence import Sequence
 
@@ -90,11 +91,9 @@ class Engine:
             device=model.device,
         )
         self.runner = ModelRunner(model, self.pool)
-        self.auto_layer_draft = True
+        self.drafting = Speculator(self.runner, model.max_positions)
         self.default_draft = draft or self._load_profile()
         self.default_draft.check_layers(model.num_layers)
-        self.telemetry = Telemetry()
-        self._draft_cost_prior = 0.6  # a layer draft's cost before it is measured
         eos = model.config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         if tokenizer.eos_token_id is not None:
@@ -508,95 +507,46 @@ class Engine:
                 self.abort(seq.id)
 
     def step(self, seqs: list[Sequence], cfg: DraftConfig) -> None:
-        """Draft for every sequence, verify all drafts in one pass, accept what agrees.
-        Raises when a batched pass fails, before any sequence changed; a failure while
-        accepting for one sequence fails that sequence only."""
-        room = [self._room(s, cfg) for s in seqs]
-        for s, r in zip(seqs, room, strict=True):
-            s.table.reserve(s.num_tokens + r)
-        proposals = None
-        if cfg.mode == "auto":
-            chosen = [self._choose(s, cfg, r, len(seqs)) for s, r in zip(seqs, room, strict=True)]
-            plans = [(mode, k) for mode, k, _ in chosen]
-            proposals = [proposal for _, _, proposal in chosen]
-        else:
-            plans = [(cfg.mode, r) for r in room]
-        drafts = self.runner.draft_mixed(seqs, cfg, plans, proposals)
-        logits = self.runner.verify(seqs, drafts)
-        for i, seq in enumerate(seqs):
-            try:
-                self._accept(seq, plans[i][0], drafts, i, logits[i], len(seqs))
-            except Exception as exc:
-                log.exception("request %s failed", seq.id)
-                seq.finish("error", _describe(exc))
+        """Draft for every sequence, verify all drafts in one pass, accept what agrees
+        (`drafting.step`). Raises when a batched pass fails, before any sequence changed;
+        a failure while accepting for one sequence fails that sequence only."""
+        for seq, exc in self.drafting.step(seqs, cfg, self.eos_ids):
+            seq.finish("error", _describe(exc))
 
-    def _accept(self, seq: Sequence, mode: str, drafts, i: int, logits, batch: int) -> None:
-        faults.check("sample", [seq.id])
-        proposed = drafts.tokens[i]
-        if seq.params.greedy:
-            n, nxt = accept_greedy(proposed, logits)
-        else:
-            q = drafts.probs[i] if drafts.probs is not None else None
-            n, nxt = accept_sampled(proposed, q, probabilities(logits, seq.params), seq.generator)
-        seq.stats.record(len(proposed), n)
-        self.telemetry.record(mode, batch, len(proposed), n)
-        if proposed:
-            self._learn(seq, mode, drafts, i, n, nxt)
-        seq.append(proposed[:n] + [nxt], self.eos_ids)
-        # KV is kept for the tokens kept, all but the newest: a stop inside the draft
-        # leaves the drafted tokens after it uncommitted.
-        seq.table.commit(seq.num_tokens - 1)
+    _first_token = staticmethod(first_token)
 
-    def _learn(self, seq: Sequence, mode: str, drafts, i: int, accepted: int, nxt: int) -> None:
-        """What a verified draft teaches: the sequence's running acceptance per position in
-        each mode it drafted with, and (greedy layer drafts) acceptance by confidence."""
-        proposed = drafts.tokens[i]
-        lead = drafts.prefix[i] if drafts.prefix else 0  # n-gram tokens before the layer's
-        layer = mode.removeprefix("ngram+")
-        if lead:
-            seq.acceptance("ngram").update(lead, min(accepted, lead))
-            if accepted < lead:
-                return  # verification rejected the n-gram part: the rest is untold
-        seq.acceptance(layer).update(len(proposed) - lead, accepted - lead, start=lead)
-        if seq.params.greedy and drafts.confidence is not None and layer in LAYER_MODES:
-            self.telemetry.record_confidence(
-                layer, drafts.confidence[i], accepted - lead, drafts.dropped[i], nxt
-            )
+    def _room(self, seq: Sequence, cfg: DraftConfig) -> int:
+        """How many tokens a step may draft for `seq`."""
+        return self.drafting.room(seq, cfg)
 
-    def _choose(
-        self, seq: Sequence, cfg: DraftConfig, room: int, batch: int
-    ) -> tuple[str, int, list[int]]:
-        """The auto policy: the mode and draft length with the best expected speedup, and
-        the sequence's n-gram proposal (looked up once, here)."""
-        if room == 0:
-            return "off", 0, []
-        costs = self.runner.costs
-        proposal = ngram_proposal(seq.tokens, room, cfg.ngram_min, cfg.ngram_max)
-        ngram = seq.acceptance("ngram")
-        ngram_rates = [ngram.rate(i) for i in range(len(proposal))]
-        token_cost = costs.extra_costs(batch, room)
-        options = [(1.0, 0, "off")]
-        if proposal:
-            options.append((*best_length(ngram_rates, 0.0, token_cost), "ngram"))
-        layer = cfg.layer_mode if self.auto_layer_draft else None
-        if layer is not None:
-            draft_cost, _ = costs.relative(layer, batch, self._draft_cost_prior)
-            acc = seq.acceptance(layer)
-            rates = [acc.rate(i) for i in range(room)]
-            options.append((*best_length(rates, draft_cost, token_cost), layer))
-            lead = len(proposal)
-            if 0 < lead < room:  # the proposal runs out: the layer draft may continue it
-                per_pass = [0.0] * lead + [draft_cost] * (room - lead)
-                gain, k = best_length(ngram_rates + rates[lead:], per_pass, token_cost, lead + 1)
-                options.append((gain, k, f"ngram+{layer}"))
-        gain, k, mode = max(options, key=lambda o: o[0])
-        return (mode, k, proposal) if k else ("off", 0, proposal)
+    # The `auto` policy's state, under the names the serving layer and tests use.
 
-    @staticmethod
-    def _first_token(seq: Sequence, logits: torch.Tensor) -> int:
-        if seq.params.greedy:
-            return int(logits.argmax())
-        return sample(probabilities(logits, seq.params), seq.generator)
+    @property
+    def telemetry(self) -> Telemetry:
+        return self.drafting.policy.telemetry
+
+    @property
+    def costs(self) -> Costs:
+        return self.drafting.policy.costs
+
+    @costs.setter
+    def costs(self, costs: Costs) -> None:
+        self.drafting.policy.costs = costs
+
+    @property
+    def auto_layer_draft(self) -> bool:
+        """Whether `auto` may use the layer draft."""
+        return self.drafting.policy.layer_draft
+
+    @auto_layer_draft.setter
+    def auto_layer_draft(self, allowed: bool) -> None:
+        self.drafting.policy.layer_draft = allowed
+
+    def between_steps(self, fn: Callable, *args):
+        """`fn(*args)` run between two steps, for work that borrows the KV pool from
+        another thread (the fleet's teacher-forced scoring)."""
+        with self._step_lock:
+            return fn(*args)
 
     def _completion(self, seq: Sequence) -> Completion:
         return Completion(

@@ -1,9 +1,9 @@
-"""Model passes over a batch of sequences: prefill, draft, verify.
+"""The one place the model runs: prefill, the passes of drafts, verification, and
+teacher-forced passes, each over a batch of sequences' KV blocks.
 
-Drafting with a layer plan keeps, for each drafted token, the hidden state at
-the first layer the plan changes. Everything below that layer is exactly what
-the full model computes, so verification starts there instead of at the bottom,
-and the KV entries the draft wrote for those layers stay.
+Verification may start above the bottom layer: a layer draft keeps the hidden states
+at the first layer its plan changes (see `drafting.layer`), below which it computed
+exactly what the full model does.
 """
 
 from __future__ import annotations
@@ -11,18 +11,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from numpy.lib.stride_tricks import sliding_window_view
 
 from services.common.params import DraftConfig
-from services.common.speedup import LAYER_MODES
 from services.engine import faults
-from services.engine.kv_pool import KVPool
-from services.engine.model import FULL, LayerPlan, Linear, Model
-from services.engine.policy import Costs
-from services.engine.sampler import probabilities, sample
+from services.engine.drafting.layer import LayerDrafter
+from services.engine.drafting.plan import DraftPlan
+from services.engine.drafting.proposer import Drafts
+from services.engine.kv_pool import BlockTable, KVPool, OutOfBlocks
+from services.engine.model import FULL, LayerPlan, Model
 from services.engine.sequence import Sequence
 
 BULK_TOKENS = 64  # prefill chunks longer than this take the many-row products
@@ -30,7 +27,7 @@ BULK_TOKENS = 64  # prefill chunks longer than this take the many-row products
 
 @dataclass
 class Timing:
-    """Wall time spent in model passes, for benchmarks and the drafting policy."""
+    """Wall time spent in model passes, for benchmarks."""
 
     draft_s: float = 0.0
     draft_passes: int = 0  # one per drafted position, all sequences together
@@ -41,54 +38,12 @@ class Timing:
         self.__init__()
 
 
-@dataclass
-class Drafts:
-    """Proposed tokens per sequence, and where verification may start."""
-
-    tokens: list[list[int]]
-    # Per sequence `[k + 1, hidden]` at `start_layer`; None where the draft kept none.
-    hidden: list[torch.Tensor | None] | None = None
-    start_layer: int = 0
-    # Per sampling sequence, the `[k, vocab]` distributions its tokens were drawn from;
-    # None for greedy sequences and for n-gram proposals (certain, a point mass).
-    probs: list[torch.Tensor | None] | None = None
-    # Layer drafts only, per sequence: the draft's confidence in each token it kept, and
-    # the (token, confidence) it stopped at for falling under the threshold, if it did.
-    confidence: list[list[float]] | None = None
-    dropped: list[tuple[int, float] | None] | None = None
-    # Per sequence, how many of its tokens lead from an n-gram proposal (`ngram+` modes).
-    prefix: list[int] | None = None
-    passes: int = 0  # layer-draft passes run
-
-
-def draft_plan(cfg: DraftConfig, num_layers: int) -> tuple[LayerPlan, int, int]:
-    """The layer plan of a draft, the first layer it changes, and the layer it ends at."""
-    if cfg.layer_mode == "early_exit":
-        return FULL, cfg.exit_layer, cfg.exit_layer
-    plan = LayerPlan(frozenset(cfg.skip_attn), frozenset(cfg.skip_mlp))
-    return plan, plan.first_skipped, num_layers
-
-
-def ngram_proposal(context: list[int], max_len: int, n_min: int, n_max: int) -> list[int]:
-    """Prompt lookup: the continuation of the latest earlier match of the longest suffix."""
-    ctx = np.asarray(context)
-    L = len(ctx)
-    for n in range(min(n_max, L - 1), n_min - 1, -1):
-        windows = sliding_window_view(ctx[: L - 1], n)  # every n-gram that has a successor
-        hits = np.flatnonzero((windows == ctx[L - n :]).all(axis=1))
-        if len(hits):
-            start = int(hits[-1]) + n
-            return context[start : start + max_len]
-    return []
-
-
 class ModelRunner:
     def __init__(self, model: Model, pool: KVPool) -> None:
         self.model = model
         self.pool = pool
-        self._low_head: tuple[int, Linear] | None = None
         self.timing = Timing()
-        self.costs = Costs()
+        self.layer_drafter = LayerDrafter(self)
 
     def _batch(self, seqs: list[Sequence], starts: list[int], lengths: list[int], bulk=False):
         blocks = [s.table.blocks for s in seqs]
@@ -120,47 +75,23 @@ class ModelRunner:
         return self.model.logits(h if all_logits else h[-1:], all_logits)
 
     @torch.inference_mode()
-    def draft(self, seqs: list[Sequence], cfg: DraftConfig, max_lens: list[int]) -> Drafts:
-        """Up to `max_lens[i]` tokens for each sequence, from the draft `cfg` describes."""
-        return self.draft_mixed(seqs, cfg, [(cfg.mode, m) for m in max_lens])
-
-    @torch.inference_mode()
-    def draft_mixed(
-        self,
-        seqs: list[Sequence],
-        cfg: DraftConfig,
-        plans: list[tuple[str, int]],
-        proposals: list[list[int] | None] | None = None,
-    ) -> Drafts:
-        """Draft each sequence in its own mode, at most the given number of tokens; one
-        verification then serves them all. Modes: `off`, `ngram`, the layer draft of `cfg`
-        (`skip` or `early_exit`), or `ngram+` that layer draft: the n-gram proposal,
-        continued by the layer draft up to the length. `proposals`: n-gram proposals the
-        caller already looked up (None: look them up here)."""
-        proposals = proposals or [None] * len(seqs)
-        tokens: list[list[int]] = [[] for _ in seqs]
-        for i, (mode, k) in enumerate(plans):
-            if k > 0 and mode.startswith("ngram"):
-                found = proposals[i]
-                if found is None:
-                    found = ngram_proposal(seqs[i].tokens, k, cfg.ngram_min, cfg.ngram_max)
-                tokens[i] = found[: k - 1] if mode != "ngram" else found[:k]
-        layer_plans = [k if m.removeprefix("ngram+") in LAYER_MODES else 0 for m, k in plans]
-        layered = [i for i, k in enumerate(layer_plans) if k]
+    def draft_mixed(self, seqs: list[Sequence], cfg: DraftConfig, plans: list[DraftPlan]) -> Drafts:
+        """Draft each sequence by its plan; one verification then serves them all. A plan's
+        n-gram tokens lead; the layer draft of `cfg` continues those of layer plans."""
+        tokens = [list(p.lead) for p in plans]
+        layered = [i for i, p in enumerate(plans) if p.layered]
         if not layered:
             return Drafts(tokens)
         t0 = time.perf_counter()
-        part = self._layer_draft(
+        part = self.layer_drafter.propose(
             [seqs[i] for i in layered],
             cfg,
-            [plans[i][1] for i in layered],
+            [plans[i].k for i in layered],
             [tokens[i] for i in layered],
         )
         elapsed = time.perf_counter() - t0
         self.timing.draft_s += elapsed
         self.timing.draft_passes += part.passes
-        if part.passes:
-            self.costs.observe_draft(cfg.layer_mode, len(layered), elapsed / part.passes)
         hidden: list[torch.Tensor | None] = [None] * len(seqs)
         probs: list[torch.Tensor | None] = [None] * len(seqs)
         confidence: list[list[float]] = [[] for _ in seqs]
@@ -170,126 +101,70 @@ class ModelRunner:
             prefix[i] = len(tokens[i])
             tokens[i], hidden[i], probs[i] = part.tokens[j], part.hidden[j], part.probs[j]
             confidence[i], dropped[i] = part.confidence[j], part.dropped[j]
-        return Drafts(tokens, hidden, part.start_layer, probs, confidence, dropped, prefix)
-
-    def _layer_draft(
-        self, seqs, cfg: DraftConfig, max_lens: list[int], prefixes: list[list[int]]
-    ) -> Drafts:
-        """The layer draft of `cfg`, continuing each sequence's `prefixes` (n-gram tokens,
-        run through the draft's layers together in its first pass) up to `max_lens`."""
-        model = self.model
-        plan, first, end = draft_plan(cfg, model.num_layers)
-        head = self._draft_head(seqs, cfg.shortlist)
-        tokens = [list(p) for p in prefixes]
-        done = [0] * len(seqs)  # this step's rows ([last] + tokens) below `first` so far
-        hidden: list[list[torch.Tensor]] = [[] for _ in seqs]
-        probs = [self._point_masses(s, p) for s, p in zip(seqs, prefixes, strict=True)]
-        confidence: list[list[float]] = [[] for _ in seqs]
-        dropped: list[tuple[int, float] | None] = [None] * len(seqs)
-        active = [i for i, m in enumerate(max_lens) if m > len(tokens[i])]
-        passes = 0
-        while active:
-            passes += 1
-            still = []
-            h, batch, ends = self._rows_below(seqs, tokens, done, active, first, hidden)
-            h = model.run_layers(h, batch, self.pool.kv, first, end, plan)
-            for j, (tok, conf, q) in enumerate(
-                self._pick(head(h[ends]), [seqs[i] for i in active])
-            ):
-                i = active[j]
-                if conf < cfg.threshold:
-                    dropped[i] = (tok, conf)  # processed, not proposed: drafting stops
-                    continue
-                tokens[i].append(tok)
-                confidence[i].append(conf)
-                if q is not None:
-                    probs[i].append(q)
-                if len(tokens[i]) < max_lens[i]:
-                    still.append(i)
-            active = still
-        # The newest drafted tokens still need the layers below `first`.
-        todo = [i for i in range(len(seqs)) if done[i] < len(tokens[i]) + 1]
-        if todo:
-            self._rows_below(seqs, tokens, done, todo, first, hidden)
-        q = [torch.stack(p) if p else None for p in probs]
         return Drafts(
-            tokens, [torch.cat(x) for x in hidden], first, q, confidence, dropped, passes=passes
+            tokens,
+            hidden,
+            part.start_layer,
+            probs,
+            confidence,
+            dropped,
+            prefix,
+            part.passes,
+            elapsed,
         )
 
-    def _rows_below(self, seqs, tokens, done, which: list[int], first: int, hidden):
-        """Run the rows of sequences `which` not yet run (the last accepted token, then the
-        drafted ones) through the layers below `first`, keeping their hidden states in
-        `hidden`. Returns the hidden states, the attention batch of the pass, and the row
-        of each sequence's newest token."""
-        group = [seqs[i] for i in which]
-        rows = [([seqs[i].last] + tokens[i])[done[i] :] for i in which]
-        starts = [seqs[i].table.num_tokens + done[i] for i in which]
-        lengths = [len(r) for r in rows]
-        batch = self._batch(group, starts, lengths)
+    def run_rows(
+        self,
+        seqs: list[Sequence],
+        starts: list[int],
+        rows: list[list[int]],
+        stop: int,
+        then: tuple[int, LayerPlan] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A drafter's pass: each sequence's `rows` of tokens, written from `starts[i]` on,
+        through the layers below `stop`, and with `then` = (end, plan) on through layers
+        [stop, end) under `plan`. Returns the hidden states at `stop` and at `end`."""
+        batch = self._batch(seqs, starts, [len(r) for r in rows])
         h = self.model.embed_tokens(self._tensor([t for r in rows for t in r]))
-        h = self.model.run_layers(h, batch, self.pool.kv, 0, first)
-        for i, part in zip(which, h.split(lengths), strict=True):
-            hidden[i].append(part)
-            done[i] += len(part)
-        ends = torch.tensor(lengths, device=h.device).cumsum(0) - 1
-        return h, batch, ends
+        below = self.model.run_layers(h, batch, self.pool.kv, 0, stop)
+        if then is None:
+            return below, None
+        end, plan = then
+        return below, self.model.run_layers(below, batch, self.pool.kv, stop, end, plan)
 
-    def _point_masses(self, seq: Sequence, prefix: list[int]) -> list[torch.Tensor]:
-        """A sampling sequence's n-gram tokens were proposed with certainty: as draft
-        distributions, point masses; greedy sequences keep none."""
-        if seq.params.greedy or not prefix:
-            return []
-        masses = F.one_hot(self._tensor(prefix), self.model.vocab_size).float()
-        return list(masses.unbind(0))
-
-    def _draft_head(self, seqs: list[Sequence], shortlist: int):
-        """A function from hidden states to (logits, the token id of each logit column)
-        under the draft's head: the full vocabulary (ids None), or ids below `shortlist`
-        plus those already in the context."""
-        model = self.model
-        if shortlist <= 0 or shortlist >= model.vocab_size:
-            return lambda h: (model.logits(h), None)
-        if self._low_head is None or self._low_head[0] != shortlist:
-            self._low_head = (
-                shortlist,
-                model.linear(model.head_rows(torch.arange(shortlist, device=model.device))),
+    @torch.inference_mode()
+    def forced(
+        self,
+        tokens: list[list[int]],
+        plan: LayerPlan = FULL,
+        start: list[int] | None = None,
+        bulk: bool = True,
+    ) -> list[torch.Tensor] | None:
+        """Teacher-forced: each token list in one pass under `plan`, in KV blocks borrowed
+        from the pool and given back; per list, the logits after each of its tokens from
+        `start[i]` on (default: all). None when the pool has too few free blocks. `bulk`:
+        the many-row products, as for a long prefill (off: as a verification runs)."""
+        start = start or [0] * len(tokens)
+        tables: list[BlockTable] = []
+        try:
+            for seq in tokens:
+                tables.append(BlockTable(self.pool))
+                tables[-1].reserve(len(seq))
+            lengths = [len(t) for t in tokens]
+            batch = self.model.attention_batch(
+                [t.blocks for t in tables], [0] * len(tables), lengths, self.pool.block_size, bulk
             )
-        low = self._low_head[1]
-        extra = self._tensor(sorted({t for s in seqs for t in s.tokens if t >= shortlist}))
-        extra_w = model.head_rows(extra)
-        ids = torch.cat((torch.arange(shortlist, device=model.device), extra))
-
-        def short(h):
-            x = model.final_norm(h)
-            return torch.cat((low(x), F.linear(x, extra_w.to(x.dtype))), -1).float(), ids
-
-        return short
-
-    def _pick(self, head_out, seqs: list[Sequence]):
-        """Per sequence: (drafted token, draft confidence, full-vocabulary distribution it was
-        sampled from, or None when greedy)."""
-        logits, ids = head_out
-        if ids is not None:
-            logits = logits.masked_fill(~self._own_columns(seqs, ids), float("-inf"))
-        greedy = torch.softmax(logits, -1).max(-1)
-        picks = []
-        for j, seq in enumerate(seqs):
-            if seq.params.greedy:
-                tok = int(greedy.indices[j])
-                picks.append((tok if ids is None else int(ids[tok]), float(greedy.values[j]), None))
-                continue
-            q = probabilities(logits[j], seq.params)
-            if ids is not None:  # sampled over the whole vocabulary, as without a shortlist
-                q = torch.zeros(self.model.vocab_size, device=q.device).index_copy_(0, ids, q)
-            picks.append((sample(q, seq.generator), float(q.max()), q))
-        return picks
-
-    def _own_columns(self, seqs: list[Sequence], ids: torch.Tensor) -> torch.Tensor:
-        """`[len(seqs), len(ids)]`: which shortlist columns each sequence may draft, the
-        shortlist and its own context. The head carries every context of the batch, but a
-        draft that depended on other sequences would sample differently in other company."""
-        low = ids < self._low_head[0]
-        return torch.stack([low | torch.isin(ids, self._tensor(s.tokens)) for s in seqs])
+            h = self.model.embed_tokens(self._tensor([t for seq in tokens for t in seq]))
+            h = self.model.run_layers(h, batch, self.pool.kv, plan=plan, bulk=bulk)
+            offsets = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+            rows = [r for i, s in enumerate(start) for r in range(offsets[i] + s, offsets[i + 1])]
+            logits = self.model.logits(h[self._tensor(rows)], bulk=bulk)
+            return list(logits.split([n - s for n, s in zip(lengths, start, strict=True)]))
+        except OutOfBlocks:
+            return None
+        finally:
+            for table in tables:
+                table.free()
 
     @torch.inference_mode()
     def verify(self, seqs: list[Sequence], drafts: Drafts) -> list[torch.Tensor]:
@@ -318,5 +193,4 @@ class ModelRunner:
         elapsed = time.perf_counter() - t0
         self.timing.verify_s += elapsed
         self.timing.verify_passes += 1
-        self.costs.observe_verify(len(seqs), sum(lengths), elapsed)
         return logits

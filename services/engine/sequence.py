@@ -11,7 +11,6 @@ import torch
 from services.common.params import SamplingParams
 from services.engine.detokenizer import OutputText
 from services.engine.kv_pool import BlockTable
-from services.engine.policy import PRIOR_ACCEPT, Acceptance
 
 
 @dataclass
@@ -74,16 +73,9 @@ class Sequence:
         self.arrived = time.monotonic()
         self.stats = Stats(prompt_tokens=len(prompt))
         self.need = 0  # tokens of KV this sequence may ever hold
-        self._acceptance: dict[str, Acceptance] = {}
         self.generator: torch.Generator | None = None
         if not params.greedy:  # where the logits are (default: the KV pool's device)
             self.generator = seeded(params.seed, device or table.pool.kv[0].device)
-
-    def acceptance(self, mode: str) -> Acceptance:
-        """This sequence's running acceptance per draft position in `mode`."""
-        if mode not in self._acceptance:
-            self._acceptance[mode] = Acceptance(PRIOR_ACCEPT.get(mode, (1.0, 2.0)))
-        return self._acceptance[mode]
 
     @property
     def tokens(self) -> list[int]:

@@ -181,7 +181,7 @@ class FleetLink:
                 "t0": t0,
                 "t1": self._window_start,
                 "modes": modes,
-                "costs": self.engine.runner.costs.snapshot(),
+                "costs": self.engine.costs.snapshot(),
                 "scores": scores,
                 "confidence": {m: list(t) for m, t in window.confidence.items()},
             }
@@ -204,7 +204,8 @@ class FleetLink:
             self._windows.popleft()
 
     def _heartbeat(self) -> None:
-        from services.engine import forced  # the replica has loaded torch; the controller not
+        # The replica has loaded torch; the controller not.
+        from services.engine.drafting import forced
 
         state = {
             "version": self.version,

@@ -195,7 +195,7 @@ def _by_mode(decisions: dict) -> dict[str, int]:
 
 
 def _cost_ratios(engine) -> dict[tuple[str, str], float]:
-    costs = engine.runner.costs.snapshot()
+    costs = engine.costs.snapshot()
     decode = costs["decode"]
     out = {}
     for key, seconds in costs["draft_pass"].items():

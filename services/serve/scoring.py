@@ -32,7 +32,7 @@ class Sample:
     tokens: list[int]
     start: int  # the first row whose next token was generated, not given
     finished: bool = False
-    targets: object = None  # the full model's choice after each token (a tensor)
+    targets: object = None  # the full model's choice after each token from start (a tensor)
     scored: set[str] = field(default_factory=set)  # candidate keys scored on it
 
 
@@ -97,18 +97,21 @@ class CandidateScorer:
             for s in todo:
                 s.scored.add(key)  # never scorable here: do not try again
             return False
-        from services.engine import forced
+        from services.engine.drafting import forced
         from services.engine.model import LayerPlan
 
+        engine, runner = self.engine, self.engine.runner
         fresh = [s for s in todo if s.targets is None]
         if fresh:
-            targets = forced.full_choices(self.engine, [s.tokens for s in fresh])
+            tokens, start = [s.tokens for s in fresh], [s.start for s in fresh]
+            targets = engine.between_steps(forced.full_choices, runner, tokens, start)
             if targets is None:
                 return True  # no KV room to spare now; try later
             for s, t in zip(fresh, targets, strict=True):
                 s.targets = t
-        got = forced.agreement(
-            self.engine,
+        got = engine.between_steps(
+            forced.agreement,
+            runner,
             [s.tokens for s in todo],
             [s.targets for s in todo],
             [s.start for s in todo],

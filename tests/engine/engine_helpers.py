@@ -6,7 +6,7 @@ import asyncio
 from dataclasses import dataclass, field
 
 from services.engine import Engine, SamplingParams
-from services.engine.policy import Costs
+from services.engine.drafting.costs import Costs
 from services.engine.sequence import Sequence
 
 # Eight short chat prompts of different lengths, for batches.

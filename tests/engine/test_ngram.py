@@ -5,7 +5,8 @@ from __future__ import annotations
 import random
 
 from services.engine import DraftConfig, SamplingParams
-from services.engine.runner import ngram_proposal
+from services.engine.drafting.ngram import ngram_proposal
+from services.engine.drafting.plan import DraftPlan, Kind
 
 
 def slow_reference(context: list[int], max_len: int, n_min: int, n_max: int) -> list[int]:
@@ -41,12 +42,12 @@ def force_continuation(engine, monkeypatch) -> None:
     whatever the policy would judge, and decisions that do not depend on timings."""
 
     def forced(seq, cfg, room, batch):
-        proposal = ngram_proposal(seq.tokens, room, cfg.ngram_min, cfg.ngram_max)
+        proposal = tuple(ngram_proposal(seq.tokens, room, cfg.ngram_min, cfg.ngram_max))
         if 0 < len(proposal) < room:
-            return f"ngram+{cfg.layer_mode}", room, proposal
-        return (cfg.layer_mode, room, proposal) if room else ("off", 0, proposal)
+            return DraftPlan(Kind.NGRAM_LAYER, room, cfg.layer_mode, proposal)
+        return DraftPlan(Kind.LAYER, room, cfg.layer_mode) if room else DraftPlan()
 
-    monkeypatch.setattr(engine, "_choose", forced)
+    monkeypatch.setattr(engine.drafting.policy, "choose", forced)
     monkeypatch.setattr(engine, "auto_layer_draft", True)
 
 
@@ -92,20 +93,24 @@ def test_auto_continues_a_short_proposal_where_that_pays(engine, monkeypatch):
     """The policy's own judgement: a short n-gram proposal that is always accepted, and a
     cheap layer draft right 80% of the time: continuing the proposal beats either alone.
     With the layer draft rarely right, the proposal goes alone."""
+    from services.engine.drafting.costs import Costs
+    from services.engine.drafting.policy import Acceptance
     from services.engine.kv_pool import BlockTable
-    from services.engine.policy import Acceptance, Costs
     from services.engine.sequence import Sequence
 
     costs = Costs(decode={1: 0.020}, per_token={1: 0.0002}, draft_pass={("skip", 1): 0.004})
-    monkeypatch.setattr(engine.runner, "costs", costs)
+    monkeypatch.setattr(engine, "costs", costs)
     monkeypatch.setattr(engine, "auto_layer_draft", True)
     tokens = [1, 2, 3, 4, 5, 9, 5]  # the lookup proposes 9, 5: two tokens
     seq = Sequence("policy", tokens, SamplingParams(max_tokens=16), BlockTable(engine.pool))
-    seq._acceptance["ngram"] = Acceptance((0.0, 0.0), [[10.0, 10.0]] * 8)
-    seq._acceptance["skip"] = Acceptance((0.0, 0.0), [[8.0, 10.0]] * 8)
+    policy = engine.drafting.policy
+    policy._acceptance[seq] = {
+        "ngram": Acceptance((0.0, 0.0), [[10.0, 10.0]] * 8),
+        "skip": Acceptance((0.0, 0.0), [[8.0, 10.0]] * 8),
+    }
     cfg = DraftConfig(mode="auto", skip_attn=(3,), max_draft=8)
-    mode, k, proposal = engine._choose(seq, cfg, 8, 1)
-    assert proposal == [9, 5]
-    assert mode == "ngram+skip" and k > len(proposal)
-    seq._acceptance["skip"] = Acceptance((0.0, 0.0), [[1.0, 10.0]] * 8)
-    assert engine._choose(seq, cfg, 8, 1)[:2] == ("ngram", 2)
+    plan = policy.choose(seq, cfg, 8, 1)
+    assert plan.proposal == (9, 5)
+    assert plan.name == "ngram+skip" and plan.k > len(plan.proposal)
+    policy._acceptance[seq]["skip"] = Acceptance((0.0, 0.0), [[1.0, 10.0]] * 8)
+    assert policy.choose(seq, cfg, 8, 1) == DraftPlan(Kind.NGRAM, 2, proposal=(9, 5))

@@ -4,7 +4,7 @@ layer-draft tokens by confidence say which tokens verification accepted."""
 from __future__ import annotations
 
 from services.engine import DraftConfig, SamplingParams
-from services.engine.policy import confidence_bin
+from services.engine.drafting.telemetry import confidence_bin
 
 PROMPTS = [
     "Write a haiku about the sea.",
@@ -55,7 +55,7 @@ def test_confidence_bins_tell_accepted_rejected_and_dropped_tokens(engine):
 
 
 def test_one_stall_does_not_make_drafting_look_dear_for_good():
-    from services.engine.policy import Costs
+    from services.engine.drafting.costs import Costs
 
     costs = Costs()
     for _ in range(10):
@@ -75,7 +75,7 @@ def test_verify_cost_is_measured_per_draft_length():
     """Verifying 1 extra token is nearly free but more are not (the products turn
     compute-bound): the policy sees each length's own cost, not the average's line."""
     from services.common.speedup import best_length
-    from services.engine.policy import Costs
+    from services.engine.drafting.costs import Costs
 
     costs = Costs()
     for _ in range(10):
@@ -101,7 +101,7 @@ def test_a_smaller_batch_in_the_bucket_is_set_against_its_own_size():
     """Bucket 16 holds batches of 9 to 16. Plain passes of 16 cost 48 ms; a batch of 12
     that verifies 3 extra tokens in 45 ms spent about 3 ms a token over a plain pass of
     12 (36 ms), not nothing."""
-    from services.engine.policy import Costs
+    from services.engine.drafting.costs import Costs
 
     costs = Costs()
     for _ in range(10):

@@ -23,7 +23,7 @@ import torch
 
 from services.common.params import DraftConfig, SamplingParams
 from services.common.speedup import best_length
-from services.engine.kv_pool import BlockTable
+from services.engine.drafting.forced import agreement, sublayer_sizes
 from services.engine.model import LayerPlan
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ CALIBRATION = [
     "What are three good habits for staying focused while working from home?",
     "Explain the difference between a list and a tuple in Python.",
 ]
+NO_ROOM = "tune: the KV pool has no room for the calibration passes; raise kv_cache_bytes"
 
 
 @dataclass
@@ -56,33 +57,13 @@ class Tuner:
             (engine.encode(p, chat=True), o.token_ids)
             for p, o in zip(CALIBRATION, outs, strict=True)
         ]
-        # Rows of the flattened pass whose next token is an output token, and those tokens.
-        rows, targets, offset = [], [], 0
-        for prompt, output in self.sequences:
-            rows += range(offset + len(prompt) - 1, offset + len(prompt) + len(output) - 1)
-            targets += output
-            offset += len(prompt) + len(output)
-        self.rows, self.targets = torch.tensor(rows), torch.tensor(targets)
-        self.sizes = self._sublayer_sizes()
+        self.sizes = sublayer_sizes(engine)
         self.verify = self._verify_costs(max_k=8)
         print(
             "tune: verify cost by drafted tokens: " + " ".join(f"{v:.2f}" for v in self.verify),
             file=sys.stderr,
             flush=True,
         )
-
-    def _sublayer_sizes(self) -> dict[str, float]:
-        """Bytes each sublayer reads, relative to the whole model with its head."""
-        m = self.model
-        hidden = m.embed.shape[1]
-        attn = (
-            hidden * (m.num_heads * m.head_dim + 2 * m.kv_dim) + m.num_heads * m.head_dim * hidden
-        )
-        inter = m.config.intermediate_size
-        mlp = 3 * hidden * inter
-        head = m.vocab_size * hidden
-        total = m.num_layers * (attn + mlp) + head
-        return {"attn": attn / total, "mlp": mlp / total, "head": head / total}
 
     @torch.inference_mode()
     def _verify_costs(self, max_k: int) -> list[float]:
@@ -92,16 +73,11 @@ class Tuner:
         return [max(times[: k + 1]) / times[0] for k in range(max_k + 1)]
 
     def _time_pass(self, n: int) -> float:
-        m, table = self.model, BlockTable(self.engine.pool)
-        try:
-            table.reserve(n)
-            batch = m.attention_batch([table.blocks], [0], [n], self.engine.pool.block_size)
-            tokens = torch.arange(n)
-            t0 = time.perf_counter()
-            m.logits(m.run_layers(m.embed_tokens(tokens), batch, self.engine.pool.kv))
-            return time.perf_counter() - t0
-        finally:
-            table.free()
+        """Seconds of one full pass over n tokens, as a verification runs it."""
+        t0 = time.perf_counter()
+        if self.engine.runner.forced([list(range(n))], bulk=False) is None:
+            raise RuntimeError(NO_ROOM)
+        return time.perf_counter() - t0
 
     def predict(self, alpha: float, cost: float) -> tuple[float, int]:
         """Best (speedup, k) over k >= 1 for drafts agreeing with probability alpha each,
@@ -110,40 +86,17 @@ class Tuner:
         extra = [v - 1.0 for v in self.verify[1:]]  # verifying k drafts, beyond one token
         return best_length([alpha] * len(extra), cost, extra, plain=False)
 
-    @torch.inference_mode()
     def agreement(self, plan: LayerPlan, shortlist: int = 0) -> float:
         """Teacher-forced, all calibration sequences in one pass: how often the draft's
         next token equals the full model's (with a head over `shortlist` ids plus the
         ids of the sequence, when given)."""
-        m, pool = self.model, self.engine.pool
-        tables = [BlockTable(pool) for _ in self.sequences]
-        try:
-            for table, (prompt, output) in zip(tables, self.sequences, strict=True):
-                table.reserve(len(prompt) + len(output))
-            lengths = [len(p) + len(o) for p, o in self.sequences]
-            blocks = [t.blocks for t in tables]
-            batch = m.attention_batch(blocks, [0] * len(tables), lengths, pool.block_size, True)
-            tokens = torch.tensor([t for p, o in self.sequences for t in p + o])
-            h = m.run_layers(m.embed_tokens(tokens), batch, pool.kv, plan=plan, bulk=True)
-            logits = m.logits(h[self.rows], bulk=True)
-            if shortlist:
-                logits = logits.masked_fill(~self._allowed(shortlist), float("-inf"))
-            guess = logits.argmax(-1)
-        finally:
-            for table in tables:
-                table.free()
-        return float((guess == self.targets).float().mean())
-
-    def _allowed(self, shortlist: int) -> torch.Tensor:
-        """[rows, vocab]: which ids a shortlisted draft head can pick at each scored row."""
-        allowed = torch.zeros(len(self.rows), self.model.vocab_size, dtype=torch.bool)
-        allowed[:, :shortlist] = True
-        row = 0
-        for prompt, output in self.sequences:
-            ids = torch.tensor(prompt + output)
-            allowed[row : row + len(output), ids] = True  # the context, a slight superset
-            row += len(output)
-        return allowed
+        tokens = [prompt + output for prompt, output in self.sequences]
+        start = [len(prompt) - 1 for prompt, _ in self.sequences]
+        targets = [output for _, output in self.sequences]
+        got = agreement(self.engine.runner, tokens, targets, start, plan, shortlist)
+        if got is None:
+            raise RuntimeError(NO_ROOM)
+        return got[0] / got[1]
 
     def with_shortlist(self, sc: Score) -> tuple[Score, int]:
         """The best of no shortlist and a few shortlist sizes for a scored skip set."""

@@ -1,0 +1,134 @@
+"""The `auto` drafting policy: per sequence and step, the draft expected to pay most.
+
+Expected gain of drafting k tokens in a mode: the tokens a verification yields,
+1 + a1 + a1*a2 + ... (a_i: the sequence's running acceptance at draft position
+i in that mode), divided by the step's cost, k draft passes plus a
+verification of k + 1 tokens, in units of one plain decode step at the current
+batch size. An n-gram proposal shorter than the room left may be continued by the
+layer draft (`ngram+skip`): n-gram acceptance and no draft cost for its tokens, the
+layer draft's for the rest. Costs are measured as the engine runs. Where nothing
+beats 1 (plain decoding), as at large batches where verification stops being nearly
+free, the sequence drafts nothing.
+
+`AutoPolicy` holds everything the choice learns from: each sequence's acceptance, the
+measured costs, and the telemetry of what was drafted and kept.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from services.common.speedup import LAYER_MODES, best_length
+from services.engine.drafting.costs import Costs
+from services.engine.drafting.ngram import ngram_proposal
+from services.engine.drafting.plan import OFF, DraftPlan, Kind
+from services.engine.drafting.telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from services.common.params import DraftConfig
+    from services.engine.drafting.proposer import Drafts
+    from services.engine.sequence import Sequence
+
+# Optimistic for the skip draft (0.8), so that it is tried and measured; still a probability.
+PRIOR_ACCEPT = {"ngram": (1.0, 2.0), "skip": (1.6, 2.0), "early_exit": (1.0, 2.0)}
+DECAY = 0.9  # older acceptance counts fade, so a sequence's changing text is followed
+DRAFT_COST_PRIOR = 0.6  # a layer draft pass's cost, relative to a plain step, unmeasured
+
+
+@dataclass
+class Acceptance:
+    """Running (accepted, drafted) counts per draft position, with a prior."""
+
+    prior: tuple[float, float]
+    counts: list[list[float]] = field(default_factory=list)
+
+    def rate(self, i: int) -> float:
+        a, n = self.prior
+        if i < len(self.counts):
+            a, n = a + self.counts[i][0], n + self.counts[i][1]
+        return a / n
+
+    def update(self, drafted: int, accepted: int, start: int = 0) -> None:
+        """`drafted` tokens at positions from `start`, of which the first `accepted` were."""
+        while len(self.counts) < start + drafted:
+            self.counts.append([0.0, 0.0])
+        for i in range(drafted):
+            c = self.counts[start + i]
+            c[0] = c[0] * DECAY + (1.0 if i < accepted else 0.0)
+            c[1] = c[1] * DECAY + 1.0
+
+
+class AutoPolicy:
+    """The `auto` choice, and what it learns from every verified draft, in any mode."""
+
+    def __init__(self) -> None:
+        self.costs = Costs()
+        self.telemetry = Telemetry()
+        # Whether `auto` may use the layer draft: off where tuning measured it slower
+        # than none, until the fleet asks for it.
+        self.layer_draft = True
+        # Per sequence, its running acceptance by mode; gone with the sequence.
+        self._acceptance: weakref.WeakKeyDictionary[Sequence, dict[str, Acceptance]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def acceptance(self, seq: Sequence, mode: str) -> Acceptance:
+        """`seq`'s running acceptance per draft position in `mode`."""
+        modes = self._acceptance.setdefault(seq, {})
+        if mode not in modes:
+            modes[mode] = Acceptance(PRIOR_ACCEPT.get(mode, (1.0, 2.0)))
+        return modes[mode]
+
+    def choose(self, seq: Sequence, cfg: DraftConfig, room: int, batch: int) -> DraftPlan:
+        """The plan with the best expected speedup, with the sequence's n-gram proposal
+        (looked up once, here)."""
+        if room == 0:
+            return OFF
+        proposal = tuple(ngram_proposal(seq.tokens, room, cfg.ngram_min, cfg.ngram_max))
+        ngram = self.acceptance(seq, "ngram")
+        ngram_rates = [ngram.rate(i) for i in range(len(proposal))]
+        token_cost = self.costs.extra_costs(batch, room)
+        options = [(1.0, 0, OFF)]
+        if proposal:
+            gain, k = best_length(ngram_rates, 0.0, token_cost)
+            options.append((gain, k, DraftPlan(Kind.NGRAM, k, proposal=proposal)))
+        layer = cfg.layer_mode if self.layer_draft else None
+        if layer is not None:
+            draft_cost, _ = self.costs.relative(layer, batch, DRAFT_COST_PRIOR)
+            acc = self.acceptance(seq, layer)
+            rates = [acc.rate(i) for i in range(room)]
+            gain, k = best_length(rates, draft_cost, token_cost)
+            options.append((gain, k, DraftPlan(Kind.LAYER, k, layer)))
+            lead = len(proposal)
+            if 0 < lead < room:  # the proposal runs out: the layer draft may continue it
+                per_pass = [0.0] * lead + [draft_cost] * (room - lead)
+                gain, k = best_length(ngram_rates + rates[lead:], per_pass, token_cost, lead + 1)
+                options.append((gain, k, DraftPlan(Kind.NGRAM_LAYER, k, layer, proposal)))
+        _, k, plan = max(options, key=lambda o: o[0])  # the first best, as ever
+        return plan if k else OFF
+
+    def observe_draft(self, cfg: DraftConfig, plans: list[DraftPlan], drafts: Drafts) -> None:
+        """A layer draft's measured cost per pass, at the batch size it drafted for."""
+        if drafts.passes:
+            batch = sum(p.layered for p in plans)
+            self.costs.observe_draft(cfg.layer_mode, batch, drafts.seconds / drafts.passes)
+
+    def learn(
+        self, seq: Sequence, plan: DraftPlan, drafts: Drafts, i: int, accepted: int, nxt: int
+    ) -> None:
+        """What a verified draft teaches: the sequence's running acceptance per position in
+        each mode it drafted with, and (greedy layer drafts) acceptance by confidence."""
+        proposed = drafts.tokens[i]
+        lead = drafts.prefix[i] if drafts.prefix else 0  # n-gram tokens before the layer's
+        mode = plan.layer or "ngram"
+        if lead:
+            self.acceptance(seq, "ngram").update(lead, min(accepted, lead))
+            if accepted < lead:
+                return  # verification rejected the n-gram part: the rest is untold
+        self.acceptance(seq, mode).update(len(proposed) - lead, accepted - lead, start=lead)
+        if seq.params.greedy and drafts.confidence is not None and mode in LAYER_MODES:
+            self.telemetry.record_confidence(
+                mode, drafts.confidence[i], accepted - lead, drafts.dropped[i], nxt
+            )

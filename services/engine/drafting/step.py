@@ -1,0 +1,103 @@
+"""The speculative step: plan a draft per sequence, draft, verify every draft in one
+pass, keep what the full model agrees with, and learn from it.
+
+Greedy sequences keep the drafted tokens up to the first the full model would not have
+chosen, then the full model's own; sampling ones go by rejection sampling, with the
+same temperature, top-k and top-p on both sides. Either way the output is the full
+model's, whatever was drafted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from services.common.params import DraftConfig
+from services.engine import faults
+from services.engine.drafting.plan import DraftPlan, fixed
+from services.engine.drafting.policy import AutoPolicy
+from services.engine.drafting.proposer import Drafts
+from services.engine.runner import ModelRunner
+from services.engine.sampler import accept_greedy, accept_sampled, probabilities, sample
+from services.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+class Speculator:
+    """Runs steps for an engine: its runner's passes, its `auto` policy's choices."""
+
+    def __init__(self, runner: ModelRunner, max_positions: int) -> None:
+        self.runner = runner
+        self.max_positions = max_positions
+        self.policy = AutoPolicy()
+
+    def room(self, seq: Sequence, cfg: DraftConfig) -> int:
+        """How many tokens a step may draft for `seq`."""
+        context_left = self.max_positions - seq.num_tokens
+        return max(0, min(cfg.max_draft, seq.remaining - 1, context_left))
+
+    def plan(self, seq: Sequence, cfg: DraftConfig, room: int, batch: int) -> DraftPlan:
+        if cfg.mode == "auto":
+            return self.policy.choose(seq, cfg, room, batch)
+        return fixed(cfg, seq.tokens, room)
+
+    def step(
+        self, seqs: list[Sequence], cfg: DraftConfig, eos_ids: frozenset[int]
+    ) -> list[tuple[Sequence, Exception]]:
+        """Draft for every sequence, verify all drafts in one pass, accept what agrees.
+        Raises when a batched pass fails, before any sequence changed; a failure while
+        accepting for one sequence is returned with it, and the others go on."""
+        rooms = [self.room(s, cfg) for s in seqs]
+        for s, r in zip(seqs, rooms, strict=True):
+            s.table.reserve(s.num_tokens + r)
+        plans = [self.plan(s, cfg, r, len(seqs)) for s, r in zip(seqs, rooms, strict=True)]
+        drafts = self.runner.draft_mixed(seqs, cfg, plans)
+        self.policy.observe_draft(cfg, plans, drafts)
+        t0 = time.perf_counter()
+        logits = self.runner.verify(seqs, drafts)
+        verified = sum(len(t) + 1 for t in drafts.tokens)
+        self.policy.costs.observe_verify(len(seqs), verified, time.perf_counter() - t0)
+        failed = []
+        for i, seq in enumerate(seqs):
+            try:
+                self._accept(seq, plans[i], drafts, i, logits[i], len(seqs), eos_ids)
+            except Exception as exc:
+                log.exception("request %s failed", seq.id)
+                failed.append((seq, exc))
+        return failed
+
+    def _accept(
+        self,
+        seq: Sequence,
+        plan: DraftPlan,
+        drafts: Drafts,
+        i: int,
+        logits: torch.Tensor,
+        batch: int,
+        eos_ids: frozenset[int],
+    ) -> None:
+        faults.check("sample", [seq.id])
+        proposed = drafts.tokens[i]
+        if seq.params.greedy:
+            n, nxt = accept_greedy(proposed, logits)
+        else:
+            q = drafts.probs[i] if drafts.probs is not None else None
+            n, nxt = accept_sampled(proposed, q, probabilities(logits, seq.params), seq.generator)
+        seq.stats.record(len(proposed), n)
+        self.policy.telemetry.record(plan.name, batch, len(proposed), n)
+        if proposed:
+            self.policy.learn(seq, plan, drafts, i, n, nxt)
+        seq.append(proposed[:n] + [nxt], eos_ids)
+        # KV is kept for the tokens kept, all but the newest: a stop inside the draft
+        # leaves the drafted tokens after it uncommitted.
+        seq.table.commit(seq.num_tokens - 1)
+
+
+def first_token(seq: Sequence, logits: torch.Tensor) -> int:
+    """A sequence's first output token, from the logits after its prompt."""
+    if seq.params.greedy:
+        return int(logits.argmax())
+    return sample(probabilities(logits, seq.params), seq.generator)
