@@ -1,13 +1,16 @@
 """The selfspec engine: usable on its own, with no Ray, Redis or network.
 
-`Engine` (engine.py) loads a model and runs the loop: each step the scheduler plans
-(scheduler.py: admission, prefill chunks, decode groups, preemption, sessions, over
-the paged KV pool of kv_pool.py), the model runner computes (runner.py, model.py),
-drafts are verified and accepted (sampler.py, policy.py), and each request's owner
-hears what changed (outputs.py: completions and streamed deltas; detokenizer.py: text
-and stop strings). Around it: prompts.py turns prompts into token ids, checkpoint.py
-loads models, profile.py reads a model's tuned drafting, serving.py runs the loop on a
-thread of its own for servers, params.py holds the request settings.
+`Engine` (engine.py) loads a model and runs the loop; each step:
+- scheduler.py plans it: cancellations, admission, the prefill chunk, the decode
+  groups and the preemption that makes room for them, over kv_pool.py's blocks;
+- the engine runs it: prefill on runner.py (model.py's forward), then the drafting
+  step (`Engine.step`: draft, verify, accept; sampler.py, policy.py) per group;
+- outputs.py tells each request's owner what changed: completions, streamed deltas
+  (text and stop strings: detokenizer.py).
+Around the loop: prompts.py (prompts to token ids), checkpoint.py (loading a model),
+profile.py (a model's tuned drafting), serving.py (the loop on a thread of its own,
+`submit`, the fleet's configs), params.py (request settings), sequence.py (one
+request's state).
 
 Names load on first use, so that `services.engine.params` (what a gateway needs to
 validate requests) imports without PyTorch.

@@ -55,9 +55,12 @@ class Engine(Serving):
         """`allow_draft_override`: whether requests through `submit` (servers) may carry
         their own drafting; `max_draft_configs`: distinct drafting configs run in one step,
         each a pass of its own (requests beyond run with the default, and say so)."""
+        if max_draft_configs < 1:
+            raise ValueError(f"max_draft_configs must be at least 1, got {max_draft_configs}")
         self.model = model
         self.tokenizer = tokenizer
         self.model_path = model_path
+        self.max_draft_configs = max_draft_configs
         self.prefill_chunk = prefill_chunk
         self.allow_draft_override = allow_draft_override
         self.pool = KVPool.from_budget(
@@ -79,10 +82,7 @@ class Engine(Serving):
         self.eos_ids = checkpoint.eos_ids(model.config, tokenizer)
         self._ids = itertools.count()
         self.scheduler = Scheduler(
-            self.pool,
-            max_waiting=max_waiting,
-            max_positions=model.max_positions,
-            max_draft_configs=max_draft_configs,
+            self.pool, max_waiting=max_waiting, max_positions=model.max_positions
         )
         self._step_lock = threading.Lock()
         self._loop = Loop(self.step_once, lambda: self.scheduler.has_work, self._fail_all)
@@ -231,7 +231,9 @@ class Engine(Serving):
 
     def _decode(self) -> None:
         """A draft-and-verify step for every running sequence, a pass per drafting group."""
-        groups = self.scheduler.schedule_decode(self.default_draft, self._bucket_drafts)
+        groups = self.scheduler.schedule_decode(
+            self.default_draft, self._bucket_drafts, self.max_draft_configs
+        )
         for cfg, seqs in groups.items():
             self._step_group(seqs, cfg)
         for request, seq in self.scheduler.postprocess():

@@ -72,22 +72,11 @@ Groups = dict[DraftConfig, list[Sequence]]  # running sequences by the drafting 
 
 
 class Scheduler:
-    def __init__(
-        self,
-        pool: KVPool,
-        *,
-        max_waiting: int,
-        max_positions: int,
-        max_draft_configs: int = 4,
-    ) -> None:
-        """`max_positions`: the model's context; `max_draft_configs`: distinct drafting
-        configs decoded in one step, each a pass of its own."""
-        if max_draft_configs < 1:
-            raise ValueError(f"max_draft_configs must be at least 1, got {max_draft_configs}")
+    def __init__(self, pool: KVPool, *, max_waiting: int, max_positions: int) -> None:
+        """`max_positions`: the model's context, which no draft may run past."""
         self.pool = pool
         self.max_waiting = max_waiting
         self.max_positions = max_positions
-        self.max_draft_configs = max_draft_configs
         self.waiting: deque[tuple[Request, Sequence]] = deque()
         self.prefilling: list[tuple[Request, Sequence]] = []
         self.running: list[tuple[Request, Sequence]] = []
@@ -153,12 +142,14 @@ class Scheduler:
         failed = self.admit()
         return Plan(aborted, failed, self.prefilling[0] if self.prefilling else None)
 
-    def schedule_decode(self, default: DraftConfig, by_bucket: Mapping[int, DraftConfig]) -> Groups:
+    def schedule_decode(
+        self, default: DraftConfig, by_bucket: Mapping[int, DraftConfig], max_configs: int
+    ) -> Groups:
         """This step's decode groups (see `_groups`), each running sequence with the KV
         blocks its step may write; while the pool is short, the most recently admitted
         sequences are preempted, and the groups formed again without them."""
         while True:
-            groups = self._groups(default, by_bucket)
+            groups = self._groups(default, by_bucket, max_configs)
             missing = sum(
                 max(0, self.pool.blocks_for(s.num_tokens + self.room(s, cfg)) - len(s.table.blocks))
                 for cfg, seqs in groups.items()
@@ -173,14 +164,16 @@ class Scheduler:
                 s.table.reserve(s.num_tokens + self.room(s, cfg))
         return groups
 
-    def _groups(self, default: DraftConfig, by_bucket: Mapping[int, DraftConfig]) -> Groups:
+    def _groups(
+        self, default: DraftConfig, by_bucket: Mapping[int, DraftConfig], max_configs: int
+    ) -> Groups:
         """Running sequences by the drafting config they run with this step: their own,
-        in order of arrival, up to `max_draft_configs` distinct ones with the default;
+        in order of arrival, up to `max_configs` distinct ones with the default;
         the rest run with the default (their stats say so). The default group runs the
         fleet's variant for its batch size (`by_bucket`), if any."""
         own: Groups = {default: []}
         for request, seq in self.running:
-            if request.draft in own or len(own) < self.max_draft_configs:
+            if request.draft in own or len(own) < max_configs:
                 own.setdefault(request.draft, []).append(seq)
             else:
                 own[default].append(seq)
