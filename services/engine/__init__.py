@@ -1,5 +1,17 @@
 """The selfspec engine: usable on its own, with no Ray, Redis or network.
 
+`Engine` (engine.py) loads a model and runs the loop; each step:
+- scheduler.py plans it: cancellations, admission, the prefill chunk, the decode
+  groups and the preemption that makes room for them, over kv_pool.py's blocks;
+- the engine runs it: prefill on runner.py (model.py's forward, layers.py's parts),
+  then the speculative step of the `drafting` package (plan, draft, verify, accept,
+  learn; sampler.py) per group;
+- outputs.py tells each request's owner what changed: completions, streamed deltas
+  (text and stop strings: detokenizer.py).
+Around the loop: prompts.py (prompts to token ids), checkpoint.py (loading a model),
+profile.py (a model's tuned drafting), serving.py (the loop on a thread of its own,
+`submit`, the fleet's configs), sequence.py (one request's state).
+
 Names load on first use, so that importing the package does not load PyTorch.
 `DraftConfig` and `SamplingParams` live in `services.common.params`, shared with the
 gateway and the controller; they are re-exported here as part of the engine's API.
@@ -11,18 +23,20 @@ import importlib
 from typing import TYPE_CHECKING
 
 _EXPORTS = {
-    "Completion": "services.engine.engine",
+    "Completion": "services.engine.outputs",
+    "Delta": "services.engine.outputs",
     "Engine": "services.engine.engine",
     "ModelLoadError": "services.engine.checkpoint",
     "DraftConfig": "services.common.params",
     "SamplingParams": "services.common.params",
 }
-__all__ = ["Completion", "DraftConfig", "Engine", "ModelLoadError", "SamplingParams"]
+__all__ = ["Completion", "Delta", "DraftConfig", "Engine", "ModelLoadError", "SamplingParams"]
 
 if TYPE_CHECKING:
     from services.common.params import DraftConfig, SamplingParams
     from services.engine.checkpoint import ModelLoadError
-    from services.engine.engine import Completion, Engine
+    from services.engine.engine import Engine
+    from services.engine.outputs import Completion, Delta
 
 
 def __getattr__(name: str):

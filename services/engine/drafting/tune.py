@@ -164,7 +164,7 @@ class Tuner:
 
 def tune(engine, out: str | Path | None = None, budget_s: float = 600.0, max_tokens: int = 48):
     """Search, time the best candidates, and save the winner as the model's profile."""
-    from services.engine.engine import profile_path
+    from services.engine.profile import profile_path
 
     tuner = Tuner(engine, max_tokens)
     candidates = tuner.search(budget_s)[:3]
