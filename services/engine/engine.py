@@ -18,9 +18,7 @@ from pathlib import Path
 from services.common.params import DraftConfig, SamplingParams
 from services.engine import checkpoint, prompts
 from services.engine.detokenizer import OutputText
-from services.engine.drafting.costs import Costs
 from services.engine.drafting.step import Speculator, first_token
-from services.engine.drafting.telemetry import Telemetry
 from services.engine.kv_pool import BlockTable, KVPool
 from services.engine.model import Model
 from services.engine.outputs import Completion, completion, notify
@@ -279,39 +277,6 @@ class Engine(Serving):
             seq.finish("error", _describe(exc))
 
     _first_token = staticmethod(first_token)
-
-    def _room(self, seq: Sequence, cfg: DraftConfig) -> int:
-        """How many tokens a step may draft for `seq` (the scheduler reserves KV for them)."""
-        return self.scheduler.room(seq, cfg)
-
-    # The `auto` policy's state, under the names the serving layer and tests use.
-
-    @property
-    def telemetry(self) -> Telemetry:
-        return self.drafting.policy.telemetry
-
-    @property
-    def costs(self) -> Costs:
-        return self.drafting.policy.costs
-
-    @costs.setter
-    def costs(self, costs: Costs) -> None:
-        self.drafting.policy.costs = costs
-
-    @property
-    def auto_layer_draft(self) -> bool:
-        """Whether `auto` may use the layer draft."""
-        return self.drafting.policy.layer_draft
-
-    @auto_layer_draft.setter
-    def auto_layer_draft(self, allowed: bool) -> None:
-        self.drafting.policy.layer_draft = allowed
-
-    def between_steps(self, fn: Callable, *args):
-        """`fn(*args)` run between two steps, for work that borrows the KV pool from
-        another thread (the fleet's teacher-forced scoring)."""
-        with self._step_lock:
-            return fn(*args)
 
 
 def _describe(exc: Exception) -> str:

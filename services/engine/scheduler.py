@@ -187,10 +187,8 @@ class Scheduler:
         return groups
 
     def room(self, seq: Sequence, cfg: DraftConfig) -> int:
-        """How many tokens a step may draft for `seq`: within its max_tokens, the one
-        token every step adds, and the model's context."""
-        context_left = self.max_positions - seq.num_tokens
-        return max(0, min(cfg.max_draft, seq.remaining - 1, context_left))
+        """How many tokens a step may draft for `seq`, for which it reserves KV blocks."""
+        return seq.draft_room(cfg.max_draft, self.max_positions)
 
     def postprocess(self) -> list[tuple[Request, Sequence]]:
         """The running sequences that finished in this step, taken out of the running set,

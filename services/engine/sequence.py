@@ -103,6 +103,11 @@ class Sequence:
     def remaining(self) -> int:
         return self.params.max_tokens - len(self.output)
 
+    def draft_room(self, max_draft: int, max_positions: int) -> int:
+        """How many tokens a step may draft: within max_tokens, less the one token every
+        step adds, and within the model's context."""
+        return max(0, min(max_draft, self.remaining - 1, max_positions - self.num_tokens))
+
     def append(self, tokens: list[int], eos_ids: frozenset[int]) -> int:
         """Add accepted tokens, stopping at the first stop token or string, or the length
         limit; returns how many were added."""

@@ -1,7 +1,7 @@
 """The engine as a server's replica: its loop on a thread of its own (`Loop`), requests
-streamed to asyncio callers (`submit`), and the fleet's drafting configs applied
-between steps (`apply_draft`). `Engine` takes these methods from `Serving`;
-`generate` alone needs none of them.
+streamed to asyncio callers (`submit`), the fleet's drafting configs applied between
+steps (`apply_draft`), and the `auto` policy's state the fleet reads and sets.
+`Engine` takes these methods from `Serving`; `generate` alone needs none of them.
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from types import MappingProxyType
 
 from services.common.params import DraftConfig, SamplingParams
+from services.engine.drafting.costs import Costs
+from services.engine.drafting.step import Speculator
+from services.engine.drafting.telemetry import Telemetry
 from services.engine.outputs import Delta, DeltaQueue
 from services.engine.scheduler import Scheduler
 
@@ -81,6 +84,36 @@ class Serving:
     allow_draft_override: bool  # whether `submit` takes a request's own drafting
     _loop: Loop  # runs `Engine.step_once`; `_fail_all` recovers from a failed step
     _step_lock: threading.Lock  # held by `Engine.step_once`
+    drafting: Speculator  # the `auto` policy's state lives in it
+
+    # The `auto` policy's state, under the names the serving layer and tests use.
+
+    @property
+    def telemetry(self) -> Telemetry:
+        return self.drafting.policy.telemetry
+
+    @property
+    def costs(self) -> Costs:
+        return self.drafting.policy.costs
+
+    @costs.setter
+    def costs(self, costs: Costs) -> None:
+        self.drafting.policy.costs = costs
+
+    @property
+    def auto_layer_draft(self) -> bool:
+        """Whether `auto` may use the layer draft."""
+        return self.drafting.policy.layer_draft
+
+    @auto_layer_draft.setter
+    def auto_layer_draft(self, allowed: bool) -> None:
+        self.drafting.policy.layer_draft = allowed
+
+    def between_steps(self, fn: Callable, *args):
+        """`fn(*args)` run between two steps, for work that borrows the KV pool from
+        another thread (the fleet's teacher-forced scoring)."""
+        with self._step_lock:
+            return fn(*args)
 
     def start(self) -> None:
         """Run the loop in a background thread, for servers (see `submit`)."""

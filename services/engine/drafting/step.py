@@ -36,8 +36,7 @@ class Speculator:
 
     def room(self, seq: Sequence, cfg: DraftConfig) -> int:
         """How many tokens a step may draft for `seq`."""
-        context_left = self.max_positions - seq.num_tokens
-        return max(0, min(cfg.max_draft, seq.remaining - 1, context_left))
+        return seq.draft_room(cfg.max_draft, self.max_positions)
 
     def plan(self, seq: Sequence, cfg: DraftConfig, room: int, batch: int) -> DraftPlan:
         if cfg.mode == "auto":
