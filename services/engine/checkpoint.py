@@ -14,8 +14,12 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from services.engine.model import Model
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +159,9 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load(model: str | os.PathLike, dtype: str, device: str, backend: str | None):
+def load(
+    model: str | os.PathLike, dtype: str, device: str, backend: str | None
+) -> tuple[Model, object, Path]:
     """`model` (see `resolve`) ready to run: its weights as a `Model` on the compute path
     that `kernels.backend.choose` picks, its tokenizer, and its folder."""
     if dtype not in DTYPES:
