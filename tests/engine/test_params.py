@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from services.engine import engine as engine_module
-from services.engine import runner, sampler
+from services.engine import sampler
+from services.engine.drafting import layer, step
 from services.engine.params import (
     GREEDY_BELOW,
     MAX_DRAFT_TOKENS,
@@ -172,8 +172,8 @@ def test_tiny_temperatures_decode_greedily_without_the_sampler(engine, monkeypat
     def refuse(*args):
         raise AssertionError("a greedy request reached the sampler")
 
-    monkeypatch.setattr(engine_module, "probabilities", refuse)
-    monkeypatch.setattr(runner, "probabilities", refuse)
+    monkeypatch.setattr(step, "probabilities", refuse)
+    monkeypatch.setattr(layer, "probabilities", refuse)
     monkeypatch.setattr(sampler, "probabilities", refuse)
     tiny = SamplingParams(max_tokens=4, ignore_eos=True, temperature=1.4e-45, seed=3)
     for draft in ("off", "ngram", None):  # None: the default, a layer draft

@@ -19,7 +19,7 @@ from engine_helpers import Case, FreeDrafts, run_together
 from scipy.stats import chi2_contingency
 
 from services.engine import DraftConfig, Engine, SamplingParams, sampler
-from services.engine import engine as engine_module
+from services.engine.drafting import step as step_module
 
 SAMPLES = 1500  # per arm; the negative controls are rejected with this many
 ALPHA = 1e-4  # the test's level: the real sampler passes above it, a wrong one fails below
@@ -119,7 +119,7 @@ def bonus_from_draft(monkeypatch) -> None:
             target_probs = torch.cat((target_probs[:-1], q[-1:]))
         return sampler.accept_sampled(proposed, draft_probs, target_probs, generator)
 
-    monkeypatch.setattr(engine_module, "accept_sampled", wrong)
+    monkeypatch.setattr(step_module, "accept_sampled", wrong)
 
 
 def misaligned_draft_probs(monkeypatch) -> None:
@@ -131,7 +131,7 @@ def misaligned_draft_probs(monkeypatch) -> None:
             draft_probs = q.roll(1, 0)
         return sampler.accept_sampled(proposed, draft_probs, target_probs, generator)
 
-    monkeypatch.setattr(engine_module, "accept_sampled", wrong)
+    monkeypatch.setattr(step_module, "accept_sampled", wrong)
 
 
 # Each mistake in every mode where it changes what is sampled. Misaligned draft
