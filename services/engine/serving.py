@@ -96,10 +96,6 @@ class Serving:
     def costs(self) -> Costs:
         return self.drafting.policy.costs
 
-    @costs.setter
-    def costs(self, costs: Costs) -> None:
-        self.drafting.policy.costs = costs
-
     @property
     def auto_layer_draft(self) -> bool:
         """Whether `auto` may use the layer draft."""
@@ -138,13 +134,11 @@ class Serving:
         prompt: str | list[int] | list[dict],
         params: SamplingParams | None = None,
         draft: DraftConfig | str | dict | None = None,
-        *,
-        chat: bool = False,
-        request_id: str | None = None,
-        session_id: str | None = None,
+        **options,
     ) -> AsyncIterator[Delta]:
         """Stream a request's output as deltas; the loop runs on the engine's thread, so the
-        caller's event loop never blocks. Breaking out of the iteration cancels it."""
+        caller's event loop never blocks. Breaking out of the iteration cancels it.
+        `options`: `chat`, `request_id` and `session_id`, as for `add_request`."""
         if draft is not None and not self.allow_draft_override:
             raise ValueError(
                 "this server takes no per-request draft settings (allow_draft_override is off); "
@@ -152,15 +146,7 @@ class Serving:
             )
         self.start()
         deltas = DeltaQueue()
-        seq = self.add_request(
-            prompt,
-            params,
-            draft,
-            chat=chat,
-            request_id=request_id,
-            session_id=session_id,
-            on_update=deltas.put,
-        )
+        seq = self.add_request(prompt, params, draft, on_update=deltas.put, **options)
         try:
             async for delta in deltas:
                 yield delta

@@ -42,7 +42,7 @@ SLOW = backend_params(("bfloat16",), ("torch",))  # the rest run on the tiny mod
 def _default(which) -> Engine:
     name, dtype = which
     eng = Engine.from_pretrained("default", dtype=dtype, backend=name, kv_cache_bytes=64 << 20)
-    eng.costs = FreeDrafts()  # `auto` drafts on every machine, however fast it is
+    eng.drafting.policy.costs = FreeDrafts()  # `auto` drafts on every machine, however fast it is
     return eng
 
 
@@ -122,7 +122,7 @@ def _drafting_equals_off(eng: Engine, batch: int, max_tokens: int) -> None:
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     prompts = [[(7 * i + 3 * j) % 500 + 1 for j in range(5 + 9 * i)] for i in range(batch)]
     alone = [eng.generate([p], params, "off")[0].token_ids for p in prompts]
-    eng.costs = FreeDrafts()
+    eng.drafting.policy.costs = FreeDrafts()
     for cfg in modes(eng.model.num_layers):
         outs = eng.generate(prompts, params, cfg)
         assert [o.token_ids for o in outs] == alone, cfg

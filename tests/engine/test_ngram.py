@@ -99,7 +99,7 @@ def test_auto_continues_a_short_proposal_where_that_pays(engine, monkeypatch):
     from services.engine.sequence import Sequence
 
     costs = Costs(decode={1: 0.020}, per_token={1: 0.0002}, draft_pass={("skip", 1): 0.004})
-    monkeypatch.setattr(engine, "costs", costs)
+    monkeypatch.setattr(engine.drafting.policy, "costs", costs)
     monkeypatch.setattr(engine, "auto_layer_draft", True)
     tokens = [1, 2, 3, 4, 5, 9, 5]  # the lookup proposes 9, 5: two tokens
     seq = Sequence("policy", tokens, SamplingParams(max_tokens=16), BlockTable(engine.pool))

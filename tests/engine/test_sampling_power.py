@@ -63,7 +63,7 @@ def tokens_1_to_3(
     eng = Engine(
         base.model, base.tokenizer, base.model_path, kv_cache_bytes=16 << 20, max_waiting=SAMPLES
     )
-    eng.costs = FreeDrafts()
+    eng.drafting.policy.costs = FreeDrafts()
     params = [
         SamplingParams(max_tokens=4, temperature=TEMPERATURE, seed=s, ignore_eos=True)
         for s in range(first_seed, first_seed + SAMPLES)
