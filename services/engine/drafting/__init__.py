@@ -16,6 +16,7 @@
     tune.py       the offline skip-set search (`selfspec tune`)
 
 Model passes all run in `services.engine.runner.ModelRunner`. A new drafter, such as
-a small draft model, is a Proposer in a file of its own. The modules the fleet
-controller reads (costs, telemetry, policy) import no PyTorch.
+a small draft model, is a Proposer in a file of its own. The speedup model that `auto`
+ranks drafts with is `services.common.speedup`, torch-free, shared with the tuner and
+the fleet controller.
 """
