@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 run: setup
 	$(BIN)/selfspec serve
 
-CSRC := $(wildcard kernels/csrc/*.cpp kernels/csrc/*.h)
+CSRC := $(wildcard selfspec_kernels/csrc/*.cpp selfspec_kernels/csrc/*.h)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

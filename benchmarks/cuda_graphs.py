@@ -9,7 +9,7 @@ What a captured step must satisfy (none of it is checked here):
 - it is a function of its tensor arguments and of state that stays put (weights, the
   KV pool), and returns a tensor or a tuple of tensors, the same shapes for one key;
 - it never synchronises with the host: no `.item()`, `.tolist()`, `.cpu()`, no
-  data-dependent shapes; the Triton kernels in `kernels/` qualify;
+  data-dependent shapes; the Triton kernels in `selfspec_kernels/` qualify;
 - every input tensor, including those inside an `AttentionBatch`, is among `inputs`,
   so that replay sees the new step's values. For attention that means a batch built
   for a fixed capacity (block tables padded to the bucket's width, `kv_len` the

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from kernels import cpu_memory
+from selfspec_kernels import cpu_memory
 from services.engine import DraftConfig, Engine, SamplingParams
 
 HF_SYSTEMS = ("hf_generate", "hf_early_exit")

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.cuda_graphs import StepGraphs
-from kernels import attention, backend
-from kernels.attention import AttentionBatch
+from selfspec_kernels import attention, backend
+from selfspec_kernels.attention import AttentionBatch
 from services.engine.kv_pool import KVPool
 from services.engine.model import Model
 

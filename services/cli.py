@@ -63,7 +63,7 @@ def _draft(args, engine):
 
 def cmd_prepare(args) -> int:
     """Convert and cache a model, and build the CPU kernels, so that later loads are fast."""
-    from kernels.cpu_build import CPU
+    from selfspec_kernels.cpu_build import CPU
     from services.engine import checkpoint
 
     path = checkpoint.resolve(args.model)

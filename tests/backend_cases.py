@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import backend
+from selfspec_kernels import backend
 
 
 def backend_params(dtypes: tuple[str, ...], names=backend.NAMES, device: str = "cpu") -> list:

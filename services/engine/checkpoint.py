@@ -163,12 +163,12 @@ def load(
     model: str | os.PathLike, dtype: str, device: str, backend: str | None
 ) -> tuple[Model, object, Path]:
     """`model` (see `resolve`) ready to run: its weights as a `Model` on the compute path
-    that `kernels.backend.choose` picks, its tokenizer, and its folder."""
+    that `selfspec_kernels.backend.choose` picks, its tokenizer, and its folder."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     from transformers import AutoTokenizer
 
-    from kernels import backend as kernels_backend
+    from selfspec_kernels import backend as kernels_backend
     from services.engine.model import Model
 
     t0 = time.perf_counter()

@@ -95,7 +95,7 @@ class Engine(Serving):
         **kwargs,
     ) -> Engine:
         """Load `model`: `default`, a Hugging Face checkpoint folder, or a GGUF file.
-        `backend`: the compute path (`kernels.backend`; default: `SELFSPEC_BACKEND`, else
+        `backend`: the compute path (`selfspec_kernels.backend`; default: `SELFSPEC_BACKEND`, else
         the fastest this machine runs)."""
         weights, tokenizer, path = checkpoint.load(model, dtype, device, backend)
         return cls(weights, tokenizer, path, **kwargs)

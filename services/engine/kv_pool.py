@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import cpu_memory
+from selfspec_kernels import cpu_memory
 
 
 class OutOfBlocks(RuntimeError):
@@ -40,7 +40,7 @@ class KVPool:
         self.num_blocks = num_blocks
         # Zeros, not empty: padded attention reads unused slots with weight 0, and
         # 0 * NaN from uninitialised memory would poison the output. On the CPU, one
-        # allocation on huge pages, which a step reads faster (`kernels.cpu_memory`).
+        # allocation on huge pages, which a step reads faster (`selfspec_kernels.cpu_memory`).
         shape = (num_layers, num_blocks * block_size, 2 * kv_dim)
         if torch.device(device).type == "cpu":
             kv = cpu_memory.zeros(shape, dtype)

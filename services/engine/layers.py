@@ -1,6 +1,6 @@
 """A decoder layer's parts as a model's backend runs them, and which of them a pass runs.
 
-`Linear` is a matrix prepared once at load for the backend's product (`kernels.backend`),
+`Linear` is a matrix prepared once at load for the backend's product (`selfspec_kernels.backend`),
 `Norm` an RMSNorm, `Layer` one decoder layer's norms and matrices; `LayerPlan` says which
 sublayers a pass skips (a draft). `services.engine.model` loads these from a checkpoint
 and runs the forward pass over them.
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_linear
+from selfspec_kernels import cpu_linear
 
 __all__ = ["FULL", "Layer", "LayerPlan", "Linear", "Norm", "normalize", "rms_norm", "triton"]
 
@@ -34,12 +34,12 @@ class Norm:
 
 
 class Linear:
-    """A weight prepared once at load for its backend's product (`kernels.backend`).
+    """A weight prepared once at load for its backend's product (`selfspec_kernels.backend`).
 
     `cpu`: our AVX2 kernel's layout, which reads each bfloat16 weight once for all rows
     and fuses the RMSNorm before the product too; `onednn`: oneDNN's packed layout, which
     reads weights faster than `F.linear` and fuses the op that follows; `torch`:
-    `F.linear`; `triton`: `kernels.triton_linear`. Our kernels and Triton's give each row
+    `F.linear`; `triton`: `selfspec_kernels.triton_linear`. Our kernels and Triton's give each row
     the same result whatever the number of rows, which keeps drafting exact; oneDNN and
     `F.linear` don't, so few-row passes (`bulk` False) call them one row at a time.
 
@@ -130,10 +130,10 @@ def _pair(norm: Norm | None) -> cpu_linear.Norm | None:
 
 @functools.cache
 def triton(name: str):
-    """`kernels.<name>` (`triton_linear`, `triton_norm`), imported on first use: Triton
+    """`selfspec_kernels.<name>` (`triton_linear`, `triton_norm`), imported on first use: Triton
     picks its interpreter when a kernel is defined, so only once the process has chosen
     (`TRITON_INTERPRET`)."""
-    return importlib.import_module(f"kernels.{name}")
+    return importlib.import_module(f"selfspec_kernels.{name}")
 
 
 @dataclass

@@ -15,9 +15,9 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_attention, cpu_layers, cpu_memory
-from kernels.attention import AttentionBatch, paged_attention, write_kv
-from kernels.backend import Backend
+from selfspec_kernels import cpu_attention, cpu_layers, cpu_memory
+from selfspec_kernels.attention import AttentionBatch, paged_attention, write_kv
+from selfspec_kernels.backend import Backend
 from services.engine.layers import FULL, Layer, LayerPlan, Linear, Norm, rms_norm, triton
 
 # The layer types are imported from here too (`from services.engine.model import LayerPlan`).
@@ -100,7 +100,7 @@ class Model:
         )
 
     def _onto_huge_pages(self) -> None:
-        """Our kernel's matrices into one allocation on huge pages (`kernels.cpu_memory`),
+        """Our kernel's matrices into one allocation on huge pages (`selfspec_kernels.cpu_memory`),
         in the order a pass reads them."""
         linears = [x for layer in self.layers for x in layer.linears]
         packed = [x for x in [*linears, self.head] if x.kernel is not None]

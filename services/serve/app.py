@@ -74,7 +74,7 @@ class EngineSettings:
     model: str = "default"
     dtype: str = "bfloat16"
     device: str = "cpu"
-    backend: str | None = None  # compute path (`kernels.backend`); None: the machine's best
+    backend: str | None = None  # `selfspec_kernels.backend`; None: the machine's best
     kv_cache_bytes: int = 1 << 30
     # Back-pressure, one setting per queue (see `build`): the requests one replica holds at
     # once (running, and waiting in its engine for KV blocks), and those each Serve proxy

@@ -52,7 +52,7 @@ def test_random_lifecycles_keep_exact_accounting(seed):
 
 
 def test_attention_writes_go_to_the_slots_of_each_block_table():
-    from kernels.attention import AttentionBatch
+    from selfspec_kernels.attention import AttentionBatch
 
     pool = make_pool(num_blocks=8, block_size=4)
     a, b = BlockTable(pool), BlockTable(pool)

@@ -121,7 +121,7 @@ def random_engine(shape: str, backend: str | None = None, device="cuda", **kwarg
     machine picks)."""
     import transformers
 
-    from kernels import backend as backends
+    from selfspec_kernels import backend as backends
     from services.engine.model import Model
 
     dims = SHAPES[shape]

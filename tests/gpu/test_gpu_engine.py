@@ -103,7 +103,7 @@ def assert_drafting_exact(engine: Engine, batch: list, max_tokens: int, chat=Fal
 
 
 def test_cuda_defaults_to_triton() -> None:
-    from kernels import backend
+    from selfspec_kernels import backend
 
     assert backend.choose(torch.bfloat16, "cuda").name == "triton"
 

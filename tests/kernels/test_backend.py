@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import backend
-from kernels.cpu_build import CPU
+from selfspec_kernels import backend
+from selfspec_kernels.cpu_build import CPU
 
 
 @pytest.fixture(autouse=True)

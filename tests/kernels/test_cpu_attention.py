@@ -10,8 +10,8 @@ import pytest
 import torch
 from test_paged_attention import CASES, Case, _reference, _setup  # same folder: on sys.path
 
-from kernels import attention, cpu_attention
-from kernels.attention import AttentionBatch
+from selfspec_kernels import attention, cpu_attention
+from selfspec_kernels.attention import AttentionBatch
 
 pytestmark = pytest.mark.skipif(
     not cpu_attention.available(),

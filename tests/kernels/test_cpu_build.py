@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import cpu_linear
-from kernels.cpu_build import CPU
+from selfspec_kernels import cpu_linear
+from selfspec_kernels.cpu_build import CPU
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,7 +32,7 @@ def test_python_packs_and_gathers_by_the_modules_constants() -> None:
 FALLBACK = """
 import torch
 from benchmarks.kernels import SHAPES, build_model
-from kernels.cpu_build import CPU
+from selfspec_kernels.cpu_build import CPU
 from services.engine.kv_pool import KVPool
 
 assert not CPU.available() and "build failed" in CPU.unavailable_reason()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import cpu_layers
-from kernels.attention import AttentionBatch
+from selfspec_kernels import cpu_layers
+from selfspec_kernels.attention import AttentionBatch
 from services.engine import Engine
 from services.engine.model import LayerPlan
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_linear
+from selfspec_kernels import cpu_linear
 
 pytestmark = pytest.mark.skipif(
     not cpu_linear.available(),

@@ -45,7 +45,7 @@ def _compile(fn, signature: dict[str, str], constexprs: dict, **options) -> None
 
 
 def _compile_all() -> None:
-    from kernels import kv_append, paged_attention
+    from selfspec_kernels import kv_append, paged_attention
 
     attn = dict(zip(paged_attention._attention_kernel.arg_names, ["*bf16"] * 3 + ["*fp32"] * 2
                     + ["*i32"] * 4 + ["fp32"] + ["i32"] * 10, strict=False))  # fmt: skip

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import attention
-from kernels.attention import AttentionBatch
-from kernels.kv_append import append_kv
+from selfspec_kernels import attention
+from selfspec_kernels.attention import AttentionBatch
+from selfspec_kernels.kv_append import append_kv
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs the interpreter
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

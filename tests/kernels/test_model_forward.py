@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from kernels import backend, paged_attention
-from kernels.attention import AttentionBatch
+from selfspec_kernels import backend, paged_attention
+from selfspec_kernels.attention import AttentionBatch
 from services.engine.kv_pool import BlockTable, KVPool
 from services.engine.model import Model
 

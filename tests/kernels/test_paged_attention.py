@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from kernels import attention
-from kernels.attention import AttentionBatch
-from kernels.paged_attention import paged_attention
+from selfspec_kernels import attention
+from selfspec_kernels.attention import AttentionBatch
+from selfspec_kernels.paged_attention import paged_attention
 
 # Tolerance against a float32 reference on the same rounded inputs: the kernel rounds
 # the softmax weights to the input dtype before the second product, as flash kernels do.

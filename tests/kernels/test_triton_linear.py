@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import triton_linear as tlin
-from kernels import triton_norm
+from selfspec_kernels import triton_linear as tlin
+from selfspec_kernels import triton_norm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs the interpreter
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,6 +1,6 @@
 """Paged attention in Triton: decode, verification and prefill chunks in one launch.
 
-Computes what `kernels.attention.paged_attention_reference` computes, reading keys
+Computes what `selfspec_kernels.attention.paged_attention_reference` computes, reading keys
 and values straight from the pool through each sequence's block table, with no
 padding of ragged batches and no mask tensor.
 
@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention_batch import AttentionBatch
-from kernels.triton_common import interpreting
+from selfspec_kernels.attention_batch import AttentionBatch
+from selfspec_kernels.triton_common import interpreting
 
 BLOCK_M = 64  # query rows per program (fixed: see the module docstring)
 BLOCK_N = 64  # keys per tile

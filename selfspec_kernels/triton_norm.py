@@ -1,5 +1,5 @@
 """A batch-invariant RMSNorm in Triton, for where it is not fused into a product
-(`kernels.triton_linear`'s `norm=`): Qwen3's norms of each head's q and k.
+(`selfspec_kernels.triton_linear`'s `norm=`): Qwen3's norms of each head's q and k.
 
 PyTorch's CUDA reductions choose their thread layout by the number of rows, so a row
 would round differently in a 1-row decode and an 8-row verification. Here a program
@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import check_device, interpreting, unit_stride
+from selfspec_kernels.triton_common import check_device, interpreting, unit_stride
 
 NORM_ROWS = {"cuda": 1, "interpreter": 64}  # rows per program of `normalize`
 NORM_BLOCK_D = 1024

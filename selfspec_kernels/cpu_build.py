@@ -1,6 +1,6 @@
 """Building our C++ CPU kernels: compiled on first use, cached, never fatal.
 
-The sources are in `kernels/csrc/`, each kernel's names in a namespace of its own.
+The sources are in `selfspec_kernels/csrc/`, each kernel's names in a namespace of its own.
 `CPU` compiles them together with `torch.utils.cpp_extension.load_inline` the first
 time a function is asked for (cached in torch's extension directory; needs a C++
 compiler and `ninja`) into one Python module: one build, and one translation unit, so
@@ -15,7 +15,7 @@ layouts (`GROUP_ROWS`, `LAYER_WEIGHTS`, ...), which Python reads from the built 
 (no AVX2 or FMA, no compiler, `SELFSPEC_NO_CPU_KERNEL` set), `available()` says False and
 `unavailable_reason()` says why; callers fall back to PyTorch, and nothing on that path
 reads a constant: only packing for the kernels does, and the `cpu` backend is refused
-there (`kernels.backend`).
+there (`selfspec_kernels.backend`).
 """
 
 from __future__ import annotations
@@ -72,17 +72,17 @@ def _find_ninja() -> str | None:
 
 
 def translation_unit(files: list[str]) -> str:
-    """`files` of `kernels/csrc/` joined into one source, each after a `#line` with its
+    """`files` of `selfspec_kernels/csrc/` joined into one source, each after a `#line` with its
     path from the repository root (a path, not the checkout's: the build's cache key)."""
     parts = []
     for name in files:
         text = _LOCAL_INCLUDE.sub("", (CSRC / name).read_text())
-        parts.append(f'#line 1 "kernels/csrc/{name}"\n{text}')
+        parts.append(f'#line 1 "selfspec_kernels/csrc/{name}"\n{text}')
     return "\n".join(parts)
 
 
 class InlineExtension:
-    """The C++ `files` of `kernels/csrc/` as one Python module, with AVX2 and OpenMP; the
+    """The C++ `files` of `selfspec_kernels/csrc/` as one Python module, with AVX2 and OpenMP; the
     last file defines the module (`PYBIND11_MODULE`)."""
 
     def __init__(self, name: str, files: list[str]) -> None:

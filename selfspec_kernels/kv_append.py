@@ -1,6 +1,6 @@
 """KV append in Triton: the new tokens' keys and values into their pool slots.
 
-The reference is `kv_cache.index_copy_(0, slots, kv)` (`kernels.attention.write_kv`).
+The reference is `kv_cache.index_copy_(0, slots, kv)` (`selfspec_kernels.attention.write_kv`).
 One launch covers a whole batch of ragged sequences, since every token already knows
 its flat slot. Nothing is needed for the prefix-layer reuse of drafting: a draft writes
 the KV of the layers below its first skipped sublayer into the same slots verification

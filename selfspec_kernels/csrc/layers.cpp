@@ -1,6 +1,6 @@
 // Layers of a model in one call: the fused kernels of linear.cpp and attention.cpp, one
 // after another, with no Python between them. Compiled in one translation unit with them
-// (kernels/cpu_build.py), so these calls are direct.
+// (selfspec_kernels/cpu_build.py), so these calls are direct.
 namespace layers {
 
 // A layer's tensors in `weights`, PER_LAYER of them in this order, and its matrices'

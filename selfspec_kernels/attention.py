@@ -3,10 +3,10 @@
 One call serves every step the engine takes: prefill chunks, single-token decode
 and multi-token verification, for a batch of sequences of different lengths.
 
-`impl` is the model's backend's attention (`kernels.backend`): `triton` goes to the
-Triton kernels (`kernels.paged_attention`, `kernels.kv_append`), which read the pool
+`impl` is the model's backend's attention (`selfspec_kernels.backend`): `triton` goes to
+the Triton kernels (`paged_attention`, `kv_append`), which read the pool
 through the block tables with no padding; `cpu`, with a batch built without the
-reference's fields (few-row passes), to `kernels.cpu_attention`. The rest runs in
+reference's fields (few-row passes), to `selfspec_kernels.cpu_attention`. The rest runs in
 PyTorch: a batch with the reference's fields pads queries to `[B, Tq]`, gathers keys to
 `[B, Lk]` and masks (one call, for prefill); a batch without them runs each query on
 its own over exactly the keys it sees, which gives a query the same bits whatever else
@@ -18,10 +18,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.attention_batch import AttentionBatch
+from selfspec_kernels.attention_batch import AttentionBatch
 
 __all__ = [
-    "AttentionBatch",  # its home is kernels.attention_batch; imported from here too
+    "AttentionBatch",  # its home is selfspec_kernels.attention_batch; imported from here too
     "write_kv",
     "write_kv_reference",
     "paged_attention",
@@ -35,7 +35,7 @@ def write_kv(
 ) -> None:
     """Store the new tokens' keys and values (`[T, 2 * kv_dim]`) in their slots."""
     if impl == "triton":
-        from kernels.kv_append import append_kv
+        from selfspec_kernels.kv_append import append_kv
 
         append_kv(kv_cache, batch.slots, kv)
     else:
@@ -57,13 +57,13 @@ def paged_attention(
 ) -> torch.Tensor:
     """Attention of new queries `[T, H, D]` over the pool; returns `[T, H * D]`."""
     if impl == "triton":
-        from kernels.paged_attention import paged_attention as triton_attention
+        from selfspec_kernels.paged_attention import paged_attention as triton_attention
 
         return triton_attention(q, kv_cache, batch, num_kv_heads, scale)
     if batch.mask is not None:
         return paged_attention_reference(q, kv_cache, batch, num_kv_heads, scale)
     if impl == "cpu":
-        from kernels import cpu_attention
+        from selfspec_kernels import cpu_attention
 
         return cpu_attention.paged_attention(q, kv_cache, batch, num_kv_heads, scale)
     return paged_attention_by_query(q, kv_cache, batch, num_kv_heads, scale)

@@ -10,7 +10,7 @@ in C++, so its result is the one of the Python loop bit for bit; it lets go of t
 while it runs.
 
 It serves models whose matrices are all packed for `cpu_linear` (the `cpu` backend,
-`kernels.backend`) and whose attention has no q/k norms; `Stack.of` says None
+`selfspec_kernels.backend`) and whose attention has no q/k norms; `Stack.of` says None
 for the others.
 """
 
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import cpu_attention
-from kernels.cpu_build import CPU
+from selfspec_kernels import cpu_attention
+from selfspec_kernels.cpu_build import CPU
 
 __all__ = ["Stack", "run"]
 

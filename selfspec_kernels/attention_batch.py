@@ -1,7 +1,7 @@
 """Where a pass's new tokens sit in the paged KV pool: `AttentionBatch`, built once per
 forward pass and read by every layer's attention, whichever implementation runs it
-(`kernels.attention`'s references, `kernels.cpu_attention`, `kernels.paged_attention`,
-`kernels.cpu_layers`). A module of its own so that those import it and not each other.
+(the references in `selfspec_kernels.attention`, `cpu_attention`, `paged_attention`,
+`cpu_layers`). A module of its own so that those import it and not each other.
 """
 
 from __future__ import annotations

@@ -21,15 +21,15 @@ keeps drafting exact.
 
 The pool holds `[slots, 2 * kv_heads * head_dim]`, keys then values, in float32 or in
 bfloat16 (rounded to nearest even when written, as PyTorch rounds; widened when read),
-which halves the bytes that long contexts read. The C++ source, `kernels/csrc/attention.cpp`,
-is compiled on first use (`kernels.cpu_build`).
+which halves the bytes that long contexts read. The C++ source,
+`selfspec_kernels/csrc/attention.cpp`, is compiled on first use (`cpu_build`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernels.cpu_build import CPU
+from selfspec_kernels.cpu_build import CPU
 
 __all__ = ["available", "unavailable_reason", "paged_attention", "rope_attention"]
 
@@ -48,7 +48,7 @@ def paged_attention(
     q: torch.Tensor, kv_cache: torch.Tensor, batch, num_kv_heads: int, scale: float
 ) -> torch.Tensor:
     """Attention of new queries `[T, H, D]` over the pool (an `AttentionBatch` says where
-    they sit); returns `[T, H * D]`, as `kernels.attention.paged_attention` does."""
+    they sit); returns `[T, H * D]`, as `selfspec_kernels.attention.paged_attention` does."""
     T, H, D = q.shape
     return _call(q.reshape(T, H * D), kv_cache, None, None, batch, (H, num_kv_heads, D), scale)
 

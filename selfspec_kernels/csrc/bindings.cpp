@@ -1,4 +1,4 @@
-// The Python module of the CPU kernels (kernels/cpu_build.py): their entry points, and the
+// The Python module of the CPU kernels (selfspec_kernels/cpu_build.py): their entry points, and the
 // constants of their layouts, which Python reads from here rather than keeping copies.
 #include <torch/extension.h>
 
@@ -21,12 +21,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16_swiglu", torch::wrap_pybind_function(linear::linear_bf16_swiglu));
   m.def("paged_attention", torch::wrap_pybind_function(attention::paged_attention));
   m.def("run_layers", torch::wrap_pybind_function(layers::run_layers));
-  // kernels/cpu_linear.py packs matrices by these.
+  // selfspec_kernels/cpu_linear.py packs matrices by these.
   m.attr("GROUP_ROWS") = linear::ROWS;
   m.attr("STEP_COLUMNS") = linear::STEP;
   // Key positions per unit of work in attention (the tests size contexts by it).
   m.attr("ATTENTION_SPLIT") = attention::SPLIT;
-  // kernels/cpu_layers.py gathers a layer's tensors and outputs by these names.
+  // selfspec_kernels/cpu_layers.py gathers a layer's tensors and outputs by these names.
   m.attr("LAYER_WEIGHTS") = names_tuple(layers::WEIGHT_NAMES);
   m.attr("LAYER_OUTPUTS") = names_tuple(layers::OUTPUT_NAMES);
 }

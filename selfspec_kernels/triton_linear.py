@@ -6,7 +6,7 @@ the number of rows, so a 5-row product rounds differently from a 1-row one, and 
 output with drafting would drift from drafting off on a GPU. PyTorch's CUDA reductions
 (`vector_norm`, `mean`) choose their thread layout by the number of rows too, so the
 RMSNorm is ours as well: fused into the product with `norm=`, or alone in
-`kernels.triton_norm`.
+`selfspec_kernels.triton_norm`.
 
 Here row r of a result depends only on row r of the input and on the weights, bit for
 bit, whatever M is and wherever the row sits in the pass:
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.triton_common import check_device, interpreting, unit_stride
+from selfspec_kernels.triton_common import check_device, interpreting, unit_stride
 
 Norm = tuple[torch.Tensor | None, float]  # (gain or None, n * eps), as `cpu_linear.Norm`
 

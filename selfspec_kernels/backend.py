@@ -9,7 +9,7 @@ A backend is chosen once per engine from what the hardware offers, or forced wit
   arithmetic (AMX, AVX-512 BF16) where the CPU has it, with PyTorch's attention.
 - `torch`: `F.linear` and PyTorch's attention, in the dtype asked for (bfloat16 too,
   on any CPU: slowly).
-- `triton`: `kernels.triton_linear`, `triton_norm` and `paged_attention`, on CUDA, or on the
+- `triton`: `triton_linear`, `triton_norm` and `paged_attention`, on CUDA, or on the
   CPU in Triton's interpreter (`TRITON_INTERPRET=1`, for tests).
 
 Greedy exactness needs every few-row product and attention to give each row the same
@@ -91,7 +91,7 @@ def runnable(dtype: torch.dtype, device: str = "cpu") -> list[str]:
 def unavailable(name: str, dtype: torch.dtype, device: str) -> str | None:
     """None when backend `name` runs `dtype` on `device` here, else why not."""
     if name == "cpu":
-        from kernels.cpu_build import CPU
+        from selfspec_kernels.cpu_build import CPU
 
         if device != "cpu":
             return "it runs on the CPU only"
@@ -138,7 +138,7 @@ def _build(name: str, dtype: torch.dtype, device: str) -> Backend:
 
 
 def _cpu_kernels() -> bool:
-    from kernels.cpu_build import CPU
+    from selfspec_kernels.cpu_build import CPU
 
     return CPU.available()
 

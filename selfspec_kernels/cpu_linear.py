@@ -29,7 +29,8 @@ Work: the groups are handed to `torch.get_num_threads()` OpenMP threads in block
 there 3 at a time (12 accumulators): the widening is done once, not once per 2 rows,
 and the stream is read at an even pace while the arithmetic runs.
 
-The C++ source, `kernels/csrc/linear.cpp`, is compiled on first use (`kernels.cpu_build`).
+The C++ source, `selfspec_kernels/csrc/linear.cpp`, is compiled on first use
+(`cpu_build`).
 `available()` says whether it could be built here; it never raises.
 """
 
@@ -40,7 +41,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.cpu_build import CPU
+from selfspec_kernels.cpu_build import CPU
 
 __all__ = [
     "Packed",
