@@ -115,7 +115,7 @@ class InlineExtension:
             self._ops = load_inline(
                 name=self.name,
                 cpp_sources=[translation_unit(self.files)],
-                extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+                extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
                 extra_ldflags=["-fopenmp"],
                 verbose=False,
             )
@@ -137,5 +137,6 @@ class InlineExtension:
 
 
 CPU = InlineExtension(
-    "selfspec_cpu", ["simd.h", "linear.cpp", "attention.cpp", "layers.cpp", "bindings.cpp"]
+    "selfspec_cpu",
+    ["simd.h", "linear.cpp", "quant.cpp", "attention.cpp", "layers.cpp", "bindings.cpp"],
 )

@@ -1,6 +1,7 @@
-// Layers of a model in one call: the fused kernels of linear.cpp and attention.cpp, one
-// after another, with no Python between them. Compiled in one translation unit with them
-// (selfspec_kernels/cpu_build.py), so these calls are direct.
+// Layers of a model in one call: the fused kernels of linear.cpp (or quant.cpp, for GGUF
+// quantized weights) and attention.cpp, one after another, with no Python between them.
+// Compiled in one translation unit with them (selfspec_kernels/cpu_build.py), so these
+// calls are direct.
 namespace layers {
 
 // A layer's tensors in `weights`, PER_LAYER of them in this order, and its matrices'
@@ -11,6 +12,27 @@ constexpr const char* WEIGHT_NAMES[PER_LAYER] = {"qkv",     "attn_norm", "o",
                                                  "gate_up", "mlp_norm",  "down"};
 enum Output : int { OUT_QKV, OUT_O, OUT_GATE_UP, OUT_DOWN, OUTPUTS };
 constexpr const char* OUTPUT_NAMES[OUTPUTS] = {"qkv", "o", "gate_up", "down"};
+
+// A matrix product on w as the model holds it: bfloat16 packed for linear.cpp, or the
+// GGUF's quantized blocks (uint8) for quant.cpp. Both take the same arguments.
+static at::Tensor product(const at::Tensor& x, const at::Tensor& w, int64_t n,
+                          const std::optional<at::Tensor>& bias, const at::Tensor& gain,
+                          double n_eps) {
+  return w.scalar_type() == at::kByte ? quant::linear_q(x, w, n, bias, true, gain, n_eps)
+                                      : linear::linear_bf16(x, w, n, bias, true, gain, n_eps);
+}
+
+static at::Tensor product_add(const at::Tensor& x, const at::Tensor& w, int64_t n,
+                              const at::Tensor& residual) {
+  return w.scalar_type() == at::kByte ? quant::linear_q_add(x, w, n, std::nullopt, residual)
+                                      : linear::linear_bf16_add(x, w, n, std::nullopt, residual);
+}
+
+static at::Tensor product_swiglu(const at::Tensor& x, const at::Tensor& w, int64_t n,
+                                 const at::Tensor& gain, double n_eps) {
+  return w.scalar_type() == at::kByte ? quant::linear_q_swiglu(x, w, n, true, gain, n_eps)
+                                      : linear::linear_bf16_swiglu(x, w, n, true, gain, n_eps);
+}
 
 at::Tensor run_layers(at::Tensor h, const std::vector<at::Tensor>& weights,
                       const std::vector<std::optional<at::Tensor>>& qkv_bias,
@@ -33,22 +55,21 @@ at::Tensor run_layers(at::Tensor h, const std::vector<at::Tensor>& weights,
   TORCH_CHECK(start >= 0 && start + n <= L, "cpu_layers: layers ", start, "..", start + n, " of ",
               L);
   pybind11::gil_scoped_release no_gil;
-  const std::optional<at::Tensor> none;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t l = start + i;
     const at::Tensor* w = &weights[PER_LAYER * l];
     if (run_attention[i]) {
-      const at::Tensor qkv = linear::linear_bf16(h, w[W_QKV], outputs[OUT_QKV], qkv_bias[l], true,
-                                                 w[W_ATTN_NORM], n_eps);
+      const at::Tensor qkv =
+          product(h, w[W_QKV], outputs[OUT_QKV], qkv_bias[l], w[W_ATTN_NORM], n_eps);
       const at::Tensor out =
           attention::paged_attention(qkv, kv[l], rope, slots, tables, starts, q_lens, q_offsets,
                                      block_size, num_heads, num_kv_heads, head_dim, scale, window);
-      h = linear::linear_bf16_add(out, w[W_O], outputs[OUT_O], none, h);
+      h = product_add(out, w[W_O], outputs[OUT_O], h);
     }
     if (run_mlp[i]) {
-      const at::Tensor a = linear::linear_bf16_swiglu(h, w[W_GATE_UP], outputs[OUT_GATE_UP], true,
-                                                      w[W_MLP_NORM], n_eps);
-      h = linear::linear_bf16_add(a, w[W_DOWN], outputs[OUT_DOWN], none, h);
+      const at::Tensor a =
+          product_swiglu(h, w[W_GATE_UP], outputs[OUT_GATE_UP], w[W_MLP_NORM], n_eps);
+      h = product_add(a, w[W_DOWN], outputs[OUT_DOWN], h);
     }
   }
   return h;

@@ -1,0 +1,207 @@
+"""A linear layer on GGUF quantized weights, as the file stores them, for small batches on
+x86 CPUs with AVX2, FMA and F16C.
+
+`y = x @ w.T` with `x` float32 `[m, K]`, `y` float32 `[m, N]` and `w` in one of ggml's
+block formats: each row of `K` weights is `K / 32` blocks, each block a float16 scale `d`
+(and for the `_1` formats a float16 minimum `m`) and 32 small integers `q`, the weight
+being `d * (q - zero)` or `d * q + m` (`Format`). Decoding a few tokens at a time is bound
+by reading the weights, and Q4_1 is 0.625 bytes a weight where bfloat16 is 2: the kernel
+reads each block once for all `m` rows of `x`, dequantizes it in registers exactly as
+ggml defines the weights, and accumulates `weight * x` in float32 with FMA. The
+activations are not quantized (llama.cpp quantizes them to 8 bits), so the only error is
+the weights' own.
+
+Layout: `Quantized.data` is uint8 `[rows, (K / 32) * nbytes]`, each row its blocks as the
+GGUF stores them; nothing is repacked at load. The bytes per block tell the formats apart,
+so the C++ side infers the format from the row length and `K`. With `swiglu=True` the
+matrix is `[gate; up]` (rows `i` and `n + i` make output `i`) and the kernel returns
+`silu(x @ gate.T) * (x @ up.T)`. As in `cpu_linear`, the kernel can apply the RMSNorm
+before the product (`norm`) and add a residual after it (`linear_q_add`).
+
+Row invariance: row `r` of the result depends only on `x[r]` and `w`, bit for bit,
+whatever `m` is, whatever the other rows hold and however the work is split among
+threads. Each output `(r, n)` has four 8-lane accumulators, one per eighth of a block,
+that take the blocks in order; they are summed in one fixed order at the end. Run to run
+the result is deterministic.
+
+Work: the outputs are handed to `torch.get_num_threads()` OpenMP threads in blocks of 16,
+in guided chunks. For one or two rows of x a weight row's blocks are dequantized straight
+into registers; for more, 32 blocks at a time are dequantized once, by rows 0-1, and kept
+in L1 for the other rows.
+
+The C++ source is `selfspec_kernels/csrc/quant.cpp`, built with the other CPU kernels
+(`cpu_build`). `available()` says whether it could be built here; it never raises.
+`dequantize` and `Quantized.unpack` are plain PyTorch and need no build.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from selfspec_kernels.cpu_build import CPU
+from selfspec_kernels.cpu_linear import Norm
+
+__all__ = [
+    "FORMATS",
+    "Format",
+    "Quantized",
+    "available",
+    "dequantize",
+    "format_of",
+    "linear_q",
+    "linear_q_add",
+    "linear_q_swiglu",
+    "quantized",
+    "unavailable_reason",
+]
+
+
+@dataclass(frozen=True)
+class Format:
+    """One GGUF block format: `block` weights in `nbytes` bytes."""
+
+    name: str
+    ggml_type: int  # gguf.GGMLQuantizationType's value
+    block: int
+    nbytes: int
+
+    @property
+    def has_min(self) -> bool:
+        """Weights are `d * q + m` (else `d * (q - zero)`)."""
+        return self.name.endswith("_1")
+
+    @property
+    def bits(self) -> int:
+        return int(self.name[1])
+
+
+FORMATS: dict[str, Format] = {
+    f.name: f
+    for f in (
+        Format("q8_0", 8, 32, 34),
+        Format("q4_0", 2, 32, 18),
+        Format("q4_1", 3, 32, 20),
+        Format("q5_0", 6, 32, 22),
+        Format("q5_1", 7, 32, 24),
+    )
+}
+_BY_TYPE = {f.ggml_type: f for f in FORMATS.values()}
+
+
+def format_of(ggml_type: int) -> Format | None:
+    """The format of a `gguf.GGMLQuantizationType` value, or None when the kernel lacks it."""
+    return _BY_TYPE.get(int(ggml_type))
+
+
+def available() -> bool:
+    """True when the kernel runs here: AVX2 and FMA, and the extension builds. Never raises."""
+    return CPU.available()
+
+
+def unavailable_reason() -> str | None:
+    """Why `available()` is False (after calling it), or None."""
+    return CPU.unavailable_reason()
+
+
+def dequantize(data: torch.Tensor, fmt: Format, k: int) -> torch.Tensor:
+    """Rows of blocks, uint8 `[rows, (k / block) * nbytes]`, as float32 `[rows, k]`: the
+    values of `gguf.quants.dequantize`, bit for bit (the same float32 operations)."""
+    rows = data.shape[0]
+    blocks = data.reshape(rows, k // fmt.block, fmt.nbytes)
+    d = _halves(blocks, 0)
+    at = 4 if fmt.has_min else 2
+    if fmt.bits == 8:
+        return (d * blocks[..., at:].view(torch.int8).float()).reshape(rows, k)
+    qs = blocks[..., -fmt.block // 2 :]
+    q = torch.cat([qs & 0xF, qs >> 4], dim=-1).int()  # byte j: weights j and j + 16
+    if fmt.bits == 5:
+        qh = blocks[..., at : at + 4].int()
+        qh = qh[..., 0] | qh[..., 1] << 8 | qh[..., 2] << 16 | qh[..., 3] << 24
+        shifts = torch.arange(fmt.block, dtype=torch.int32)
+        q = q | ((qh.unsqueeze(-1) >> shifts) & 1) << 4
+    if fmt.has_min:
+        return (d * q.float() + _halves(blocks, 2)).reshape(rows, k)
+    return (d * (q - (1 << (fmt.bits - 1))).float()).reshape(rows, k)
+
+
+def _halves(blocks: torch.Tensor, at: int) -> torch.Tensor:
+    """The float16 at byte `at` of each block, as float32 `[rows, blocks, 1]`."""
+    return blocks[..., at : at + 2].contiguous().view(torch.float16).float()
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """A matrix in a GGUF block format: `data` uint8 `[rows, (k / block) * nbytes]`, each
+    row its blocks as stored. `n` is the number of outputs: the rows, or with `swiglu`
+    the gate rows (`data` is `[gate; up]`, 2n rows). Made by `quantized`, which checks."""
+
+    data: torch.Tensor
+    format: Format
+    n: int
+    k: int
+    swiglu: bool = False
+
+    def unpack(self) -> torch.Tensor:
+        """The matrix, float32 `[rows, k]`, dequantized."""
+        return dequantize(self.data, self.format, self.k)
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows `index` (1-D ids into `data`) dequantized, float32 `[len(index), k]`."""
+        return dequantize(self.data[index.long()], self.format, self.k)
+
+
+def quantized(data: torch.Tensor, fmt: Format, k: int, *, swiglu: bool = False) -> Quantized:
+    """`data` as a `Quantized` matrix of `k` columns, after checking that it is one."""
+    if data.dtype != torch.uint8 or data.dim() != 2:
+        raise ValueError(
+            f"quantized weights are a 2-D uint8 tensor, got {tuple(data.shape)} {data.dtype}"
+        )
+    if k <= 0 or k % fmt.block:
+        raise ValueError(f"{fmt.name}: K must be a positive multiple of {fmt.block}, got {k}")
+    row_bytes = k // fmt.block * fmt.nbytes
+    if data.shape[1] != row_bytes:
+        raise ValueError(
+            f"{fmt.name}: a row of {k} weights is {row_bytes} bytes, got {data.shape[1]}"
+        )
+    if not data.is_contiguous():
+        raise ValueError("quantized weights must be contiguous")
+    rows = data.shape[0]
+    if swiglu and rows % 2:
+        raise ValueError(f"a [gate; up] matrix has an even number of rows, got {rows}")
+    return Quantized(data, fmt, rows // 2 if swiglu else rows, k, swiglu)
+
+
+def linear_q(
+    x: torch.Tensor, w: Quantized, bias: torch.Tensor | None = None, *, norm: Norm | None = None
+) -> torch.Tensor:
+    """`x @ w.T (+ bias)`: x float32 [m, K], bias float32 [N]. `norm = (gain, n_eps)` as in
+    `cpu_linear.linear_bf16`: each row of x first scaled by `1 / sqrt(n_eps + sum(x ** 2))`
+    and by `gain` (float32 [K], or None)."""
+    _check(x, w, swiglu=False)
+    gain, n_eps = norm if norm is not None else (None, 0.0)
+    return CPU.ops().linear_q(x, w.data, w.n, bias, norm is not None, gain, n_eps)
+
+
+def linear_q_add(
+    x: torch.Tensor, w: Quantized, residual: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`linear_q(x, w, bias) + residual`, residual float32 [m, N], in one pass."""
+    _check(x, w, swiglu=False)
+    return CPU.ops().linear_q_add(x, w.data, w.n, bias, residual)
+
+
+def linear_q_swiglu(x: torch.Tensor, w: Quantized, *, norm: Norm | None = None) -> torch.Tensor:
+    """`silu(x @ gate.T) * (x @ up.T)` for `w = quantized([gate; up], swiglu=True)`, in
+    one pass."""
+    _check(x, w, swiglu=True)
+    gain, n_eps = norm if norm is not None else (None, 0.0)
+    return CPU.ops().linear_q_swiglu(x, w.data, w.n, norm is not None, gain, n_eps)
+
+
+def _check(x: torch.Tensor, w: Quantized, *, swiglu: bool) -> None:
+    if w.swiglu != swiglu:
+        raise ValueError("linear_q_swiglu takes a matrix made with swiglu=True, and only it")
+    if x.dim() != 2 or x.shape[1] != w.k:
+        raise ValueError(f"x is {tuple(x.shape)} but the weights take [m, {w.k}]")

@@ -1,0 +1,329 @@
+#include <immintrin.h>
+#include <omp.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "simd.h"
+
+namespace quant {
+
+enum Epi : int { EPI_NONE = 0, EPI_ADD = 1, EPI_SWIGLU = 2 };
+
+// The GGUF block formats, each named by its bytes per block of QK weights, which tell
+// them apart (selfspec_kernels/cpu_quant.py keeps the same table).
+enum Format : int { Q8_0 = 34, Q4_0 = 18, Q4_1 = 20, Q5_0 = 22, Q5_1 = 24 };
+constexpr int64_t QK = 32;
+
+struct Args {
+  const float* x;  // [m, K], row stride xs
+  int64_t xs;
+  const uint8_t* w;    // [rows, nb * bytes]: each row's blocks as the GGUF stores them
+  const float* bias;   // [n] or null
+  const float* other;  // [m, n] contiguous residual, or null
+  float* y;            // [m, n] contiguous
+  int64_t m, n, nb;
+  int epi;
+};
+
+static inline float silu(float s) { return s / (1.0f + std::exp(-s)); }
+
+static inline __m256 half_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _mm256_set1_ps(_cvtsh_ss(h));
+}
+
+static inline __m256i bytes8(const uint8_t* p) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+
+// The 32 4-bit values of a block's 16 bytes, 8 to a vector in weight order: byte j
+// holds weight j in its low nibble and weight j + 16 in its high one.
+static inline void nibbles(const uint8_t* qs, __m256i (&q)[4]) {
+  const __m256i a = bytes8(qs), b = bytes8(qs + 8), low = _mm256_set1_epi32(0xF);
+  q[0] = _mm256_and_si256(a, low);
+  q[1] = _mm256_and_si256(b, low);
+  q[2] = _mm256_srli_epi32(a, 4);
+  q[3] = _mm256_srli_epi32(b, 4);
+}
+
+// Adds the fifth bits, bit j of the little-endian `qh` for weight j, as 16s.
+static inline void fifth_bits(const uint8_t* qh_bytes, __m256i (&q)[4]) {
+  uint32_t qh;
+  std::memcpy(&qh, qh_bytes, 4);
+  const __m256i bits = _mm256_set1_epi32(static_cast<int>(qh)), sixteen = _mm256_set1_epi32(16);
+  for (int j = 0; j < 4; ++j) {
+    const __m256i at = _mm256_setr_epi32(8 * j, 8 * j + 1, 8 * j + 2, 8 * j + 3, 8 * j + 4,
+                                         8 * j + 5, 8 * j + 6, 8 * j + 7);
+    const __m256i bit = _mm256_slli_epi32(_mm256_srlv_epi32(bits, at), 4);
+    q[j] = _mm256_or_si256(q[j], _mm256_and_si256(bit, sixteen));
+  }
+}
+
+// A block's 32 weights as float32, 8 to a vector, computed as ggml defines them.
+template <int F>
+static inline void dequant(const uint8_t* b, __m256 (&w)[4]) {
+  const __m256 d = half_at(b);
+  if constexpr (F == Q8_0) {
+    for (int j = 0; j < 4; ++j) {
+      const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 2 + 8 * j));
+      w[j] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
+    }
+    return;
+  }
+  __m256i q[4];
+  constexpr bool has_min = F == Q4_1 || F == Q5_1, five = F == Q5_0 || F == Q5_1;
+  constexpr int qs = 2 + (has_min ? 2 : 0) + (five ? 4 : 0);  // where the nibbles start
+  nibbles(b + qs, q);
+  if constexpr (five) fifth_bits(b + qs - 4, q);
+  if constexpr (has_min) {
+    const __m256 m = half_at(b + 2);
+    for (int j = 0; j < 4; ++j) w[j] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(q[j]), m);
+  } else {
+    const __m256i zero = _mm256_set1_epi32(five ? 16 : 8);  // the stored value of weight 0
+    for (int j = 0; j < 4; ++j)
+      w[j] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_sub_epi32(q[j], zero)));
+  }
+}
+
+// Blocks b0..b1 of the weight row at `wr` against rows r0..r0+R of x, into `acc`: four
+// 8-lane accumulators per row, one per eighth of a block, so that four FMA chains run at
+// once. With `Keep`, the dequantized blocks are also kept in `wide` (32 floats a block)
+// for the other rows.
+template <int F, int R, bool Keep>
+static inline void stream_blocks(const Args& a, int64_t r0, const uint8_t* wr, int64_t b0,
+                                 int64_t b1, float* wide, __m256 (&acc)[R][4]) {
+  for (int64_t b = b0; b < b1; ++b) {
+    __m256 w[4];
+    dequant<F>(wr + b * F, w);
+    if (Keep)
+      for (int j = 0; j < 4; ++j) _mm256_store_ps(wide + (b - b0) * QK + 8 * j, w[j]);
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < 4; ++j) {
+        const __m256 xv = _mm256_loadu_ps(a.x + (r0 + r) * a.xs + b * QK + 8 * j);
+        acc[r][j] = _mm256_fmadd_ps(xv, w[j], acc[r][j]);
+      }
+  }
+}
+
+// The same products from the blocks that `stream_blocks` kept in `wide` (in L1), for 3
+// rows at most (12 accumulators), which live in `accs` between chunks.
+template <int R>
+static inline void wide_blocks(const Args& a, int64_t r0, int64_t b0, int64_t b1, const float* wide,
+                               __m256* accs) {
+  __m256 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = accs[r * 4 + j];
+  for (int64_t b = b0; b < b1; ++b)
+    for (int j = 0; j < 4; ++j) {
+      const __m256 w = _mm256_load_ps(wide + (b - b0) * QK + 8 * j);
+      for (int r = 0; r < R; ++r) {
+        const __m256 xv = _mm256_loadu_ps(a.x + (r0 + r) * a.xs + b * QK + 8 * j);
+        acc[r][j] = _mm256_fmadd_ps(xv, w, acc[r][j]);
+      }
+    }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) accs[r * 4 + j] = acc[r][j];
+}
+
+// One output's four accumulators summed in one fixed order.
+static inline float total(const __m256* acc) {
+  return hsum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+}
+
+// A thread's working memory: the kept chunk, 4 accumulators a row of x, and one or two
+// weight rows' dot products with each row of x.
+struct Scratch {
+  std::vector<__m256> wide, accs;
+  std::vector<float> dots, up;
+};
+
+constexpr int64_t CHUNK = 32;  // blocks of a weight row dequantized and kept at a time
+
+// One or two rows of x against the weight row at `wr`: accumulators in registers.
+template <int F, int R>
+static inline void few_rows(const Args& a, const uint8_t* wr, float* out) {
+  __m256 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_ps();
+  stream_blocks<F, R, false>(a, 0, wr, 0, a.nb, nullptr, acc);
+  for (int r = 0; r < R; ++r) out[r] = total(acc[r]);
+}
+
+// Three rows or more: the weight row goes CHUNK blocks at a time, rows 0-1 dequantizing
+// them and keeping them in L1, the other rows taking them from there, so each block is
+// dequantized once.
+template <int F>
+static void many_rows(const Args& a, const uint8_t* wr, Scratch& s, float* out) {
+  float* wide = reinterpret_cast<float*>(s.wide.data());
+  __m256* accs = s.accs.data();
+  for (int64_t i = 0; i < a.m * 4; ++i) accs[i] = _mm256_setzero_ps();
+  for (int64_t b0 = 0; b0 < a.nb; b0 += CHUNK) {
+    const int64_t b1 = std::min(a.nb, b0 + CHUNK);
+    __m256 acc[2][4];
+    for (int j = 0; j < 8; ++j) acc[j / 4][j % 4] = accs[j];
+    stream_blocks<F, 2, true>(a, 0, wr, b0, b1, wide, acc);
+    for (int j = 0; j < 8; ++j) accs[j] = acc[j / 4][j % 4];
+    int64_t r = 2;
+    for (; r + 3 <= a.m; r += 3) wide_blocks<3>(a, r, b0, b1, wide, accs + r * 4);
+    if (r + 2 <= a.m) wide_blocks<2>(a, r, b0, b1, wide, accs + r * 4), r += 2;
+    if (r < a.m) wide_blocks<1>(a, r, b0, b1, wide, accs + r * 4);
+  }
+  for (int64_t r = 0; r < a.m; ++r) out[r] = total(accs + r * 4);
+}
+
+// The dot products of the weight row at `wr` with every row of x, into `out`. Every
+// output's accumulators take the same products in the same order whichever path computes
+// it: that is the row invariance.
+template <int F>
+static void dots(const Args& a, const uint8_t* wr, Scratch& s, float* out) {
+  if (a.m == 1)
+    few_rows<F, 1>(a, wr, out);
+  else if (a.m == 2)
+    few_rows<F, 2>(a, wr, out);
+  else
+    many_rows<F>(a, wr, s, out);
+}
+
+// Output o for every row of x: its weight row's dot products (with SwiGLU, gate row o's
+// and up row n + o's), then the epilogue.
+template <int F>
+static void output(const Args& a, int64_t o, Scratch& s) {
+  const int64_t row_bytes = a.nb * F;
+  dots<F>(a, a.w + o * row_bytes, s, s.dots.data());
+  if (a.epi == EPI_SWIGLU) {
+    dots<F>(a, a.w + (a.n + o) * row_bytes, s, s.up.data());
+    for (int64_t r = 0; r < a.m; ++r) a.y[r * a.n + o] = silu(s.dots[r]) * s.up[r];
+    return;
+  }
+  for (int64_t r = 0; r < a.m; ++r) {
+    float v = a.bias ? s.dots[r] + a.bias[o] : s.dots[r];
+    if (a.epi == EPI_ADD) v += a.other[r * a.n + o];
+    a.y[r * a.n + o] = v;
+  }
+}
+
+constexpr int64_t BLOCK = 16;  // outputs per unit of work
+
+// The outputs split among torch's threads in blocks, handed out in guided chunks as in
+// linear.cpp: which thread computes an output does not change its value.
+template <int F>
+static void run(const Args& a) {
+  const int64_t nblocks = (a.n + BLOCK - 1) / BLOCK;
+  int64_t nt = std::min(std::max<int64_t>(1, at::get_num_threads()), nblocks);
+  if (a.n * a.nb * a.m < (int64_t(1) << 8)) nt = 1;  // too small to be worth a wake-up
+#pragma omp parallel num_threads(static_cast<int>(nt)) if (nt > 1)
+  {
+    Scratch s{std::vector<__m256>(a.m > 2 ? CHUNK * 4 : 0), std::vector<__m256>(a.m * 4),
+              std::vector<float>(a.m), std::vector<float>(a.m)};
+#pragma omp for schedule(guided)
+    for (int64_t b = 0; b < nblocks; ++b)
+      for (int64_t o = b * BLOCK; o < std::min(a.n, (b + 1) * BLOCK); ++o) output<F>(a, o, s);
+  }
+}
+
+static bool known(int64_t bytes) {
+  return bytes == Q8_0 || bytes == Q4_0 || bytes == Q4_1 || bytes == Q5_0 || bytes == Q5_1;
+}
+
+static void run_format(const Args& a, int64_t bytes) {
+  switch (bytes) {
+    case Q8_0:
+      return run<Q8_0>(a);
+    case Q4_0:
+      return run<Q4_0>(a);
+    case Q4_1:
+      return run<Q4_1>(a);
+    case Q5_0:
+      return run<Q5_0>(a);
+    case Q5_1:
+      return run<Q5_1>(a);
+  }
+}
+
+static const float* float_vector(const std::optional<at::Tensor>& t, int64_t size,
+                                 const char* what) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() &&
+                  t->numel() == size,
+              "cpu_quant: ", what, " must be a contiguous float32 [", size, "] tensor");
+  return t->data_ptr<float>();
+}
+
+at::Tensor linear_q_epi(const at::Tensor& x, const at::Tensor& w, int64_t n,
+                        const std::optional<at::Tensor>& bias,
+                        const std::optional<at::Tensor>& other, bool norm,
+                        const std::optional<at::Tensor>& gain, double n_eps, int64_t epi) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "cpu_quant: CPU tensors only");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1,
+              "cpu_quant: x must be a 2-D float32 tensor with contiguous rows, got ", x.sizes(),
+              " ", x.scalar_type());
+  const int64_t m = x.size(0), K = x.size(1), nb = K / QK;
+  TORCH_CHECK(K % QK == 0 && K > 0, "cpu_quant: K must be a positive multiple of ", QK, ", got ",
+              K);
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous(),
+              "cpu_quant: w must be a contiguous uint8 [rows, bytes] tensor of GGUF blocks, got ",
+              w.sizes(), " ", w.scalar_type());
+  const int64_t rows = epi == EPI_SWIGLU ? 2 * n : n;
+  TORCH_CHECK(n > 0 && w.size(0) == rows, "cpu_quant: ", n, " outputs need ", rows,
+              " weight rows, got ", w.size(0));
+  const int64_t bytes = w.size(1) / nb;
+  TORCH_CHECK(w.size(1) % nb == 0 && known(bytes), "cpu_quant: rows of ", w.size(1),
+              " bytes are not ", nb, " blocks (K = ", K, ") of a GGUF format");
+  Args a{};
+  TORCH_CHECK(epi != EPI_SWIGLU || !bias.has_value() || !bias->defined(),
+              "cpu_quant: the SwiGLU epilogue takes no bias");
+  a.bias = float_vector(bias, n, "bias");
+  if (epi == EPI_ADD) {
+    TORCH_CHECK(other.has_value() && other->defined() && other->device().is_cpu() &&
+                    other->scalar_type() == at::kFloat && other->is_contiguous() &&
+                    other->dim() == 2 && other->size(0) == m && other->size(1) == n,
+                "cpu_quant: residual must be contiguous float32 [", m, ", ", n, "]");
+    a.other = other->data_ptr<float>();
+  }
+  const float* g = float_vector(gain, K, "gain");
+  at::Tensor y = at::empty({m, n}, x.options());
+  if (m == 0) return y;
+  std::vector<float> prepared;
+  if (norm || g) {
+    // linear.cpp's, in the same translation unit (cpu_build.py): the same normed rows.
+    prepared = linear::prepare(x, K / 8, norm, g, n_eps);
+    a.x = prepared.data();
+    a.xs = K;
+  } else {
+    a.x = x.data_ptr<float>();
+    a.xs = x.stride(0);
+  }
+  a.w = w.data_ptr<uint8_t>();
+  a.y = y.data_ptr<float>();
+  a.m = m;
+  a.n = n;
+  a.nb = nb;
+  a.epi = static_cast<int>(epi);
+  run_format(a, bytes);
+  return y;
+}
+
+// One entry point per epilogue, with linear_bf16's arguments (linear.cpp).
+at::Tensor linear_q(const at::Tensor& x, const at::Tensor& w, int64_t n,
+                    const std::optional<at::Tensor>& bias, bool norm,
+                    const std::optional<at::Tensor>& gain, double n_eps) {
+  return linear_q_epi(x, w, n, bias, std::nullopt, norm, gain, n_eps, EPI_NONE);
+}
+
+at::Tensor linear_q_add(const at::Tensor& x, const at::Tensor& w, int64_t n,
+                        const std::optional<at::Tensor>& bias, const at::Tensor& residual) {
+  return linear_q_epi(x, w, n, bias, residual, false, std::nullopt, 0.0, EPI_ADD);
+}
+
+at::Tensor linear_q_swiglu(const at::Tensor& x, const at::Tensor& w, int64_t n, bool norm,
+                           const std::optional<at::Tensor>& gain, double n_eps) {
+  return linear_q_epi(x, w, n, std::nullopt, std::nullopt, norm, gain, n_eps, EPI_SWIGLU);
+}
+
+}  // namespace quant

@@ -1,0 +1,194 @@
+"""The GGUF quantized-weight CPU kernels: agree with gguf's own dequantizer followed by a
+float32 product, and each row's result is bit-identical whatever else is in the batch."""
+
+from __future__ import annotations
+
+import math
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize as gguf_quantize
+
+from selfspec_kernels import cpu_quant
+from selfspec_kernels.cpu_quant import FORMATS
+
+pytestmark = pytest.mark.skipif(
+    not cpu_quant.available(),
+    reason=f"CPU kernels unavailable: {cpu_quant.unavailable_reason()}",
+)
+
+NAMES = list(FORMATS)
+# (N, K): N not a multiple of the 16 outputs a unit of work; K past one 32-block chunk.
+SHAPES = [(1, 32), (7, 96), (35, 1088), (130, 576)]
+MS = [1, 2, 3, 4, 5, 8, 11, 16]
+
+
+def _raw(name: str, n: int, k: int, seed: int) -> np.ndarray:
+    """A random [n, k] matrix quantized by gguf, as its uint8 blocks."""
+    w = np.random.default_rng(seed).standard_normal((n, k), dtype=np.float32)
+    return gguf_quantize(w, gguf.GGMLQuantizationType(FORMATS[name].ggml_type))
+
+
+def _reference(name: str, raw: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(
+        gguf_dequantize(raw, gguf.GGMLQuantizationType(FORMATS[name].ggml_type))
+    )
+
+
+def _weights(name: str, n: int, k: int, seed: int = 0, *, swiglu: bool = False):
+    """The kernel's matrix and gguf's float32 dequantization of it."""
+    raw = _raw(name, n, k, seed)
+    q = cpu_quant.quantized(torch.from_numpy(raw), FORMATS[name], k, swiglu=swiglu)
+    return q, _reference(name, raw)
+
+
+def _x(m: int, k: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(m, k, generator=torch.Generator().manual_seed(seed * 1000 + m * 7 + k))
+
+
+def _assert_close(y: torch.Tensor, ref: torch.Tensor, k: int) -> None:
+    # Both sides accumulate in float32 in different orders: the error grows ~sqrt(K).
+    tol = 1e-4 * math.sqrt(k)
+    scale = ref.abs().amax().clamp_min(1.0)
+    torch.testing.assert_close(y, ref, rtol=tol, atol=tol * scale.item())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_formats_match_gguf(name):
+    fmt = FORMATS[name]
+    assert cpu_quant.format_of(fmt.ggml_type) is fmt
+    assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(fmt.ggml_type)] == (
+        fmt.block,
+        fmt.nbytes,
+    )
+    assert cpu_quant.format_of(int(gguf.GGMLQuantizationType.Q4_K)) is None
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_unpack_and_rows_equal_gguf(name):
+    q, ref = _weights(name, 35, 1088)
+    assert torch.equal(q.unpack(), ref)
+    index = torch.tensor([34, 0, 17])
+    assert torch.equal(q.rows(index), ref[index])
+    assert torch.equal(cpu_quant.dequantize(q.data, q.format, q.k), ref)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_matches_reference(name, n, k):
+    q, ref = _weights(name, n, k)
+    for m in MS:
+        x = _x(m, k)
+        y = cpu_quant.linear_q(x, q)
+        assert y.shape == (m, n) and y.dtype == torch.float32
+        _assert_close(y, x @ ref.T, k)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bias_add_and_norm(name):
+    n, k = 35, 1088
+    q, ref = _weights(name, n, k)
+    x, bias, other = _x(5, k), torch.randn(n), torch.randn(5, n)
+    _assert_close(cpu_quant.linear_q(x, q, bias), x @ ref.T + bias, k)
+    _assert_close(cpu_quant.linear_q_add(x, q, other), x @ ref.T + other, k)
+    _assert_close(cpu_quant.linear_q_add(x, q, other, bias), x @ ref.T + bias + other, k)
+    gain, eps = torch.rand(k) + 0.5, 1e-5
+    normed = x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + k * eps)
+    _assert_close(cpu_quant.linear_q(x, q, norm=(gain, k * eps)), (normed * gain) @ ref.T, k)
+    _assert_close(cpu_quant.linear_q(x, q, norm=(None, k * eps)), normed @ ref.T, k)
+    # The fused add is the plain product followed by the add, exactly.
+    assert torch.equal(cpu_quant.linear_q_add(x, q, other), cpu_quant.linear_q(x, q) + other)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("m", [1, 2, 7])
+def test_swiglu(name, m):
+    n, k = 21, 576
+    q, ref = _weights(name, 2 * n, k, swiglu=True)
+    assert q.n == n
+    x, gain = _x(m, k), torch.rand(k) + 0.5
+    want = F.silu(x @ ref[:n].T) * (x @ ref[n:].T)
+    _assert_close(cpu_quant.linear_q_swiglu(x, q), want, k)
+    normed = x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + k * 1e-5) * gain
+    want = F.silu(normed @ ref[:n].T) * (normed @ ref[n:].T)
+    _assert_close(cpu_quant.linear_q_swiglu(x, q, norm=(gain, k * 1e-5)), want, k)
+
+
+@pytest.mark.parametrize("name", ["q8_0", "q4_1", "q5_0"])
+def test_row_invariance(name):
+    """Row r of an m-row product equals the 1-row product of x[r], bit for bit, for every
+    m, among any other rows, fused epilogues included, with 1 thread or more."""
+    n, k = 37, 1088
+    q, _ = _weights(name, n, k, seed=1)
+    gate_up, _ = _weights(name, 2 * n, k, seed=2, swiglu=True)
+    x, other, residual = _x(16, k, seed=1), _x(16, k, seed=2), torch.randn(16, n)
+    gain = torch.rand(k) + 0.5
+    calls = {
+        "plain": lambda x, o: cpu_quant.linear_q(x, q),
+        "norm": lambda x, o: cpu_quant.linear_q(x, q, norm=(gain, k * 1e-5)),
+        "add": lambda x, o: cpu_quant.linear_q_add(x, q, o),
+        "swiglu": lambda x, o: cpu_quant.linear_q_swiglu(x, gate_up, norm=(gain, k * 1e-5)),
+    }
+    for call, fn in calls.items():
+        single = [fn(x[r : r + 1].clone(), residual[r : r + 1].clone())[0] for r in range(16)]
+        for m in range(1, 17):
+            y = fn(x[:m].contiguous(), residual[:m].contiguous())
+            for r in range(m):
+                assert torch.equal(y[r], single[r]), (call, m, r)
+            mixed = other[:m].clone()
+            mixed[m - 1] = x[0]
+            res = residual[:m].clone()
+            res[m - 1] = residual[0]
+            assert torch.equal(fn(mixed, res)[m - 1], single[0]), (call, m)
+
+
+def test_deterministic_threads_and_strided_rows():
+    q, _ = _weights("q4_1", 300, 576)
+    x = _x(6, 576)
+    y = cpu_quant.linear_q(x, q)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_quant.linear_q(x, q)
+        torch.set_num_threads(2)
+        two = [cpu_quant.linear_q(x, q) for _ in range(3)]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(t, one) for t in [y, *two])
+    wide = torch.zeros(6, 600)
+    wide[:, :576] = x
+    assert torch.equal(cpu_quant.linear_q(wide[:, :576], q), y)
+    assert cpu_quant.linear_q(torch.empty(0, 576), q).shape == (0, 300)
+
+
+def test_rejects_bad_inputs():
+    fmt = FORMATS["q4_1"]
+    raw = torch.from_numpy(_raw("q4_1", 7, 96, 0))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        cpu_quant.quantized(raw, fmt, 95)
+    with pytest.raises(ValueError, match="is 60 bytes, got 59"):
+        cpu_quant.quantized(raw[:, :59], fmt, 96)
+    with pytest.raises(ValueError, match="is 54 bytes, got 60"):
+        cpu_quant.quantized(raw, FORMATS["q4_0"], 96)
+    with pytest.raises(ValueError, match="2-D uint8"):
+        cpu_quant.quantized(raw.float(), fmt, 96)
+    with pytest.raises(ValueError, match="even number of rows"):
+        cpu_quant.quantized(raw, fmt, 96, swiglu=True)
+    q = cpu_quant.quantized(raw, fmt, 96)
+    with pytest.raises(ValueError, match=r"take \[m, 96\]"):
+        cpu_quant.linear_q(torch.randn(2, 64), q)
+    with pytest.raises(ValueError, match="swiglu=True"):
+        cpu_quant.linear_q_swiglu(torch.randn(2, 96), q)
+    with pytest.raises(RuntimeError, match="float32"):
+        cpu_quant.linear_q(torch.randn(2, 96).double(), q)
+    with pytest.raises(RuntimeError, match="residual"):
+        cpu_quant.linear_q_add(torch.randn(2, 96), q, torch.randn(2, 6))
+    # The C++ side checks what it is given too: a row length that is no format's.
+    with pytest.raises(RuntimeError, match="of a GGUF format"):
+        cpu_quant.linear_q(
+            torch.randn(2, 96), cpu_quant.Quantized(raw[:, :57].contiguous(), fmt, 7, 96)
+        )
