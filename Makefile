@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup run test fuzz lint format bench tune stubs clean gpu-check
+.PHONY: setup run test fuzz lint format bench bench-peers tune stubs clean gpu-check
 
 setup: $(STAMP)
 	@command -v redis-server >/dev/null || { echo "installing redis-server"; \
@@ -55,6 +55,12 @@ bench: setup
 	$(BIN)/selfspec bench serve --out benchmarks/results
 	$(BIN)/selfspec bench controller --out benchmarks/results
 	$(BIN)/selfspec bench kernels --out benchmarks/results  # GPU only; says so on a CPU
+
+# llama.cpp for `selfspec bench peers`, built from source for this CPU (minutes on 2 cores);
+# never part of `make test`.
+bench-peers: setup
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/pip install llama-cpp-python==0.3.36
+	$(BIN)/selfspec bench peers --out benchmarks/results
 
 # The GPU path on one NVIDIA GPU (about 5 minutes on an H100 or H200; no `make setup` needed
 # where the machine's python3 has PyTorch with CUDA): the Triton kernel tests and the

@@ -43,6 +43,7 @@ class Backend:
     compute: torch.dtype  # activations and arithmetic
     linear: str  # "cpu", "onednn", "torch" or "triton"
     attention: str  # "cpu", "torch" or "triton"
+    quantized: bool = False  # a GGUF's matrices in their block formats (`cpu` only)
 
     @property
     def rowwise(self) -> bool:
@@ -54,7 +55,7 @@ class Backend:
         return {
             "backend": self.name,
             "device": self.device,
-            "weights": _name(self.dtype),
+            "weights": "gguf" if self.quantized else _name(self.dtype),
             "compute": _name(self.compute),
             "linear": self.linear,
             "attention": self.attention,

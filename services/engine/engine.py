@@ -92,13 +92,15 @@ class Engine(Serving):
         dtype: str = "bfloat16",
         device: str = "cpu",
         backend: str | None = None,
+        weights: str = "dense",
         **kwargs,
     ) -> Engine:
         """Load `model`: `default`, a Hugging Face checkpoint folder, or a GGUF file.
-        `backend`: the compute path (`selfspec_kernels.backend`; default: `SELFSPEC_BACKEND`, else
-        the fastest this machine runs)."""
-        weights, tokenizer, path = checkpoint.load(model, dtype, device, backend)
-        return cls(weights, tokenizer, path, **kwargs)
+        `backend`: the compute path (`selfspec_kernels.backend`; default: `SELFSPEC_BACKEND`,
+        else the fastest this machine runs). `weights`: `dense` (every matrix in `dtype`)
+        or `gguf` (a GGUF's matrices in their block formats, on the `cpu` backend)."""
+        loaded, tokenizer, path = checkpoint.load(model, dtype, device, backend, weights)
+        return cls(loaded, tokenizer, path, **kwargs)
 
     # -- requests ---------------------------------------------------------------
 

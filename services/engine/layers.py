@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from selfspec_kernels import cpu_linear
+from selfspec_kernels import cpu_linear, cpu_quant
 
 __all__ = ["FULL", "Layer", "LayerPlan", "Linear", "Norm", "normalize", "rms_norm", "triton"]
 
@@ -43,12 +43,15 @@ class Linear:
     the same result whatever the number of rows, which keeps drafting exact; oneDNN and
     `F.linear` don't, so few-row passes (`bulk` False) call them one row at a time.
 
+    A GGUF's matrix in a block format (`cpu_quant.Quantized`) is multiplied as it is, by
+    our quantized kernel, for passes of any size: no dense copy of it is ever made.
+
     `swiglu`: the weight is `[gate; up]`, multiplied by `swiglu()`.
     """
 
     def __init__(
         self,
-        weight: torch.Tensor,
+        weight: torch.Tensor | cpu_quant.Quantized,
         bias: torch.Tensor | None = None,
         *,
         impl: str = "torch",
@@ -58,8 +61,12 @@ class Linear:
         self.bias = bias
         self.weight: torch.Tensor | None = weight
         self.packed = None  # oneDNN's layout
-        self.kernel: cpu_linear.Packed | None = None  # our kernel's layout
-        if impl == "cpu":
+        self.kernel: cpu_linear.Packed | cpu_quant.Quantized | None = None  # our kernels'
+        if isinstance(weight, cpu_quant.Quantized):
+            if impl != "cpu":
+                raise ValueError(f"quantized weights run on the cpu backend, not {impl!r}")
+            self.kernel, self.weight = weight, None
+        elif impl == "cpu":
             self.kernel = cpu_linear.pack(weight, swiglu=swiglu)
             self.weight = None
         elif impl == "onednn":
@@ -92,26 +99,38 @@ class Linear:
         out = [self._one(r if norm is None else norm(r), o) for r, o in rows]
         return out[0] if len(out) == 1 else torch.cat(out)
 
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.kernel, cpu_quant.Quantized)
+
+    def _kernel(self, bulk: bool):
+        """Our kernel's functions (product, add, SwiGLU) when they run this pass, else None."""
+        if self.quantized:
+            return cpu_quant.linear_q, cpu_quant.linear_q_add, cpu_quant.linear_q_swiglu
+        if self.kernel is not None and not bulk:
+            return cpu_linear.linear_bf16, cpu_linear.linear_bf16_add, cpu_linear.linear_bf16_swiglu
+        return None
+
     def __call__(self, x: torch.Tensor, bulk: bool = False, norm: Norm | None = None):
         """`norm(x) @ W.T + bias`; `bulk`: many rows (prefill)."""
-        if self.kernel is not None and not bulk:
-            return cpu_linear.linear_bf16(x, self.kernel, self.bias, norm=_pair(norm))
+        if kernel := self._kernel(bulk):
+            return kernel[0](x, self.kernel, self.bias, norm=_pair(norm))
         if self.impl == "triton":
             return triton("triton_linear").linear(x, self.weight, self.bias, norm=_pair(norm))
         return self._rows(x, bulk, norm)
 
     def add(self, x: torch.Tensor, other: torch.Tensor, bulk: bool = False) -> torch.Tensor:
         """`self(x) + other` in one op."""
-        if self.kernel is not None and not bulk:
-            return cpu_linear.linear_bf16_add(x, self.kernel, other, self.bias)
+        if kernel := self._kernel(bulk):
+            return kernel[1](x, self.kernel, other, self.bias)
         if self.impl == "triton":
             return triton("triton_linear").linear_add(x, self.weight, other, self.bias)
         return self._rows(x, bulk, other=other)
 
     def swiglu(self, x: torch.Tensor, bulk: bool = False, norm: Norm | None = None):
         """`silu(norm(x) @ gate.T) * (norm(x) @ up.T)`."""
-        if self.kernel is not None and not bulk:
-            return cpu_linear.linear_bf16_swiglu(x, self.kernel, norm=_pair(norm))
+        if kernel := self._kernel(bulk):
+            return kernel[2](x, self.kernel, norm=_pair(norm))
         if self.impl == "triton":
             return triton("triton_linear").linear_swiglu(x, self.weight, norm=_pair(norm))
         gate, up = self(x, bulk, norm).chunk(2, -1)

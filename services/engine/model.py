@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from selfspec_kernels import cpu_attention, cpu_layers, cpu_memory
 from selfspec_kernels.attention import AttentionBatch, paged_attention, write_kv
 from selfspec_kernels.backend import Backend
+from selfspec_kernels.cpu_quant import Quantized, quantized
 from services.engine.layers import FULL, Layer, LayerPlan, Linear, Norm, rms_norm, triton
 
 # The layer types are imported from here too (`from services.engine.model import LayerPlan`).
@@ -26,9 +27,12 @@ __all__ = ["FULL", "Layer", "LayerPlan", "Linear", "Model", "Norm", "interleave_
 log = logging.getLogger(__name__)
 
 
-def interleave_halves(w: torch.Tensor, heads: int) -> torch.Tensor:
+def interleave_halves(w: torch.Tensor | Quantized, heads: int) -> torch.Tensor | Quantized:
     """Reorder each head's rows from (x_0..x_{d/2-1}, y_0..) to (x_0, y_0, x_1, ...), the
-    pairs that rotate together in RoPE. q and k get the same order, so q·k is unchanged."""
+    pairs that rotate together in RoPE. q and k get the same order, so q·k is unchanged.
+    A quantized matrix's rows move whole (its blocks lie along a row)."""
+    if isinstance(w, Quantized):
+        return replace(w, data=interleave_halves(w.data, heads))
     d = w.shape[0] // heads
     idx = torch.arange(d).view(2, d // 2).t().flatten()
     return w.view(heads, d, *w.shape[1:])[:, idx].reshape(w.shape)
@@ -54,17 +58,20 @@ class Model:
         self.scale = self.head_dim**-0.5
         self.eps = c.rms_norm_eps
         self.n_eps = c.hidden_size * c.rms_norm_eps
-        self._dtype = backend.dtype
+        # A GGUF's own model keeps its float tensors (gains, biases) in float32.
+        self._dtype = torch.float32 if backend.quantized else backend.dtype
         self._tensors = tensors
-        # Matrices stay in the requested dtype where our kernel multiplies them as they are;
-        # otherwise they are rounded to it, then held in the compute dtype with the RMSNorm
-        # gains folded in (exact in float32, and one op fewer per norm).
+        # Matrices stay in the requested dtype where our kernel multiplies them as they are
+        # (a GGUF's block formats too); otherwise they are rounded to it, then held in the
+        # compute dtype with the RMSNorm gains folded in (exact in float32, one op fewer).
         kernel = backend.linear == "cpu"
         self.store_dtype = backend.dtype if kernel else self.dtype
         self.fold = not kernel
         # The KV cache is kept like the matrices: our CPU attention kernel widens bfloat16
-        # keys and values as it reads them, which halves what long contexts read.
-        self.kv_dtype = self.store_dtype
+        # keys and values as it reads them, which halves what long contexts read. With a
+        # GGUF's matrices it is float32: the engine computes the GGUF's own model, up to
+        # the order of its sums.
+        self.kv_dtype = torch.float32 if backend.quantized else self.store_dtype
         # Tied checkpoints may store the shared matrix under either name.
         embed, head = "model.embed_tokens.weight", "lm_head.weight"
         self.embed = self._w(embed if embed in tensors else head)
@@ -76,6 +83,8 @@ class Model:
         self.layers = [self._layer(f"model.layers.{i}.") for i in range(self.num_layers)]
         self.rope = _rope_table(c, self.head_dim, self.device)
         self._onto_huge_pages()
+        if isinstance(self.embed, Quantized) and self.embed is head_weight:
+            self.embed = self.head.kernel  # tied: one copy of the blocks, the head's
         # Few-token passes through our CPU kernels run all their layers in one C++ call.
         self.stack = cpu_layers.Stack.of(self) if backend.linear == "cpu" else None
         log.info("compute path: %s%s", backend, "" if self.stack is None else ", C++ layer loop")
@@ -84,6 +93,24 @@ class Model:
     def linear(self, weight, bias=None, *, swiglu: bool = False) -> Linear:
         """A matrix prepared for this model's backend."""
         return Linear(weight, bias, impl=self.backend.linear, swiglu=swiglu)
+
+    def stacked(self, parts: list, bias=None, *, swiglu: bool = False) -> Linear:
+        """Matrices one under another as one `Linear`: in their block format when all
+        share one, else dense in the stored dtype (`swiglu`: `[gate; up]`)."""
+        formats = {p.format for p in parts if isinstance(p, Quantized)}
+        if len(formats) == 1 and all(isinstance(p, Quantized) for p in parts):
+            data = torch.cat([p.data for p in parts])
+            fmt, k = formats.pop(), parts[0].k
+            weight = quantized(data, fmt, k, swiglu=swiglu)
+        else:
+            weight = torch.cat([self._dense(p) for p in parts])
+        return self.linear(weight, bias, swiglu=swiglu)
+
+    def _dense(self, w: torch.Tensor | Quantized) -> torch.Tensor:
+        if isinstance(w, Quantized):
+            log.info("a %s matrix stacked with another format: held dense", w.format.name)
+            return w.unpack().to(self.store_dtype)
+        return w
 
     def attention_batch(self, tables, starts, lengths, block_size: int, bulk: bool = False):
         """Where a pass's tokens sit (`AttentionBatch.build`), with what this backend's
@@ -106,19 +133,23 @@ class Model:
         packed = [x for x in [*linears, self.head] if x.kernel is not None]
         if not packed:
             return
-        arena = cpu_memory.empty((sum(x.kernel.data.numel() for x in packed),), torch.bfloat16)
+        sizes = [-(-x.kernel.data.nbytes // 64) * 64 for x in packed]  # cache-line aligned
+        arena = cpu_memory.empty((sum(sizes),), torch.uint8)
         offset = 0
-        for x in packed:
+        for x, size in zip(packed, sizes, strict=True):
             data = x.kernel.data
-            view = arena[offset : offset + data.numel()].view(data.shape).copy_(data)
-            x.kernel = replace(x.kernel, data=view)
-            offset += data.numel()
+            part = arena[offset : offset + data.nbytes].view(data.dtype).view(data.shape)
+            x.kernel = replace(x.kernel, data=part.copy_(data))
+            offset += size
 
     def _w(self, name: str, gain: str | None = None) -> torch.Tensor:
         """A matrix rounded to the requested dtype first, so that float32 arithmetic on
         bfloat16 weights computes the bfloat16 model; `gain` is the RMSNorm before it,
-        folded into the columns when `fold`."""
-        w = self._tensors[name].to(self._dtype)
+        folded into the columns when `fold`. A quantized one stays as it is."""
+        w = self._tensors[name]
+        if isinstance(w, Quantized):
+            return w
+        w = w.to(self._dtype)
         if gain is not None and self.fold:
             w = w.float() * self._gain(gain, force=True)
         return w.to(device=self.device, dtype=self.store_dtype).contiguous()
@@ -155,15 +186,17 @@ class Model:
         return Layer(
             attn_norm=self._norm(attn_gain),
             mlp_norm=self._norm(mlp_gain),
-            qkv=self.linear(torch.cat([q, k, v]), bias),
+            qkv=self.stacked([q, k, v], bias),
             o=self.linear(self._w(a + "o_proj.weight")),
-            gate_up=self.linear(torch.cat([gate, up]), swiglu=True),
+            gate_up=self.stacked([gate, up], swiglu=True),
             down=self.linear(self._w(m + "down_proj.weight")),
             q_norm=None if q_norm is None else interleave_halves(q_norm, 1),
             k_norm=None if k_norm is None else interleave_halves(k_norm, 1),
         )
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.embed, Quantized):
+            return self.embed.rows(tokens).to(self.dtype)
         return F.embedding(tokens, self.embed).to(self.dtype)
 
     def run_layers(
@@ -250,6 +283,13 @@ class Model:
         """Rows `index` of the LM head's matrix (final norm's gain folded in where `fold`)."""
         rows = self.head.rows(index)
         return self._head_weight[index] if rows is None else rows
+
+    def head_part(self, index: torch.Tensor) -> Linear:
+        """Rows `index` of the LM head as a matrix of their own, quantized ones as they are."""
+        kernel = self.head.kernel
+        if isinstance(kernel, Quantized):
+            return self.linear(quantized(kernel.data[index], kernel.format, kernel.k))
+        return self.linear(self.head_rows(index))
 
 
 def _uses_window(config) -> bool:

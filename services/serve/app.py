@@ -75,6 +75,7 @@ class EngineSettings:
     dtype: str = "bfloat16"
     device: str = "cpu"
     backend: str | None = None  # `selfspec_kernels.backend`; None: the machine's best
+    weights: str = "dense"  # or `gguf`: a GGUF's quantized matrices as stored (CPU)
     kv_cache_bytes: int = 1 << 30
     # Back-pressure, one setting per queue (see `build`): the requests one replica holds at
     # once (running, and waiting in its engine for KV blocks), and those each Serve proxy
@@ -149,6 +150,7 @@ class EngineServer:
             dtype=s.dtype,
             device=s.device,
             backend=s.backend,
+            weights=s.weights,
             kv_cache_bytes=s.kv_cache_bytes,
             max_waiting=s.engine_max_waiting,
             allow_draft_override=s.allow_draft_override,

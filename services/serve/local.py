@@ -329,6 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["cpu", "onednn", "torch", "triton"],
         help="override the replicas' compute path (default: $SELFSPEC_BACKEND, else the best)",
     )
+    p.add_argument(
+        "--weights",
+        choices=["dense", "gguf"],
+        help="override the replicas' weights: gguf keeps a GGUF's quantized matrices (CPU)",
+    )
     p.add_argument("--replicas", type=int, help="a fixed number of engine replicas")
     p.add_argument(
         "--max-ongoing-requests",
@@ -411,6 +416,8 @@ def _override_args(args: argparse.Namespace, app_args: dict) -> None:
         app_args["draft"] = args.draft
     if args.backend:
         app_args["backend"] = args.backend
+    if args.weights:
+        app_args["weights"] = args.weights
     for name in COUNT_ARGS:
         value = getattr(args, name)
         if value is not None:

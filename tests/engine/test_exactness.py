@@ -35,13 +35,15 @@ def modes(num_layers: int) -> list[DraftConfig]:
 # The default model on every CPU backend (Triton's interpreter is too slow for it: the
 # tiny models below cover that backend). `onednn` and `torch` run few-row passes a row
 # at a time, slowly: PyTorch's bfloat16 path gets one prompt, the fast ones the suite.
-FAST = backend_params(("bfloat16",), ("cpu",)) + backend_params(("float32",), ("onednn",))
+# `gguf`: the `cpu` backend on the GGUF's own quantized blocks.
+FAST = backend_params(("bfloat16", "gguf"), ("cpu",)) + backend_params(("float32",), ("onednn",))
 SLOW = backend_params(("bfloat16",), ("torch",))  # the rest run on the tiny model below
 
 
 def _default(which) -> Engine:
     name, dtype = which
-    eng = Engine.from_pretrained("default", dtype=dtype, backend=name, kv_cache_bytes=64 << 20)
+    kinds = {"weights": "gguf"} if dtype == "gguf" else {"dtype": dtype}
+    eng = Engine.from_pretrained("default", backend=name, kv_cache_bytes=64 << 20, **kinds)
     eng.drafting.policy.costs = FreeDrafts()  # `auto` drafts on every machine, however fast it is
     return eng
 

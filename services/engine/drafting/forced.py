@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 def sublayer_sizes(engine: Engine) -> dict[str, float]:
     """Bytes each sublayer reads, relative to the whole model with its head."""
     m = engine.model
-    hidden = m.embed.shape[1]
+    hidden = m.config.hidden_size
     attn = hidden * (m.num_heads * m.head_dim + 2 * m.kv_dim) + m.num_heads * m.head_dim * hidden
     mlp = 3 * hidden * m.config.intermediate_size
     head = m.vocab_size * hidden

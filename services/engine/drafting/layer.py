@@ -119,7 +119,7 @@ class LayerDrafter:
         if self._low_head is None or self._low_head[0] != shortlist:
             self._low_head = (
                 shortlist,
-                model.linear(model.head_rows(torch.arange(shortlist, device=model.device))),
+                model.head_part(torch.arange(shortlist, device=model.device)),
             )
         low = self._low_head[1]
         extra = self._tensor(sorted({t for s in seqs for t in s.tokens if t >= shortlist}))
