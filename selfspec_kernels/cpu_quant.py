@@ -203,5 +203,5 @@ def linear_q_swiglu(x: torch.Tensor, w: Quantized, *, norm: Norm | None = None) 
 def _check(x: torch.Tensor, w: Quantized, *, swiglu: bool) -> None:
     if w.swiglu != swiglu:
         raise ValueError("linear_q_swiglu takes a matrix made with swiglu=True, and only it")
-    if x.dim() != 2 or x.shape[1] != w.k:
-        raise ValueError(f"x is {tuple(x.shape)} but the weights take [m, {w.k}]")
+    if x.dim() != 2 or x.shape[1] != w.k or x.dtype != torch.float32:
+        raise ValueError(f"x is {tuple(x.shape)} {x.dtype}: the weights take float32 [m, {w.k}]")
