@@ -30,8 +30,6 @@ struct Args {
   int epi;
 };
 
-static inline float silu(float s) { return s / (1.0f + std::exp(-s)); }
-
 // The two float16 at p as float32, [p[0], p[1], 0, 0]: one 4-byte load and one
 // conversion, for a block's d and m alike (a block is 18 bytes or more).
 static inline __m128 halves_at(const uint8_t* p) {
