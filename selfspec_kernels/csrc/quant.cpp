@@ -65,7 +65,7 @@ static inline void fifth_bits(const uint8_t* qh_bytes, __m256i (&q)[4]) {
   }
 }
 
-// A block's 32 weights as float32, 8 to a vector, computed as ggml defines them.
+// A block's 32 weights as float32, 8 to a vector: ggml's values (d * q + m in one FMA).
 template <int F>
 static inline void dequant(const uint8_t* b, __m256 (&w)[4]) {
   const __m128 dm = halves_at(b);  // d, and for the _1 formats m
