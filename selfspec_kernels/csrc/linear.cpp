@@ -31,8 +31,6 @@ struct Args {
   int epi;
 };
 
-static inline float silu(float s) { return s / (1.0f + std::exp(-s)); }
-
 // Software prefetch distance along a group's stream, in bytes: with it a thread reads
 // about a tenth faster than with the hardware prefetchers alone.
 constexpr int64_t PREFETCH = 1024;

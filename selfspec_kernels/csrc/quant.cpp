@@ -30,12 +30,12 @@ struct Args {
   int epi;
 };
 
-static inline float silu(float s) { return s / (1.0f + std::exp(-s)); }
-
-static inline __m256 half_at(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  return _mm256_set1_ps(_cvtsh_ss(h));
+// The two float16 at p as float32, [p[0], p[1], 0, 0]: one 4-byte load and one
+// conversion, for a block's d and m alike (a block is 18 bytes or more).
+static inline __m128 halves_at(const uint8_t* p) {
+  int32_t h;
+  std::memcpy(&h, p, 4);
+  return _mm_cvtph_ps(_mm_cvtsi32_si128(h));
 }
 
 static inline __m256i bytes8(const uint8_t* p) {
@@ -65,10 +65,11 @@ static inline void fifth_bits(const uint8_t* qh_bytes, __m256i (&q)[4]) {
   }
 }
 
-// A block's 32 weights as float32, 8 to a vector, computed as ggml defines them.
+// A block's 32 weights as float32, 8 to a vector: ggml's values (d * q + m in one FMA).
 template <int F>
 static inline void dequant(const uint8_t* b, __m256 (&w)[4]) {
-  const __m256 d = half_at(b);
+  const __m128 dm = halves_at(b);  // d, and for the _1 formats m
+  const __m256 d = _mm256_broadcastss_ps(dm);
   if constexpr (F == Q8_0) {
     for (int j = 0; j < 4; ++j) {
       const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 2 + 8 * j));
@@ -82,7 +83,7 @@ static inline void dequant(const uint8_t* b, __m256 (&w)[4]) {
   nibbles(b + qs, q);
   if constexpr (five) fifth_bits(b + qs - 4, q);
   if constexpr (has_min) {
-    const __m256 m = half_at(b + 2);
+    const __m256 m = _mm256_broadcastss_ps(_mm_movehdup_ps(dm));
     for (int j = 0; j < 4; ++j) w[j] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(q[j]), m);
   } else {
     const __m256i zero = _mm256_set1_epi32(five ? 16 : 8);  // the stored value of weight 0

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
-from selfspec_kernels import cpu_quant
+from selfspec_kernels import cpu_attention, cpu_layers, cpu_linear, cpu_quant
+from selfspec_kernels.attention_batch import AttentionBatch
+from selfspec_kernels.cpu_build import CPU
 from selfspec_kernels.cpu_quant import FORMATS
 
 pytestmark = pytest.mark.skipif(
@@ -179,11 +181,11 @@ def test_rejects_bad_inputs():
     with pytest.raises(ValueError, match="even number of rows"):
         cpu_quant.quantized(raw, fmt, 96, swiglu=True)
     q = cpu_quant.quantized(raw, fmt, 96)
-    with pytest.raises(ValueError, match=r"take \[m, 96\]"):
+    with pytest.raises(ValueError, match=r"take float32 \[m, 96\]"):
         cpu_quant.linear_q(torch.randn(2, 64), q)
     with pytest.raises(ValueError, match="swiglu=True"):
         cpu_quant.linear_q_swiglu(torch.randn(2, 96), q)
-    with pytest.raises(RuntimeError, match="float32"):
+    with pytest.raises(ValueError, match=r"float64: the weights take float32"):
         cpu_quant.linear_q(torch.randn(2, 96).double(), q)
     with pytest.raises(RuntimeError, match="residual"):
         cpu_quant.linear_q_add(torch.randn(2, 96), q, torch.randn(2, 6))
@@ -192,3 +194,80 @@ def test_rejects_bad_inputs():
         cpu_quant.linear_q(
             torch.randn(2, 96), cpu_quant.Quantized(raw[:, :57].contiguous(), fmt, 7, 96)
         )
+
+
+# A small model for the C++ layer loop: hidden 64, 4 heads and 2 KV heads of 16, MLP 96.
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER = 64, 4, 2, 16, 96
+
+
+def _layer(index: int, names: list[str]) -> tuple[list, torch.Tensor]:
+    """Layer `index`'s tensors in LAYER_WEIGHTS order, each matrix in the format `names` gives
+    it ("bf16": packed for cpu_linear), and its q, k, v bias."""
+    rows = {
+        "qkv": ((HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN),
+        "o": (HIDDEN, HEADS * HEAD_DIM),
+        "gate_up": (2 * INTER, HIDDEN),
+        "down": (HIDDEN, INTER),
+    }
+    parts = {}
+    for i, (part, (n, k)) in enumerate(rows.items()):
+        name, swiglu, seed = names[(index + i) % len(names)], part == "gate_up", 10 * index + i
+        if name == "bf16":
+            w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) / k**0.5
+            parts[part] = cpu_linear.pack(w.bfloat16(), swiglu=swiglu)
+        else:
+            parts[part], _ = _weights(name, n, k, seed, swiglu=swiglu)
+    gen = torch.Generator().manual_seed(index)
+    parts["attn_norm"] = torch.rand(HIDDEN, generator=gen) + 0.5
+    parts["mlp_norm"] = torch.rand(HIDDEN, generator=gen) + 0.5
+    return [parts[name] for name in CPU.ops().LAYER_WEIGHTS], torch.randn(
+        rows["qkv"][0], generator=gen
+    )
+
+
+def _kernels(w) -> tuple:
+    """The Python entry points for matrix w: product, product + residual, SwiGLU."""
+    if isinstance(w, cpu_linear.Packed):
+        return cpu_linear.linear_bf16, cpu_linear.linear_bf16_add, cpu_linear.linear_bf16_swiglu
+    return cpu_quant.linear_q, cpu_quant.linear_q_add, cpu_quant.linear_q_swiglu
+
+
+def _python_layers(h, layers, biases, pool, batch, rope, n_eps, scale):
+    """The layer loop as Python calls to the kernels, each by its matrix's kind."""
+    for (qkv, attn_norm, o, gate_up, mlp_norm, down), bias, kv in zip(
+        layers, biases, pool, strict=True
+    ):
+        qkv_out = _kernels(qkv)[0](h, qkv, bias, norm=(attn_norm, n_eps))
+        heads = (HEADS, KV_HEADS, HEAD_DIM)
+        out = cpu_attention.rope_attention(qkv_out, kv, batch, rope, heads, scale)
+        h = _kernels(o)[1](out, o, h)
+        a = _kernels(gate_up)[2](h, gate_up, norm=(mlp_norm, n_eps))
+        h = _kernels(down)[1](a, down, h)
+    return h
+
+
+@pytest.mark.parametrize("names", [["q4_1"], ["q8_0", "q4_0", "q5_0", "q5_1"], ["q4_1", "bf16"]])
+def test_run_layers_matches_the_python_calls(names):
+    """The C++ layer loop on quantized matrices (or a mix with bfloat16 ones) gives the
+    bits of the Python sequence of kernel calls, the keys and values written included."""
+    layers, biases = zip(*[_layer(i, names) for i in range(3)], strict=True)
+    gen = torch.Generator().manual_seed(0)
+    block_size, kv_width = 16, 2 * KV_HEADS * HEAD_DIM
+    pool = [torch.randn(32 * block_size, kv_width, generator=gen).bfloat16() for _ in layers]
+    batch = AttentionBatch.build(
+        [list(range(0, 6)), list(range(31, 10, -1))], [37, 200], [1, 4], block_size, reference=False
+    )
+    angles = batch.positions[:, None].float() * torch.rand(HEAD_DIM // 2, generator=gen)
+    rope = torch.stack([angles.cos(), angles.sin()], -1).contiguous()
+    h = torch.randn(5, HIDDEN, generator=gen)
+    n_eps, scale = HIDDEN * 1e-5, HEAD_DIM**-0.5
+    weights = [getattr(w, "data", w) for layer in layers for w in layer]  # gains as they are
+    named = dict(zip(CPU.ops().LAYER_WEIGHTS, layers[0], strict=True))
+    outputs = [named[name].n for name in CPU.ops().LAYER_OUTPUTS]
+    heads = (HEADS, KV_HEADS, HEAD_DIM)
+    stack = cpu_layers.Stack(weights, list(biases), outputs, heads, scale, n_eps)
+    cpp_pool = [kv.clone() for kv in pool]
+    got = cpu_layers.run(stack, h, batch, cpp_pool, rope, 0, [True] * 3, [True] * 3)
+    want = _python_layers(h, layers, biases, pool, batch, rope, n_eps, scale)
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(cpp_pool, pool, strict=True))
