@@ -43,8 +43,10 @@ class Linear:
     the same result whatever the number of rows, which keeps drafting exact; oneDNN and
     `F.linear` don't, so few-row passes (`bulk` False) call them one row at a time.
 
-    A GGUF's matrix in a block format (`cpu_quant.Quantized`) is multiplied as it is, by
-    our quantized kernel, for passes of any size: no dense copy of it is ever made.
+    A GGUF's matrix in a block format (`cpu_quant.Quantized`) is multiplied as it is by
+    our quantized kernel; for prefill it is dequantized for the pass and multiplied by
+    MKL's float32 GEMM, as our bfloat16 kernel's matrices are: with many rows the product
+    is compute-bound, and there the GEMM is about three times faster.
 
     `swiglu`: the weight is `[gate; up]`, multiplied by `swiglu()`.
     """
@@ -105,11 +107,11 @@ class Linear:
 
     def _kernel(self, bulk: bool):
         """Our kernel's functions (product, add, SwiGLU) when they run this pass, else None."""
+        if self.kernel is None or bulk:
+            return None
         if self.quantized:
             return cpu_quant.linear_q, cpu_quant.linear_q_add, cpu_quant.linear_q_swiglu
-        if self.kernel is not None and not bulk:
-            return cpu_linear.linear_bf16, cpu_linear.linear_bf16_add, cpu_linear.linear_bf16_swiglu
-        return None
+        return cpu_linear.linear_bf16, cpu_linear.linear_bf16_add, cpu_linear.linear_bf16_swiglu
 
     def __call__(self, x: torch.Tensor, bulk: bool = False, norm: Norm | None = None):
         """`norm(x) @ W.T + bias`; `bulk`: many rows (prefill)."""
