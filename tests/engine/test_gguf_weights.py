@@ -47,8 +47,11 @@ def test_the_tensors_are_those_transformers_reads_from_the_file():
     formats = {v.format.name for v in ours.values() if isinstance(v, cpu_quant.Quantized)}
     assert formats == {"q4_1", "q8_0"}
     for name, value in ours.items():
-        dense = value.unpack() if isinstance(value, cpu_quant.Quantized) else value
         ref = theirs[name] if name in theirs else theirs[(tied - {name}).pop()]
+        # The first two heads' rows (where q/k row order shows) and the last row.
+        index = torch.tensor([*range(min(128, len(ref))), len(ref) - 1])
+        dense = value.rows(index) if isinstance(value, cpu_quant.Quantized) else value[index]
+        ref = ref[index]
         scale = ref.abs().max().item()
         torch.testing.assert_close(dense, ref, rtol=0, atol=1e-6 * scale, msg=name)
 
