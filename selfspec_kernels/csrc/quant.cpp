@@ -14,10 +14,45 @@ namespace quant {
 
 enum Epi : int { EPI_NONE = 0, EPI_ADD = 1, EPI_SWIGLU = 2 };
 
-// The GGUF block formats, each named by its bytes per block of QK weights, which tell
-// them apart (selfspec_kernels/cpu_quant.py keeps the same table).
-enum Format : int { Q8_0 = 34, Q4_0 = 18, Q4_1 = 20, Q5_0 = 22, Q5_1 = 24 };
-constexpr int64_t QK = 32;
+// The GGUF block formats, by their ggml type ids (gguf.GGMLQuantizationType), which
+// selfspec_kernels/cpu_quant.py passes with each matrix: the row length can't tell them
+// apart (a Q4_K block is 256 weights in 144 bytes, as eight Q4_0 blocks are).
+enum Format : int {
+  Q4_0 = 2,
+  Q4_1 = 3,
+  Q5_0 = 6,
+  Q5_1 = 7,
+  Q8_0 = 8,
+  Q4_K = 12,
+  Q5_K = 13,
+  Q6_K = 14
+};
+constexpr int64_t QK = 32;  // weights per sub-block: what `dequant` yields at a time
+
+// Bytes per block of format f (0: no format of ours), and its sub-blocks of QK weights:
+// the K formats' super-blocks hold 8.
+constexpr int64_t block_bytes(int64_t f) {
+  switch (f) {
+    case Q4_0:
+      return 18;
+    case Q4_1:
+      return 20;
+    case Q5_0:
+      return 22;
+    case Q5_1:
+      return 24;
+    case Q8_0:
+      return 34;
+    case Q4_K:
+      return 144;
+    case Q5_K:
+      return 176;
+    case Q6_K:
+      return 210;
+  }
+  return 0;
+}
+constexpr int64_t subs(int64_t f) { return f == Q4_K || f == Q5_K || f == Q6_K ? 8 : 1; }
 
 struct Args {
   const float* x;  // [m, K], row stride xs
@@ -26,7 +61,7 @@ struct Args {
   const float* bias;   // [n] or null
   const float* other;  // [m, n] contiguous residual, or null
   float* y;            // [m, n] contiguous
-  int64_t m, n, nb;
+  int64_t m, n, nb;    // nb: sub-blocks of QK weights a row
   int epi;
 };
 
@@ -65,9 +100,10 @@ static inline void fifth_bits(const uint8_t* qh_bytes, __m256i (&q)[4]) {
   }
 }
 
-// A block's 32 weights as float32, 8 to a vector: ggml's values (d * q + m in one FMA).
+// A 32-weight block's weights as float32, 8 to a vector: ggml's values (d * q + m in one
+// FMA).
 template <int F>
-static inline void dequant(const uint8_t* b, __m256 (&w)[4]) {
+static inline void dequant_block(const uint8_t* b, __m256 (&w)[4]) {
   const __m128 dm = halves_at(b);  // d, and for the _1 formats m
   const __m256 d = _mm256_broadcastss_ps(dm);
   if constexpr (F == Q8_0) {
@@ -92,16 +128,87 @@ static inline void dequant(const uint8_t* b, __m256 (&w)[4]) {
   }
 }
 
-// Blocks b0..b1 of the weight row at `wr` against rows r0..r0+R of x, into `acc`: four
-// 8-lane accumulators per row, one per eighth of a block, so that four FMA chains run at
-// once. With `Keep`, the dequantized blocks are also kept in `wide` (32 floats a block)
-// for the other rows.
+// Bits from `shift` of the 8 bytes at p, under `mask`, one to a lane: a sub-block's share
+// of a K block's packed bits, where the sub-block says which bits are its.
+static inline __m256i bits8(const uint8_t* p, __m128i shift, int mask) {
+  return _mm256_and_si256(_mm256_srl_epi32(bytes8(p), shift), _mm256_set1_epi32(mask));
+}
+
+static inline __m128i shift_by(int n) { return _mm_cvtsi32_si128(n); }
+
+// Sub-block s of a Q4_K or Q5_K block: d * sc * q - dmin * m, with sc and m 6 bits each,
+// packed in 12 bytes as ggml's get_scale_min_k4 unpacks them. Sub-blocks 2i and 2i + 1
+// share 32 bytes of q, the low nibbles and the high ones; Q5_K's fifth bits are bit s of
+// its 32 bytes qh.
+template <int F>
+static inline void dequant_k(const uint8_t* b, int s, __m256 (&w)[4]) {
+  const uint8_t* scales = b + 4;
+  int sc, m;
+  if (s < 4) {
+    sc = scales[s] & 63;
+    m = scales[s + 4] & 63;
+  } else {
+    sc = (scales[s + 4] & 0xF) | (scales[s - 4] >> 6) << 4;
+    m = (scales[s + 4] >> 4) | (scales[s] >> 6) << 4;
+  }
+  // [d * sc, dmin * m]: ggml's float32 products, then one FMA a weight.
+  const __m128 dm = _mm_mul_ps(halves_at(b), _mm_setr_ps(float(sc), float(m), 0.0f, 0.0f));
+  const __m256 d = _mm256_broadcastss_ps(dm), min = _mm256_broadcastss_ps(_mm_movehdup_ps(dm));
+  constexpr int qs = F == Q5_K ? 48 : 16;
+  const uint8_t* q = b + qs + 32 * (s / 2);
+  const __m128i nibble = shift_by(4 * (s & 1)), fifth = shift_by(s);
+  for (int j = 0; j < 4; ++j) {
+    __m256i v = bits8(q + 8 * j, nibble, 0xF);
+    if constexpr (F == Q5_K)
+      v = _mm256_or_si256(v, _mm256_slli_epi32(bits8(b + 16 + 8 * j, fifth, 1), 4));
+    w[j] = _mm256_fmsub_ps(d, _mm256_cvtepi32_ps(v), min);
+  }
+}
+
+// Sub-block s of a Q6_K block: d * sc * (q - 32), sc an int8 per 16 weights. The block
+// is two halves of 128 weights, each 64 bytes of ql (weights 0-63 in the low nibbles,
+// 64-127 in the high ones) and 32 of qh (2 bits per weight, quarter t's at bits 2t).
+static inline void dequant_q6_k(const uint8_t* b, int s, __m256 (&w)[4]) {
+  const int half = s / 4, t = s % 4;
+  const uint8_t* ql = b + 64 * half + 32 * (t & 1);
+  const uint8_t* qh = b + 128 + 32 * half;
+  const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192 + 2 * s);
+  uint16_t h;
+  std::memcpy(&h, b + 208, 2);  // d, last: a 4-byte load would read past the matrix
+  const float d = _cvtsh_ss(h);
+  const __m256 scale[2] = {_mm256_set1_ps(d * sc[0]), _mm256_set1_ps(d * sc[1])};
+  const __m128i low = shift_by(4 * (t >> 1)), high = shift_by(2 * t);
+  const __m256i zero = _mm256_set1_epi32(32);
+  for (int j = 0; j < 4; ++j) {
+    const __m256i v = _mm256_or_si256(bits8(ql + 8 * j, low, 0xF),
+                                      _mm256_slli_epi32(bits8(qh + 8 * j, high, 3), 4));
+    w[j] = _mm256_mul_ps(scale[j / 2], _mm256_cvtepi32_ps(_mm256_sub_epi32(v, zero)));
+  }
+}
+
+// Sub-block g of the weight row at `wr`, as float32 in weight order, 8 to a vector.
+template <int F>
+static inline void dequant(const uint8_t* wr, int64_t g, __m256 (&w)[4]) {
+  constexpr int64_t S = subs(F);
+  const uint8_t* b = wr + g / S * block_bytes(F);
+  if constexpr (F == Q6_K)
+    dequant_q6_k(b, static_cast<int>(g % S), w);
+  else if constexpr (S > 1)
+    dequant_k<F>(b, static_cast<int>(g % S), w);
+  else
+    dequant_block<F>(b, w);
+}
+
+// Sub-blocks b0..b1 of the weight row at `wr` against rows r0..r0+R of x, into `acc`:
+// four 8-lane accumulators per row, one per eighth of a sub-block, so that four FMA chains
+// run at once. With `Keep`, the dequantized sub-blocks are also kept in `wide` (32 floats
+// each) for the other rows.
 template <int F, int R, bool Keep>
 static inline void stream_blocks(const Args& a, int64_t r0, const uint8_t* wr, int64_t b0,
                                  int64_t b1, float* wide, __m256 (&acc)[R][4]) {
   for (int64_t b = b0; b < b1; ++b) {
     __m256 w[4];
-    dequant<F>(wr + b * F, w);
+    dequant<F>(wr, b, w);
     if (Keep)
       for (int j = 0; j < 4; ++j) _mm256_store_ps(wide + (b - b0) * QK + 8 * j, w[j]);
     for (int r = 0; r < R; ++r)
@@ -195,7 +302,7 @@ static void dots(const Args& a, const uint8_t* wr, Scratch& s, float* out) {
 // and up row n + o's), then the epilogue.
 template <int F>
 static void output(const Args& a, int64_t o, Scratch& s) {
-  const int64_t row_bytes = a.nb * F;
+  const int64_t row_bytes = a.nb / subs(F) * block_bytes(F);
   dots<F>(a, a.w + o * row_bytes, s, s.dots.data());
   if (a.epi == EPI_SWIGLU) {
     dots<F>(a, a.w + (a.n + o) * row_bytes, s, s.up.data());
@@ -228,14 +335,8 @@ static void run(const Args& a) {
   }
 }
 
-static bool known(int64_t bytes) {
-  return bytes == Q8_0 || bytes == Q4_0 || bytes == Q4_1 || bytes == Q5_0 || bytes == Q5_1;
-}
-
-static void run_format(const Args& a, int64_t bytes) {
-  switch (bytes) {
-    case Q8_0:
-      return run<Q8_0>(a);
+static void run_format(const Args& a, int64_t format) {
+  switch (format) {
     case Q4_0:
       return run<Q4_0>(a);
     case Q4_1:
@@ -244,6 +345,14 @@ static void run_format(const Args& a, int64_t bytes) {
       return run<Q5_0>(a);
     case Q5_1:
       return run<Q5_1>(a);
+    case Q8_0:
+      return run<Q8_0>(a);
+    case Q4_K:
+      return run<Q4_K>(a);
+    case Q5_K:
+      return run<Q5_K>(a);
+    case Q6_K:
+      return run<Q6_K>(a);
   }
 }
 
@@ -256,7 +365,7 @@ static const float* float_vector(const std::optional<at::Tensor>& t, int64_t siz
   return t->data_ptr<float>();
 }
 
-at::Tensor linear_q_epi(const at::Tensor& x, const at::Tensor& w, int64_t n,
+at::Tensor linear_q_epi(const at::Tensor& x, const at::Tensor& w, int64_t format, int64_t n,
                         const std::optional<at::Tensor>& bias,
                         const std::optional<at::Tensor>& other, bool norm,
                         const std::optional<at::Tensor>& gain, double n_eps, int64_t epi) {
@@ -264,18 +373,19 @@ at::Tensor linear_q_epi(const at::Tensor& x, const at::Tensor& w, int64_t n,
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1,
               "cpu_quant: x must be a 2-D float32 tensor with contiguous rows, got ", x.sizes(),
               " ", x.scalar_type());
+  const int64_t bytes = block_bytes(format), block = QK * subs(format);
+  TORCH_CHECK(bytes > 0, "cpu_quant: no kernel for ggml type ", format);
   const int64_t m = x.size(0), K = x.size(1), nb = K / QK;
-  TORCH_CHECK(K % QK == 0 && K > 0, "cpu_quant: K must be a positive multiple of ", QK, ", got ",
-              K);
+  TORCH_CHECK(K % block == 0 && K > 0, "cpu_quant: K must be a positive multiple of ", block,
+              ", got ", K);
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous(),
               "cpu_quant: w must be a contiguous uint8 [rows, bytes] tensor of GGUF blocks, got ",
               w.sizes(), " ", w.scalar_type());
   const int64_t rows = epi == EPI_SWIGLU ? 2 * n : n;
   TORCH_CHECK(n > 0 && w.size(0) == rows, "cpu_quant: ", n, " outputs need ", rows,
               " weight rows, got ", w.size(0));
-  const int64_t bytes = w.size(1) / nb;
-  TORCH_CHECK(w.size(1) % nb == 0 && known(bytes), "cpu_quant: rows of ", w.size(1),
-              " bytes are not ", nb, " blocks (K = ", K, ") of a GGUF format");
+  TORCH_CHECK(w.size(1) == K / block * bytes, "cpu_quant: a row of ", K, " weights of ggml type ",
+              format, " is ", K / block * bytes, " bytes, got ", w.size(1));
   Args a{};
   TORCH_CHECK(epi != EPI_SWIGLU || !bias.has_value() || !bias->defined(),
               "cpu_quant: the SwiGLU epilogue takes no bias");
@@ -306,25 +416,25 @@ at::Tensor linear_q_epi(const at::Tensor& x, const at::Tensor& w, int64_t n,
   a.n = n;
   a.nb = nb;
   a.epi = static_cast<int>(epi);
-  run_format(a, bytes);
+  run_format(a, format);
   return y;
 }
 
-// One entry point per epilogue, with linear_bf16's arguments (linear.cpp).
-at::Tensor linear_q(const at::Tensor& x, const at::Tensor& w, int64_t n,
+// One entry point per epilogue, with linear_bf16's arguments (linear.cpp) and the format.
+at::Tensor linear_q(const at::Tensor& x, const at::Tensor& w, int64_t format, int64_t n,
                     const std::optional<at::Tensor>& bias, bool norm,
                     const std::optional<at::Tensor>& gain, double n_eps) {
-  return linear_q_epi(x, w, n, bias, std::nullopt, norm, gain, n_eps, EPI_NONE);
+  return linear_q_epi(x, w, format, n, bias, std::nullopt, norm, gain, n_eps, EPI_NONE);
 }
 
-at::Tensor linear_q_add(const at::Tensor& x, const at::Tensor& w, int64_t n,
+at::Tensor linear_q_add(const at::Tensor& x, const at::Tensor& w, int64_t format, int64_t n,
                         const std::optional<at::Tensor>& bias, const at::Tensor& residual) {
-  return linear_q_epi(x, w, n, bias, residual, false, std::nullopt, 0.0, EPI_ADD);
+  return linear_q_epi(x, w, format, n, bias, residual, false, std::nullopt, 0.0, EPI_ADD);
 }
 
-at::Tensor linear_q_swiglu(const at::Tensor& x, const at::Tensor& w, int64_t n, bool norm,
-                           const std::optional<at::Tensor>& gain, double n_eps) {
-  return linear_q_epi(x, w, n, std::nullopt, std::nullopt, norm, gain, n_eps, EPI_SWIGLU);
+at::Tensor linear_q_swiglu(const at::Tensor& x, const at::Tensor& w, int64_t format, int64_t n,
+                           bool norm, const std::optional<at::Tensor>& gain, double n_eps) {
+  return linear_q_epi(x, w, format, n, std::nullopt, std::nullopt, norm, gain, n_eps, EPI_SWIGLU);
 }
 
 }  // namespace quant
