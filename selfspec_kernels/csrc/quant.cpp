@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "simd.h"
@@ -128,95 +129,170 @@ static inline void dequant_block(const uint8_t* b, __m256 (&w)[4]) {
   }
 }
 
-// Bits from `shift` of the 8 bytes at p, under `mask`, one to a lane: a sub-block's share
-// of a K block's packed bits, where the sub-block says which bits are its.
-static inline __m256i bits8(const uint8_t* p, __m128i shift, int mask) {
-  return _mm256_and_si256(_mm256_srl_epi32(bytes8(p), shift), _mm256_set1_epi32(mask));
+// A K block's factors, decoded once for its 8 sub-blocks: d * sc (Q6_K: one per 16
+// weights) and dmin * mn, float32 products as ggml rounds them. 32-weight blocks carry
+// their own, and leave these unset.
+struct Factors {
+  alignas(32) float d[16], m[8];
+};
+
+// The byte values of `lanes` (8 bytes) as float32.
+static inline __m256 floats8(uint64_t lanes) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(lanes))));
 }
 
-static inline __m128i shift_by(int n) { return _mm_cvtsi32_si128(n); }
-
-// Sub-block s of a Q4_K or Q5_K block: d * sc * q - dmin * m, with sc and m 6 bits each,
-// packed in 12 bytes as ggml's get_scale_min_k4 unpacks them. Sub-blocks 2i and 2i + 1
-// share 32 bytes of q, the low nibbles and the high ones; Q5_K's fifth bits are bit s of
-// its 32 bytes qh.
-template <int F>
-static inline void dequant_k(const uint8_t* b, int s, __m256 (&w)[4]) {
-  const uint8_t* scales = b + 4;
-  int sc, m;
-  if (s < 4) {
-    sc = scales[s] & 63;
-    m = scales[s + 4] & 63;
-  } else {
-    sc = (scales[s + 4] & 0xF) | (scales[s - 4] >> 6) << 4;
-    m = (scales[s + 4] >> 4) | (scales[s] >> 6) << 4;
-  }
-  // [d * sc, dmin * m]: ggml's float32 products, then one FMA a weight.
-  const __m128 dm = _mm_mul_ps(halves_at(b), _mm_setr_ps(float(sc), float(m), 0.0f, 0.0f));
-  const __m256 d = _mm256_broadcastss_ps(dm), min = _mm256_broadcastss_ps(_mm_movehdup_ps(dm));
-  constexpr int qs = F == Q5_K ? 48 : 16;
-  const uint8_t* q = b + qs + 32 * (s / 2);
-  const __m128i nibble = shift_by(4 * (s & 1)), fifth = shift_by(s);
-  for (int j = 0; j < 4; ++j) {
-    __m256i v = bits8(q + 8 * j, nibble, 0xF);
-    if constexpr (F == Q5_K)
-      v = _mm256_or_si256(v, _mm256_slli_epi32(bits8(b + 16 + 8 * j, fifth, 1), 4));
-    w[j] = _mm256_fmsub_ps(d, _mm256_cvtepi32_ps(v), min);
-  }
+// Q4_K's and Q5_K's 6-bit sc and mn, packed in 12 bytes as ggml's get_scale_min_k4
+// unpacks them: bytes 0-3 hold sc 0-3 (and the top bits of sc 4-7), bytes 4-7 mn 0-3 (and
+// the top bits of mn 4-7), bytes 8-11 the low 4 bits of sc 4-7 and mn 4-7.
+static inline void factors_q45_k(const uint8_t* b, Factors& f) {
+  uint32_t u[3];
+  std::memcpy(u, b + 4, 12);
+  const uint32_t six = 0x3F3F3F3F, four = 0x0F0F0F0F, top = 0x30303030;
+  const uint64_t sc = (u[0] & six) | uint64_t((u[2] & four) | (u[0] >> 2 & top)) << 32;
+  const uint64_t mn = (u[1] & six) | uint64_t((u[2] >> 4 & four) | (u[1] >> 2 & top)) << 32;
+  const __m128 dm = halves_at(b);  // d, dmin
+  _mm256_store_ps(f.d, _mm256_mul_ps(_mm256_broadcastss_ps(dm), floats8(sc)));
+  _mm256_store_ps(f.m, _mm256_mul_ps(_mm256_broadcastss_ps(_mm_movehdup_ps(dm)), floats8(mn)));
 }
 
-// Sub-block s of a Q6_K block: d * sc * (q - 32), sc an int8 per 16 weights. The block
-// is two halves of 128 weights, each 64 bytes of ql (weights 0-63 in the low nibbles,
-// 64-127 in the high ones) and 32 of qh (2 bits per weight, quarter t's at bits 2t).
-static inline void dequant_q6_k(const uint8_t* b, int s, __m256 (&w)[4]) {
-  const int half = s / 4, t = s % 4;
-  const uint8_t* ql = b + 64 * half + 32 * (t & 1);
-  const uint8_t* qh = b + 128 + 32 * half;
-  const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192 + 2 * s);
+// Q6_K's 16 int8 sc at byte 192, and d at byte 208, the block's last.
+static inline void factors_q6_k(const uint8_t* b, Factors& f) {
   uint16_t h;
-  std::memcpy(&h, b + 208, 2);  // d, last: a 4-byte load would read past the matrix
-  const float d = _cvtsh_ss(h);
-  const __m256 scale[2] = {_mm256_set1_ps(d * sc[0]), _mm256_set1_ps(d * sc[1])};
-  const __m128i low = shift_by(4 * (t >> 1)), high = shift_by(2 * t);
-  const __m256i zero = _mm256_set1_epi32(32);
-  for (int j = 0; j < 4; ++j) {
-    const __m256i v = _mm256_or_si256(bits8(ql + 8 * j, low, 0xF),
-                                      _mm256_slli_epi32(bits8(qh + 8 * j, high, 3), 4));
-    w[j] = _mm256_mul_ps(scale[j / 2], _mm256_cvtepi32_ps(_mm256_sub_epi32(v, zero)));
+  std::memcpy(&h, b + 208, 2);  // a 4-byte load would read past the matrix
+  const __m256 d = _mm256_set1_ps(_cvtsh_ss(h));
+  for (int i = 0; i < 2; ++i) {
+    const __m256i sc =
+        _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 192 + 8 * i)));
+    _mm256_store_ps(f.d + 8 * i, _mm256_mul_ps(d, _mm256_cvtepi32_ps(sc)));
   }
 }
 
-// Sub-block g of the weight row at `wr`, as float32 in weight order, 8 to a vector.
 template <int F>
-static inline void dequant(const uint8_t* wr, int64_t g, __m256 (&w)[4]) {
-  constexpr int64_t S = subs(F);
-  const uint8_t* b = wr + g / S * block_bytes(F);
+static inline void factors(const uint8_t* b, Factors& f) {
   if constexpr (F == Q6_K)
-    dequant_q6_k(b, static_cast<int>(g % S), w);
-  else if constexpr (S > 1)
-    dequant_k<F>(b, static_cast<int>(g % S), w);
+    factors_q6_k(b, f);
+  else if constexpr (subs(F) > 1)
+    factors_q45_k(b, f);
+}
+
+// Where a sub-block's values come from one source of packed bits (Q4_K's nibbles), each
+// 8 bytes are widened as they are loaded, one shuffle each; where they come from two
+// (Q5_K, Q6_K), the two are combined 32 bytes at a time first, which saves more operations
+// than the widening in a register (7 shuffles for 4) costs. Measured, on Zen 3.
+
+// Bits From.. of each of the 8 bytes at p moved to bits To.., under `mask`, one byte to
+// an int32 lane.
+template <int From, int To>
+static inline __m256i moved8(const uint8_t* p, int mask) {
+  __m256i v = bytes8(p);
+  if constexpr (From > To) v = _mm256_srli_epi32(v, From - To);
+  if constexpr (From < To) v = _mm256_slli_epi32(v, To - From);
+  return _mm256_and_si256(v, _mm256_set1_epi32(mask));
+}
+
+// The same for the 32 bytes at p, in place (16-bit shifts: what crosses into a
+// neighbouring byte is masked off).
+template <int From, int To>
+static inline __m256i moved32(const uint8_t* p, int mask) {
+  __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  if constexpr (From > To) v = _mm256_srli_epi16(v, From - To);
+  if constexpr (From < To) v = _mm256_slli_epi16(v, To - From);
+  return _mm256_and_si256(v, _mm256_set1_epi8(static_cast<char>(mask)));
+}
+
+// 32 byte values, unsigned or int8, as int32 in order, 8 to a vector.
+template <bool Signed>
+static inline void widen(__m256i v, __m256i (&q)[4]) {
+  const __m128i half[2] = {_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)};
+  for (int j = 0; j < 4; ++j) {
+    const __m128i b = j % 2 ? _mm_srli_si128(half[j / 2], 8) : half[j / 2];
+    q[j] = Signed ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b);
+  }
+}
+
+// Sub-block S of a Q4_K or Q5_K block: d * sc * q - dmin * mn in one FMA. Sub-blocks 2i
+// and 2i + 1 share 32 bytes of q, the low nibbles and the high ones; Q5_K's fifth bits are
+// bit S of its 32 bytes qh.
+template <int F, int S>
+static inline void dequant_k(const uint8_t* b, const Factors& f, __m256 (&w)[4]) {
+  const uint8_t* qs = b + (F == Q5_K ? 48 : 16) + 32 * (S / 2);
+  __m256i q[4];
+  if constexpr (F == Q5_K)
+    widen<false>(_mm256_or_si256(moved32<4 * (S & 1), 0>(qs, 0xF), moved32<S, 4>(b + 16, 0x10)), q);
+  else
+    for (int j = 0; j < 4; ++j) q[j] = moved8<4 * (S & 1), 0>(qs + 8 * j, 0xF);
+  const __m256 d = _mm256_broadcast_ss(f.d + S), m = _mm256_broadcast_ss(f.m + S);
+  for (int j = 0; j < 4; ++j) w[j] = _mm256_fmsub_ps(d, _mm256_cvtepi32_ps(q[j]), m);
+}
+
+// Sub-block S of a Q6_K block: d * sc * (q - 32), sc one per 16 weights. The block is two
+// halves of 128 weights, each 64 bytes of ql (weights 0-63 in the low nibbles, 64-127 in
+// the high ones) and 32 of qh (2 bits a weight, quarter T's at bits 2T).
+template <int S>
+static inline void dequant_q6_k(const uint8_t* b, const Factors& f, __m256 (&w)[4]) {
+  constexpr int half = S / 4, T = S % 4;
+  const __m256i low = moved32<4 * (T >> 1), 0>(b + 64 * half + 32 * (T & 1), 0xF);
+  const __m256i high = moved32<2 * T, 4>(b + 128 + 32 * half, 0x30);
+  __m256i q[4];
+  widen<true>(_mm256_sub_epi8(_mm256_or_si256(low, high), _mm256_set1_epi8(32)), q);
+  for (int j = 0; j < 4; ++j) {
+    const __m256 sc = _mm256_broadcast_ss(f.d + 2 * S + j / 2);
+    w[j] = _mm256_mul_ps(sc, _mm256_cvtepi32_ps(q[j]));
+  }
+}
+
+// Sub-block S of the block at b, as float32 in weight order, 8 to a vector.
+template <int F, int S>
+static inline void dequant(const uint8_t* b, const Factors& f, __m256 (&w)[4]) {
+  if constexpr (F == Q6_K)
+    dequant_q6_k<S>(b, f, w);
+  else if constexpr (subs(F) > 1)
+    dequant_k<F, S>(b, f, w);
   else
     dequant_block<F>(b, w);
+}
+
+// fn(std::integral_constant<int, S>) for S = 0..N-1, unrolled: each sub-block of a block
+// gets its own code, its offsets and shifts constants.
+template <typename Fn, int... S>
+static inline void each(Fn&& fn, std::integer_sequence<int, S...>) {
+  (fn(std::integral_constant<int, S>{}), ...);
 }
 
 // Sub-blocks b0..b1 of the weight row at `wr` against rows r0..r0+R of x, into `acc`:
 // four 8-lane accumulators per row, one per eighth of a sub-block, so that four FMA chains
 // run at once. With `Keep`, the dequantized sub-blocks are also kept in `wide` (32 floats
-// each) for the other rows.
+// each) for the other rows. b0 and b1 are on block boundaries.
 template <int F, int R, bool Keep>
 static inline void stream_blocks(const Args& a, int64_t r0, const uint8_t* wr, int64_t b0,
-                                 int64_t b1, float* wide, __m256 (&acc)[R][4]) {
-  for (int64_t b = b0; b < b1; ++b) {
-    __m256 w[4];
-    dequant<F>(wr, b, w);
-    if (Keep)
-      for (int j = 0; j < 4; ++j) _mm256_store_ps(wide + (b - b0) * QK + 8 * j, w[j]);
-    for (int r = 0; r < R; ++r)
-      for (int j = 0; j < 4; ++j) {
-        const __m256 xv = _mm256_loadu_ps(a.x + (r0 + r) * a.xs + b * QK + 8 * j);
-        acc[r][j] = _mm256_fmadd_ps(xv, w[j], acc[r][j]);
-      }
+                                 int64_t b1, float* wide, __m256 (&sums)[R][4]) {
+  // Local copies: the __m256 stores (which may alias anything) would otherwise keep the
+  // accumulators in memory and reload x's address, where this is not inlined.
+  const float* x = a.x + r0 * a.xs;
+  const int64_t xs = a.xs;
+  __m256 acc[R][4];
+  std::memcpy(acc, sums, sizeof(acc));
+  constexpr int S = static_cast<int>(subs(F));
+  for (int64_t b = b0; b < b1; b += S) {
+    const uint8_t* block = wr + b / S * block_bytes(F);
+    Factors f;
+    factors<F>(block, f);
+    each(
+        [&](auto s) {
+          __m256 w[4];
+          dequant<F, decltype(s)::value>(block, f, w);
+          const int64_t g = b + s;
+          if (Keep)
+            for (int j = 0; j < 4; ++j) _mm256_store_ps(wide + (g - b0) * QK + 8 * j, w[j]);
+          for (int r = 0; r < R; ++r)
+            for (int j = 0; j < 4; ++j) {
+              const __m256 xv = _mm256_loadu_ps(x + r * xs + g * QK + 8 * j);
+              acc[r][j] = _mm256_fmadd_ps(xv, w[j], acc[r][j]);
+            }
+        },
+        std::make_integer_sequence<int, S>{});
   }
+  std::memcpy(sums, acc, sizeof(acc));
 }
 
 // The same products from the blocks that `stream_blocks` kept in `wide` (in L1), for 3
@@ -251,7 +327,8 @@ struct Scratch {
   std::vector<float> dots, up;
 };
 
-constexpr int64_t CHUNK = 32;  // blocks of a weight row dequantized and kept at a time
+constexpr int64_t CHUNK = 32;  // sub-blocks of a weight row dequantized and kept at a time
+static_assert(CHUNK % 8 == 0, "chunks of whole K blocks");
 
 // One or two rows of x against the weight row at `wr`: accumulators in registers.
 template <int F, int R>
