@@ -218,8 +218,9 @@ def test_rejects_bad_inputs():
             torch.randn(2, 96), cpu_quant.Quantized(raw[:, :57].contiguous(), fmt, 7, 96)
         )
     q2_k = cpu_quant.Format("q2_k", int(gguf.GGMLQuantizationType.Q2_K), 256, 84)
+    q = cpu_quant.Quantized(torch.zeros(2, 84, dtype=torch.uint8), q2_k, 2, 256)
     with pytest.raises(RuntimeError, match="no kernel for ggml type 10"):
-        cpu_quant.linear_q(torch.randn(2, 256), cpu_quant.Quantized(raw[:, :42], q2_k, 2, 256))
+        cpu_quant.linear_q(torch.randn(2, 256), q)
 
 
 @pytest.mark.parametrize("name", K_NAMES)
@@ -227,8 +228,9 @@ def test_k_formats_take_multiples_of_256(name):
     fmt = FORMATS[name]
     raw = torch.from_numpy(_raw(name, 3, 512, 0))
     with pytest.raises(ValueError, match="multiple of 256, got 288"):
-        cpu_quant.quantized(raw[:, : fmt.nbytes + 36 * fmt.nbytes // 256], fmt, 288)
-    q = cpu_quant.Quantized(raw[:, : fmt.nbytes], fmt, 3, 288)  # past the Python checks
+        cpu_quant.quantized(raw, fmt, 288)
+    one_block = raw[:, : fmt.nbytes].contiguous()
+    q = cpu_quant.Quantized(one_block, fmt, 3, 288)  # past the Python checks
     with pytest.raises(RuntimeError, match="multiple of 256, got 288"):
         cpu_quant.linear_q(torch.randn(2, 288), q)
 
