@@ -31,6 +31,7 @@ class Stack:
     """A model's layers as `run` takes them, gathered once at load."""
 
     weights: list[torch.Tensor]  # per layer, in the order the C++ loop names: LAYER_WEIGHTS
+    formats: list[int]  # of each of `weights`: a quantized matrix's ggml type, else -1
     qkv_bias: list[torch.Tensor | None]
     outputs: list[int]  # of the matrices LAYER_OUTPUTS names (gate_up: SwiGLU's)
     heads: tuple[int, int, int]  # H, KV, D
@@ -46,17 +47,25 @@ class Stack:
             return None
         # The C++ side names what it takes, in order: attributes of the model's layers.
         ops = CPU.ops()
-        weights = [_tensor(getattr(x, name)) for x in layers for name in ops.LAYER_WEIGHTS]
+        parts = [getattr(x, name) for x in layers for name in ops.LAYER_WEIGHTS]
+        weights, formats = [_tensor(part) for part in parts], [_format(part) for part in parts]
         outputs = [getattr(layers[0], name).kernel.n for name in ops.LAYER_OUTPUTS]
         heads = (model.num_heads, model.num_kv_heads, model.head_dim)
         biases = [layer.qkv.bias for layer in layers]
-        return cls(weights, biases, outputs, heads, model.scale, model.n_eps)
+        return cls(weights, formats, biases, outputs, heads, model.scale, model.n_eps)
 
 
 def _tensor(part) -> torch.Tensor:
     """A layer's part as the C++ loop takes it: a matrix's packed data, or a norm's gain."""
     kernel = getattr(part, "kernel", None)  # a `Linear`'s; a `Norm` has none
     return part.gain if kernel is None else kernel.data
+
+
+def _format(part) -> int:
+    """The ggml type the C++ loop multiplies a layer's part in: a quantized matrix's, or -1
+    (a matrix packed for `cpu_linear`, a norm's gain)."""
+    fmt = getattr(getattr(part, "kernel", None), "format", None)
+    return -1 if fmt is None else fmt.ggml_type
 
 
 def run(
@@ -78,6 +87,7 @@ def run(
     return CPU.ops().run_layers(
         h,
         stack.weights,
+        stack.formats,
         stack.qkv_bias,
         kv_cache,
         stack.outputs,

@@ -2,34 +2,48 @@
 x86 CPUs with AVX2, FMA and F16C.
 
 `y = x @ w.T` with `x` float32 `[m, K]`, `y` float32 `[m, N]` and `w` in one of ggml's
-block formats: each row of `K` weights is `K / 32` blocks, each block a float16 scale `d`
-(and for the `_1` formats a float16 minimum `m`) and 32 small integers `q`, the weight
-being `d * (q - zero)` or `d * q + m` (`Format`). Decoding a few tokens at a time is bound
-by reading the weights, and Q4_1 is 0.625 bytes a weight where bfloat16 is 2: the kernel
-reads each block once for all `m` rows of `x`, dequantizes it in registers (ggml's
-values; `d * q + m` in one FMA) and accumulates `weight * x` in float32 with FMA. The
-activations are not quantized (llama.cpp quantizes them to 8 bits), so the only error is
-the weights' own. The price is arithmetic: on a Zen 3 core a block's dequantization costs
-about twice what widening bfloat16 does, so the kernel gains where the weights stream
-from memory (a model larger than the caches), and loses to `cpu_linear` on a matrix that
-sits in cache.
+block formats (`Format`), each row of `K` weights a run of blocks:
 
-Layout: `Quantized.data` is uint8 `[rows, (K / 32) * nbytes]`, each row its blocks as the
-GGUF stores them; nothing is repacked at load. The bytes per block tell the formats apart,
-so the C++ side infers the format from the row length and `K`. With `swiglu=True` the
-matrix is `[gate; up]` (rows `i` and `n + i` make output `i`) and the kernel returns
-`silu(x @ gate.T) * (x @ up.T)`. As in `cpu_linear`, the kernel can apply the RMSNorm
-before the product (`norm`) and add a residual after it (`linear_q_add`).
+- Q8_0, Q4_0, Q4_1, Q5_0, Q5_1: blocks of 32 weights, a float16 scale `d` (and for the
+  `_1` formats a float16 minimum `m`) and 32 small integers `q` (Q5's fifth bits in 4
+  bytes `qh`); the weight is `d * (q - zero)` or `d * q + m`.
+- Q4_K (144 bytes) and Q5_K (176): super-blocks of 256 weights, 8 sub-blocks of 32.
+  Float16 `d` and `dmin`, 12 bytes packing a 6-bit scale `sc` and a 6-bit min `mn` per
+  sub-block (as ggml's `get_scale_min_k4`), for Q5_K 32 bytes `qh` (bit `s` of byte `l`:
+  weight `l` of sub-block `s`'s fifth bit), and 128 bytes of nibbles, sub-blocks `2i` and
+  `2i + 1` sharing 32 bytes (low nibbles, high nibbles); the weight is
+  `d * sc * q - dmin * mn`.
+- Q6_K (210 bytes): super-blocks of 256 weights, 128 bytes `ql` of low nibbles, 64 bytes
+  `qh` of 2-bit high parts, an int8 scale `sc` per 16 weights, and float16 `d` last; the
+  weight is `d * sc * (q - 32)`.
+
+Decoding a few tokens at a time is bound by reading the weights, and Q4_1 is 0.625 bytes
+a weight (Q4_K 0.5625) where bfloat16 is 2: the kernel reads each block once for all `m`
+rows of `x`, dequantizes it in registers, 32 weights at a time (ggml's values; the K
+formats' `d * sc` and `dmin * mn` as ggml rounds them, then one FMA a weight) and
+accumulates `weight * x` in float32 with FMA. The activations are not quantized
+(llama.cpp quantizes them to 8 bits), so the only error is the weights' own. The price is
+arithmetic: on a Zen 3 core a block's dequantization costs about twice what widening
+bfloat16 does, so the kernel gains where the weights stream from memory (a model larger
+than the caches), and loses to `cpu_linear` on a matrix that sits in cache.
+
+Layout: `Quantized.data` is uint8 `[rows, (K / block) * nbytes]`, each row its blocks as
+the GGUF stores them; nothing is repacked at load. The C++ side is told the format (its
+ggml type) with each matrix: row lengths can't tell the formats apart (a Q4_K row is as
+long as a Q4_0 one). `K` is a multiple of the block, 256 for the K formats. With
+`swiglu=True` the matrix is `[gate; up]` (rows `i` and `n + i` make output `i`) and the
+kernel returns `silu(x @ gate.T) * (x @ up.T)`. As in `cpu_linear`, the kernel can apply
+the RMSNorm before the product (`norm`) and add a residual after it (`linear_q_add`).
 
 Row invariance: row `r` of the result depends only on `x[r]` and `w`, bit for bit,
 whatever `m` is, whatever the other rows hold and however the work is split among
-threads. Each output `(r, n)` has four 8-lane accumulators, one per eighth of a block,
-that take the blocks in order; they are summed in one fixed order at the end. Run to run
-the result is deterministic.
+threads. Each output `(r, n)` has four 8-lane accumulators, one per eighth of 32 weights,
+that take the weights 32 at a time in order; they are summed in one fixed order at the
+end. Run to run the result is deterministic.
 
 Work: the outputs are handed to `torch.get_num_threads()` OpenMP threads in blocks of 16,
-in guided chunks. For one or two rows of x a weight row's blocks are dequantized straight
-into registers; for more, 32 blocks at a time are dequantized once, by rows 0-1, and kept
+in guided chunks. For one or two rows of x a weight row is dequantized straight into
+registers; for more, 1024 weights at a time are dequantized once, by rows 0-1, and kept
 in L1 for the other rows.
 
 The C++ source is `selfspec_kernels/csrc/quant.cpp`, built with the other CPU kernels
@@ -72,7 +86,7 @@ class Format:
 
     @property
     def has_min(self) -> bool:
-        """Weights are `d * q + m` (else `d * (q - zero)`)."""
+        """A 32-weight format whose weights are `d * q + m` (else `d * (q - zero)`)."""
         return self.name.endswith("_1")
 
     @property
@@ -88,6 +102,9 @@ FORMATS: dict[str, Format] = {
         Format("q4_1", 3, 32, 20),
         Format("q5_0", 6, 32, 22),
         Format("q5_1", 7, 32, 24),
+        Format("q4_k", 12, 256, 144),
+        Format("q5_k", 13, 256, 176),
+        Format("q6_k", 14, 256, 210),
     )
 }
 _BY_TYPE = {f.ggml_type: f for f in FORMATS.values()}
@@ -113,20 +130,64 @@ def dequantize(data: torch.Tensor, fmt: Format, k: int) -> torch.Tensor:
     values of `gguf.quants.dequantize`, bit for bit (the same float32 operations)."""
     rows = data.shape[0]
     blocks = data.reshape(rows, k // fmt.block, fmt.nbytes)
+    return _DEQUANTIZE.get(fmt.name, _dequantize_32)(blocks, fmt).reshape(rows, k)
+
+
+def _dequantize_32(blocks: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """The 32-weight formats' blocks `[rows, nb, nbytes]` as float32 `[rows, nb, 32]`."""
     d = _halves(blocks, 0)
     at = 4 if fmt.has_min else 2
     if fmt.bits == 8:
-        return (d * blocks[..., at:].view(torch.int8).float()).reshape(rows, k)
+        return d * blocks[..., at:].view(torch.int8).float()
     qs = blocks[..., -fmt.block // 2 :]
     q = torch.cat([qs & 0xF, qs >> 4], dim=-1).int()  # byte j: weights j and j + 16
     if fmt.bits == 5:
         qh = blocks[..., at : at + 4].int()
         qh = qh[..., 0] | qh[..., 1] << 8 | qh[..., 2] << 16 | qh[..., 3] << 24
-        shifts = torch.arange(fmt.block, dtype=torch.int32)
-        q = q | ((qh.unsqueeze(-1) >> shifts) & 1) << 4
+        q = q | _bits(qh.unsqueeze(-1), torch.arange(fmt.block), 1) << 4
     if fmt.has_min:
-        return (d * q.float() + _halves(blocks, 2)).reshape(rows, k)
-    return (d * (q - (1 << (fmt.bits - 1))).float()).reshape(rows, k)
+        return d * q.float() + _halves(blocks, 2)
+    return d * (q - (1 << (fmt.bits - 1))).float()
+
+
+def _dequantize_q45_k(blocks: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Q4_K's or Q5_K's super-blocks `[rows, nb, nbytes]` as float32 `[rows, nb, 8, 32]`:
+    `d * sc * q - dmin * mn`, the products rounded as gguf rounds them."""
+    s = blocks[..., 4:16].int()  # ggml's get_scale_min_k4: 6 bits each, high bits apart
+    low, mid, high = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+    sc = torch.cat([low & 63, (high & 0xF) | (low >> 2 & 48)], dim=-1)
+    mn = torch.cat([mid & 63, (high >> 4) | (mid >> 2 & 48)], dim=-1)
+    qs = blocks[..., -128:].reshape(*blocks.shape[:2], 4, 1, 32)
+    q = _bits(qs, torch.tensor([[0], [4]]), 0xF).flatten(-3, -2)  # [rows, nb, 8, 32]
+    if fmt.bits == 5:
+        qh = blocks[..., 16:48].unsqueeze(-2)
+        q = q | _bits(qh, torch.arange(8).unsqueeze(-1), 1) << 4
+    d = _halves(blocks, 0) * sc.float()
+    dm = _halves(blocks, 2) * mn.float()
+    return d.unsqueeze(-1) * q.float() - dm.unsqueeze(-1)
+
+
+def _dequantize_q6_k(blocks: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Q6_K's super-blocks `[rows, nb, 210]` as float32 `[rows, nb, 16, 16]`:
+    `d * sc * (q - 32)`. Each half of 128 weights is 64 bytes of low nibbles (weights
+    0-63, then 64-127 in the high nibbles) and 32 bytes of 2-bit high parts (weights
+    32t..32t+31 at bits 2t)."""
+    lead = blocks.shape[:2]
+    ql = blocks[..., :128].reshape(*lead, 2, 1, 64)
+    low = _bits(ql, torch.tensor([[0], [4]]), 0xF).reshape(*lead, 8, 32)
+    qh = blocks[..., 128:192].reshape(*lead, 2, 1, 32)
+    high = _bits(qh, torch.tensor([[0], [2], [4], [6]]), 3).reshape(*lead, 8, 32)
+    q = ((low | high << 4) - 32).float().reshape(*lead, 16, 16)
+    sc = blocks[..., 192:208].view(torch.int8).float()
+    return (_halves(blocks, 208) * sc).unsqueeze(-1) * q
+
+
+_DEQUANTIZE = {"q4_k": _dequantize_q45_k, "q5_k": _dequantize_q45_k, "q6_k": _dequantize_q6_k}
+
+
+def _bits(packed: torch.Tensor, shifts: torch.Tensor, mask: int) -> torch.Tensor:
+    """`packed >> shifts & mask` as int32, broadcast: the values packed at those bits."""
+    return packed.int() >> shifts.int() & mask
 
 
 def _halves(blocks: torch.Tensor, at: int) -> torch.Tensor:
@@ -184,7 +245,9 @@ def linear_q(
     and by `gain` (float32 [K], or None)."""
     _check(x, w, swiglu=False)
     gain, n_eps = norm if norm is not None else (None, 0.0)
-    return CPU.ops().linear_q(x, w.data, w.n, bias, norm is not None, gain, n_eps)
+    return CPU.ops().linear_q(
+        x, w.data, w.format.ggml_type, w.n, bias, norm is not None, gain, n_eps
+    )
 
 
 def linear_q_add(
@@ -192,7 +255,7 @@ def linear_q_add(
 ) -> torch.Tensor:
     """`linear_q(x, w, bias) + residual`, residual float32 [m, N], in one pass."""
     _check(x, w, swiglu=False)
-    return CPU.ops().linear_q_add(x, w.data, w.n, bias, residual)
+    return CPU.ops().linear_q_add(x, w.data, w.format.ggml_type, w.n, bias, residual)
 
 
 def linear_q_swiglu(x: torch.Tensor, w: Quantized, *, norm: Norm | None = None) -> torch.Tensor:
@@ -200,7 +263,9 @@ def linear_q_swiglu(x: torch.Tensor, w: Quantized, *, norm: Norm | None = None) 
     one pass."""
     _check(x, w, swiglu=True)
     gain, n_eps = norm if norm is not None else (None, 0.0)
-    return CPU.ops().linear_q_swiglu(x, w.data, w.n, norm is not None, gain, n_eps)
+    return CPU.ops().linear_q_swiglu(
+        x, w.data, w.format.ggml_type, w.n, norm is not None, gain, n_eps
+    )
 
 
 def _check(x: torch.Tensor, w: Quantized, *, swiglu: bool) -> None:

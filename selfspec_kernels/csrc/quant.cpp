@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "simd.h"
@@ -14,10 +15,45 @@ namespace quant {
 
 enum Epi : int { EPI_NONE = 0, EPI_ADD = 1, EPI_SWIGLU = 2 };
 
-// The GGUF block formats, each named by its bytes per block of QK weights, which tell
-// them apart (selfspec_kernels/cpu_quant.py keeps the same table).
-enum Format : int { Q8_0 = 34, Q4_0 = 18, Q4_1 = 20, Q5_0 = 22, Q5_1 = 24 };
-constexpr int64_t QK = 32;
+// The GGUF block formats, by their ggml type ids (gguf.GGMLQuantizationType), which
+// selfspec_kernels/cpu_quant.py passes with each matrix: the row length can't tell them
+// apart (a Q4_K block is 256 weights in 144 bytes, as eight Q4_0 blocks are).
+enum Format : int {
+  Q4_0 = 2,
+  Q4_1 = 3,
+  Q5_0 = 6,
+  Q5_1 = 7,
+  Q8_0 = 8,
+  Q4_K = 12,
+  Q5_K = 13,
+  Q6_K = 14
+};
+constexpr int64_t QK = 32;  // weights per sub-block: what `dequant` yields at a time
+
+// Bytes per block of format f (0: no format of ours), and its sub-blocks of QK weights:
+// the K formats' super-blocks hold 8.
+constexpr int64_t block_bytes(int64_t f) {
+  switch (f) {
+    case Q4_0:
+      return 18;
+    case Q4_1:
+      return 20;
+    case Q5_0:
+      return 22;
+    case Q5_1:
+      return 24;
+    case Q8_0:
+      return 34;
+    case Q4_K:
+      return 144;
+    case Q5_K:
+      return 176;
+    case Q6_K:
+      return 210;
+  }
+  return 0;
+}
+constexpr int64_t subs(int64_t f) { return f == Q4_K || f == Q5_K || f == Q6_K ? 8 : 1; }
 
 struct Args {
   const float* x;  // [m, K], row stride xs
@@ -26,7 +62,7 @@ struct Args {
   const float* bias;   // [n] or null
   const float* other;  // [m, n] contiguous residual, or null
   float* y;            // [m, n] contiguous
-  int64_t m, n, nb;
+  int64_t m, n, nb;    // nb: sub-blocks of QK weights a row
   int epi;
 };
 
@@ -65,9 +101,10 @@ static inline void fifth_bits(const uint8_t* qh_bytes, __m256i (&q)[4]) {
   }
 }
 
-// A block's 32 weights as float32, 8 to a vector: ggml's values (d * q + m in one FMA).
+// A 32-weight block's weights as float32, 8 to a vector: ggml's values (d * q + m in one
+// FMA).
 template <int F>
-static inline void dequant(const uint8_t* b, __m256 (&w)[4]) {
+static inline void dequant_block(const uint8_t* b, __m256 (&w)[4]) {
   const __m128 dm = halves_at(b);  // d, and for the _1 formats m
   const __m256 d = _mm256_broadcastss_ps(dm);
   if constexpr (F == Q8_0) {
@@ -92,24 +129,170 @@ static inline void dequant(const uint8_t* b, __m256 (&w)[4]) {
   }
 }
 
-// Blocks b0..b1 of the weight row at `wr` against rows r0..r0+R of x, into `acc`: four
-// 8-lane accumulators per row, one per eighth of a block, so that four FMA chains run at
-// once. With `Keep`, the dequantized blocks are also kept in `wide` (32 floats a block)
-// for the other rows.
+// A K block's factors, decoded once for its 8 sub-blocks: d * sc (Q6_K: one per 16
+// weights) and dmin * mn, float32 products as ggml rounds them. 32-weight blocks carry
+// their own, and leave these unset.
+struct Factors {
+  alignas(32) float d[16], m[8];
+};
+
+// The byte values of `lanes` (8 bytes) as float32.
+static inline __m256 floats8(uint64_t lanes) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(lanes))));
+}
+
+// Q4_K's and Q5_K's 6-bit sc and mn, packed in 12 bytes as ggml's get_scale_min_k4
+// unpacks them: bytes 0-3 hold sc 0-3 (and the top bits of sc 4-7), bytes 4-7 mn 0-3 (and
+// the top bits of mn 4-7), bytes 8-11 the low 4 bits of sc 4-7 and mn 4-7.
+static inline void factors_q45_k(const uint8_t* b, Factors& f) {
+  uint32_t u[3];
+  std::memcpy(u, b + 4, 12);
+  const uint32_t six = 0x3F3F3F3F, four = 0x0F0F0F0F, top = 0x30303030;
+  const uint64_t sc = (u[0] & six) | uint64_t((u[2] & four) | (u[0] >> 2 & top)) << 32;
+  const uint64_t mn = (u[1] & six) | uint64_t((u[2] >> 4 & four) | (u[1] >> 2 & top)) << 32;
+  const __m128 dm = halves_at(b);  // d, dmin
+  _mm256_store_ps(f.d, _mm256_mul_ps(_mm256_broadcastss_ps(dm), floats8(sc)));
+  _mm256_store_ps(f.m, _mm256_mul_ps(_mm256_broadcastss_ps(_mm_movehdup_ps(dm)), floats8(mn)));
+}
+
+// Q6_K's 16 int8 sc at byte 192, and d at byte 208, the block's last.
+static inline void factors_q6_k(const uint8_t* b, Factors& f) {
+  uint16_t h;
+  std::memcpy(&h, b + 208, 2);  // a 4-byte load would read past the matrix
+  const __m256 d = _mm256_set1_ps(_cvtsh_ss(h));
+  for (int i = 0; i < 2; ++i) {
+    const __m256i sc =
+        _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 192 + 8 * i)));
+    _mm256_store_ps(f.d + 8 * i, _mm256_mul_ps(d, _mm256_cvtepi32_ps(sc)));
+  }
+}
+
+template <int F>
+static inline void factors(const uint8_t* b, Factors& f) {
+  if constexpr (F == Q6_K)
+    factors_q6_k(b, f);
+  else if constexpr (subs(F) > 1)
+    factors_q45_k(b, f);
+}
+
+// Where a sub-block's values come from one source of packed bits (Q4_K's nibbles), each
+// 8 bytes are widened as they are loaded, one shuffle each; where they come from two
+// (Q5_K, Q6_K), the two are combined 32 bytes at a time first, which saves more operations
+// than the widening in a register (7 shuffles for 4) costs. Measured, on Zen 3.
+
+// Bits From.. of each of the 8 bytes at p moved to bits To.., under `mask`, one byte to
+// an int32 lane.
+template <int From, int To>
+static inline __m256i moved8(const uint8_t* p, int mask) {
+  __m256i v = bytes8(p);
+  if constexpr (From > To) v = _mm256_srli_epi32(v, From - To);
+  if constexpr (From < To) v = _mm256_slli_epi32(v, To - From);
+  return _mm256_and_si256(v, _mm256_set1_epi32(mask));
+}
+
+// The same for the 32 bytes at p, in place (16-bit shifts: what crosses into a
+// neighbouring byte is masked off).
+template <int From, int To>
+static inline __m256i moved32(const uint8_t* p, int mask) {
+  __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  if constexpr (From > To) v = _mm256_srli_epi16(v, From - To);
+  if constexpr (From < To) v = _mm256_slli_epi16(v, To - From);
+  return _mm256_and_si256(v, _mm256_set1_epi8(static_cast<char>(mask)));
+}
+
+// 32 byte values, unsigned or int8, as int32 in order, 8 to a vector.
+template <bool Signed>
+static inline void widen(__m256i v, __m256i (&q)[4]) {
+  const __m128i half[2] = {_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)};
+  for (int j = 0; j < 4; ++j) {
+    const __m128i b = j % 2 ? _mm_srli_si128(half[j / 2], 8) : half[j / 2];
+    q[j] = Signed ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b);
+  }
+}
+
+// Sub-block S of a Q4_K or Q5_K block: d * sc * q - dmin * mn in one FMA. Sub-blocks 2i
+// and 2i + 1 share 32 bytes of q, the low nibbles and the high ones; Q5_K's fifth bits are
+// bit S of its 32 bytes qh.
+template <int F, int S>
+static inline void dequant_k(const uint8_t* b, const Factors& f, __m256 (&w)[4]) {
+  const uint8_t* qs = b + (F == Q5_K ? 48 : 16) + 32 * (S / 2);
+  __m256i q[4];
+  if constexpr (F == Q5_K)
+    widen<false>(_mm256_or_si256(moved32<4 * (S & 1), 0>(qs, 0xF), moved32<S, 4>(b + 16, 0x10)), q);
+  else
+    for (int j = 0; j < 4; ++j) q[j] = moved8<4 * (S & 1), 0>(qs + 8 * j, 0xF);
+  const __m256 d = _mm256_broadcast_ss(f.d + S), m = _mm256_broadcast_ss(f.m + S);
+  for (int j = 0; j < 4; ++j) w[j] = _mm256_fmsub_ps(d, _mm256_cvtepi32_ps(q[j]), m);
+}
+
+// Sub-block S of a Q6_K block: d * sc * (q - 32), sc one per 16 weights. The block is two
+// halves of 128 weights, each 64 bytes of ql (weights 0-63 in the low nibbles, 64-127 in
+// the high ones) and 32 of qh (2 bits a weight, quarter T's at bits 2T).
+template <int S>
+static inline void dequant_q6_k(const uint8_t* b, const Factors& f, __m256 (&w)[4]) {
+  constexpr int half = S / 4, T = S % 4;
+  const __m256i low = moved32<4 * (T >> 1), 0>(b + 64 * half + 32 * (T & 1), 0xF);
+  const __m256i high = moved32<2 * T, 4>(b + 128 + 32 * half, 0x30);
+  __m256i q[4];
+  widen<true>(_mm256_sub_epi8(_mm256_or_si256(low, high), _mm256_set1_epi8(32)), q);
+  for (int j = 0; j < 4; ++j) {
+    const __m256 sc = _mm256_broadcast_ss(f.d + 2 * S + j / 2);
+    w[j] = _mm256_mul_ps(sc, _mm256_cvtepi32_ps(q[j]));
+  }
+}
+
+// Sub-block S of the block at b, as float32 in weight order, 8 to a vector.
+template <int F, int S>
+static inline void dequant(const uint8_t* b, const Factors& f, __m256 (&w)[4]) {
+  if constexpr (F == Q6_K)
+    dequant_q6_k<S>(b, f, w);
+  else if constexpr (subs(F) > 1)
+    dequant_k<F, S>(b, f, w);
+  else
+    dequant_block<F>(b, w);
+}
+
+// fn(std::integral_constant<int, S>) for S = 0..N-1, unrolled: each sub-block of a block
+// gets its own code, its offsets and shifts constants.
+template <typename Fn, int... S>
+static inline void each(Fn&& fn, std::integer_sequence<int, S...>) {
+  (fn(std::integral_constant<int, S>{}), ...);
+}
+
+// Sub-blocks b0..b1 of the weight row at `wr` against rows r0..r0+R of x, into `acc`:
+// four 8-lane accumulators per row, one per eighth of a sub-block, so that four FMA chains
+// run at once. With `Keep`, the dequantized sub-blocks are also kept in `wide` (32 floats
+// each) for the other rows. b0 and b1 are on block boundaries.
 template <int F, int R, bool Keep>
 static inline void stream_blocks(const Args& a, int64_t r0, const uint8_t* wr, int64_t b0,
-                                 int64_t b1, float* wide, __m256 (&acc)[R][4]) {
-  for (int64_t b = b0; b < b1; ++b) {
-    __m256 w[4];
-    dequant<F>(wr + b * F, w);
-    if (Keep)
-      for (int j = 0; j < 4; ++j) _mm256_store_ps(wide + (b - b0) * QK + 8 * j, w[j]);
-    for (int r = 0; r < R; ++r)
-      for (int j = 0; j < 4; ++j) {
-        const __m256 xv = _mm256_loadu_ps(a.x + (r0 + r) * a.xs + b * QK + 8 * j);
-        acc[r][j] = _mm256_fmadd_ps(xv, w[j], acc[r][j]);
-      }
+                                 int64_t b1, float* wide, __m256 (&sums)[R][4]) {
+  // Local copies: the __m256 stores (which may alias anything) would otherwise keep the
+  // accumulators in memory and reload x's address, where this is not inlined.
+  const float* x = a.x + r0 * a.xs;
+  const int64_t xs = a.xs;
+  __m256 acc[R][4];
+  std::memcpy(acc, sums, sizeof(acc));
+  constexpr int S = static_cast<int>(subs(F));
+  for (int64_t b = b0; b < b1; b += S) {
+    const uint8_t* block = wr + b / S * block_bytes(F);
+    Factors f;
+    factors<F>(block, f);
+    each(
+        [&](auto s) {
+          __m256 w[4];
+          dequant<F, decltype(s)::value>(block, f, w);
+          const int64_t g = b + s;
+          if (Keep)
+            for (int j = 0; j < 4; ++j) _mm256_store_ps(wide + (g - b0) * QK + 8 * j, w[j]);
+          for (int r = 0; r < R; ++r)
+            for (int j = 0; j < 4; ++j) {
+              const __m256 xv = _mm256_loadu_ps(x + r * xs + g * QK + 8 * j);
+              acc[r][j] = _mm256_fmadd_ps(xv, w[j], acc[r][j]);
+            }
+        },
+        std::make_integer_sequence<int, S>{});
   }
+  std::memcpy(sums, acc, sizeof(acc));
 }
 
 // The same products from the blocks that `stream_blocks` kept in `wide` (in L1), for 3
@@ -144,7 +327,8 @@ struct Scratch {
   std::vector<float> dots, up;
 };
 
-constexpr int64_t CHUNK = 32;  // blocks of a weight row dequantized and kept at a time
+constexpr int64_t CHUNK = 32;  // sub-blocks of a weight row dequantized and kept at a time
+static_assert(CHUNK % 8 == 0, "chunks of whole K blocks");
 
 // One or two rows of x against the weight row at `wr`: accumulators in registers.
 template <int F, int R>
@@ -195,7 +379,7 @@ static void dots(const Args& a, const uint8_t* wr, Scratch& s, float* out) {
 // and up row n + o's), then the epilogue.
 template <int F>
 static void output(const Args& a, int64_t o, Scratch& s) {
-  const int64_t row_bytes = a.nb * F;
+  const int64_t row_bytes = a.nb / subs(F) * block_bytes(F);
   dots<F>(a, a.w + o * row_bytes, s, s.dots.data());
   if (a.epi == EPI_SWIGLU) {
     dots<F>(a, a.w + (a.n + o) * row_bytes, s, s.up.data());
@@ -228,14 +412,8 @@ static void run(const Args& a) {
   }
 }
 
-static bool known(int64_t bytes) {
-  return bytes == Q8_0 || bytes == Q4_0 || bytes == Q4_1 || bytes == Q5_0 || bytes == Q5_1;
-}
-
-static void run_format(const Args& a, int64_t bytes) {
-  switch (bytes) {
-    case Q8_0:
-      return run<Q8_0>(a);
+static void run_format(const Args& a, int64_t format) {
+  switch (format) {
     case Q4_0:
       return run<Q4_0>(a);
     case Q4_1:
@@ -244,6 +422,14 @@ static void run_format(const Args& a, int64_t bytes) {
       return run<Q5_0>(a);
     case Q5_1:
       return run<Q5_1>(a);
+    case Q8_0:
+      return run<Q8_0>(a);
+    case Q4_K:
+      return run<Q4_K>(a);
+    case Q5_K:
+      return run<Q5_K>(a);
+    case Q6_K:
+      return run<Q6_K>(a);
   }
 }
 
@@ -256,7 +442,7 @@ static const float* float_vector(const std::optional<at::Tensor>& t, int64_t siz
   return t->data_ptr<float>();
 }
 
-at::Tensor linear_q_epi(const at::Tensor& x, const at::Tensor& w, int64_t n,
+at::Tensor linear_q_epi(const at::Tensor& x, const at::Tensor& w, int64_t format, int64_t n,
                         const std::optional<at::Tensor>& bias,
                         const std::optional<at::Tensor>& other, bool norm,
                         const std::optional<at::Tensor>& gain, double n_eps, int64_t epi) {
@@ -264,18 +450,19 @@ at::Tensor linear_q_epi(const at::Tensor& x, const at::Tensor& w, int64_t n,
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1,
               "cpu_quant: x must be a 2-D float32 tensor with contiguous rows, got ", x.sizes(),
               " ", x.scalar_type());
+  const int64_t bytes = block_bytes(format), block = QK * subs(format);
+  TORCH_CHECK(bytes > 0, "cpu_quant: no kernel for ggml type ", format);
   const int64_t m = x.size(0), K = x.size(1), nb = K / QK;
-  TORCH_CHECK(K % QK == 0 && K > 0, "cpu_quant: K must be a positive multiple of ", QK, ", got ",
-              K);
+  TORCH_CHECK(K % block == 0 && K > 0, "cpu_quant: K must be a positive multiple of ", block,
+              ", got ", K);
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous(),
               "cpu_quant: w must be a contiguous uint8 [rows, bytes] tensor of GGUF blocks, got ",
               w.sizes(), " ", w.scalar_type());
   const int64_t rows = epi == EPI_SWIGLU ? 2 * n : n;
   TORCH_CHECK(n > 0 && w.size(0) == rows, "cpu_quant: ", n, " outputs need ", rows,
               " weight rows, got ", w.size(0));
-  const int64_t bytes = w.size(1) / nb;
-  TORCH_CHECK(w.size(1) % nb == 0 && known(bytes), "cpu_quant: rows of ", w.size(1),
-              " bytes are not ", nb, " blocks (K = ", K, ") of a GGUF format");
+  TORCH_CHECK(w.size(1) == K / block * bytes, "cpu_quant: a row of ", K, " weights of ggml type ",
+              format, " is ", K / block * bytes, " bytes, got ", w.size(1));
   Args a{};
   TORCH_CHECK(epi != EPI_SWIGLU || !bias.has_value() || !bias->defined(),
               "cpu_quant: the SwiGLU epilogue takes no bias");
@@ -306,25 +493,25 @@ at::Tensor linear_q_epi(const at::Tensor& x, const at::Tensor& w, int64_t n,
   a.n = n;
   a.nb = nb;
   a.epi = static_cast<int>(epi);
-  run_format(a, bytes);
+  run_format(a, format);
   return y;
 }
 
-// One entry point per epilogue, with linear_bf16's arguments (linear.cpp).
-at::Tensor linear_q(const at::Tensor& x, const at::Tensor& w, int64_t n,
+// One entry point per epilogue, with linear_bf16's arguments (linear.cpp) and the format.
+at::Tensor linear_q(const at::Tensor& x, const at::Tensor& w, int64_t format, int64_t n,
                     const std::optional<at::Tensor>& bias, bool norm,
                     const std::optional<at::Tensor>& gain, double n_eps) {
-  return linear_q_epi(x, w, n, bias, std::nullopt, norm, gain, n_eps, EPI_NONE);
+  return linear_q_epi(x, w, format, n, bias, std::nullopt, norm, gain, n_eps, EPI_NONE);
 }
 
-at::Tensor linear_q_add(const at::Tensor& x, const at::Tensor& w, int64_t n,
+at::Tensor linear_q_add(const at::Tensor& x, const at::Tensor& w, int64_t format, int64_t n,
                         const std::optional<at::Tensor>& bias, const at::Tensor& residual) {
-  return linear_q_epi(x, w, n, bias, residual, false, std::nullopt, 0.0, EPI_ADD);
+  return linear_q_epi(x, w, format, n, bias, residual, false, std::nullopt, 0.0, EPI_ADD);
 }
 
-at::Tensor linear_q_swiglu(const at::Tensor& x, const at::Tensor& w, int64_t n, bool norm,
-                           const std::optional<at::Tensor>& gain, double n_eps) {
-  return linear_q_epi(x, w, n, std::nullopt, std::nullopt, norm, gain, n_eps, EPI_SWIGLU);
+at::Tensor linear_q_swiglu(const at::Tensor& x, const at::Tensor& w, int64_t format, int64_t n,
+                           bool norm, const std::optional<at::Tensor>& gain, double n_eps) {
+  return linear_q_epi(x, w, format, n, std::nullopt, std::nullopt, norm, gain, n_eps, EPI_SWIGLU);
 }
 
 }  // namespace quant

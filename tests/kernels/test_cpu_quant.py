@@ -24,15 +24,35 @@ pytestmark = pytest.mark.skipif(
 )
 
 NAMES = list(FORMATS)
-# (N, K): N not a multiple of the 16 outputs a unit of work; K past one 32-block chunk.
+K_NAMES = [name for name in NAMES if FORMATS[name].block == 256]
+# (N, K): N not a multiple of the 16 outputs a unit of work; K past one 32-block chunk
+# (1024 weights). K is rounded up to the format's block (`_k`): 256 for the K formats.
 SHAPES = [(1, 32), (7, 96), (35, 1088), (130, 576)]
 MS = [1, 2, 3, 4, 5, 8, 11, 16]
+# Where the K formats keep their float16 scales: d (and dmin for Q4_K and Q5_K).
+K_SCALES = {"q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,)}
+
+
+def _k(name: str, k: int) -> int:
+    """`k` rounded up to a multiple of the format's block."""
+    block = FORMATS[name].block
+    return -(-k // block) * block
 
 
 def _raw(name: str, n: int, k: int, seed: int) -> np.ndarray:
-    """A random [n, k] matrix quantized by gguf, as its uint8 blocks."""
-    w = np.random.default_rng(seed).standard_normal((n, k), dtype=np.float32)
-    return gguf_quantize(w, gguf.GGMLQuantizationType(FORMATS[name].ggml_type))
+    """A random [n, k] matrix in format `name`, as its uint8 blocks: quantized by gguf,
+    or for the K formats, which gguf can't quantize, random bytes with random float16
+    scales of a sane size put in (every byte pattern of the rest is a valid block)."""
+    rng = np.random.default_rng(seed)
+    fmt = FORMATS[name]
+    if name not in K_SCALES:
+        w = rng.standard_normal((n, k), dtype=np.float32)
+        return gguf_quantize(w, gguf.GGMLQuantizationType(fmt.ggml_type))
+    blocks = rng.integers(0, 256, (n, k // fmt.block, fmt.nbytes), dtype=np.uint8)
+    for at in K_SCALES[name]:
+        scale = (rng.standard_normal(blocks.shape[:2]) * 1e-3).astype(np.float16)
+        blocks[..., at : at + 2] = scale[..., None].view(np.uint8)
+    return blocks.reshape(n, -1)
 
 
 def _reference(name: str, raw: np.ndarray) -> torch.Tensor:
@@ -67,12 +87,13 @@ def test_formats_match_gguf(name):
         fmt.block,
         fmt.nbytes,
     )
-    assert cpu_quant.format_of(int(gguf.GGMLQuantizationType.Q4_K)) is None
+    assert cpu_quant.format_of(int(gguf.GGMLQuantizationType.Q2_K)) is None
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_unpack_and_rows_equal_gguf(name):
-    q, ref = _weights(name, 35, 1088)
+    q, ref = _weights(name, 35, _k(name, 1088))
+    assert ref.abs().amax() > 0.1
     assert torch.equal(q.unpack(), ref)
     index = torch.tensor([34, 0, 17])
     assert torch.equal(q.rows(index), ref[index])
@@ -82,6 +103,7 @@ def test_unpack_and_rows_equal_gguf(name):
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("n,k", SHAPES)
 def test_matches_reference(name, n, k):
+    k = _k(name, k)
     q, ref = _weights(name, n, k)
     for m in MS:
         x = _x(m, k)
@@ -92,7 +114,7 @@ def test_matches_reference(name, n, k):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_bias_add_and_norm(name):
-    n, k = 35, 1088
+    n, k = 35, _k(name, 1088)
     q, ref = _weights(name, n, k)
     x, bias, other = _x(5, k), torch.randn(n), torch.randn(5, n)
     _assert_close(cpu_quant.linear_q(x, q, bias), x @ ref.T + bias, k)
@@ -109,7 +131,7 @@ def test_bias_add_and_norm(name):
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("m", [1, 2, 7])
 def test_swiglu(name, m):
-    n, k = 21, 576
+    n, k = 21, _k(name, 576)
     q, ref = _weights(name, 2 * n, k, swiglu=True)
     assert q.n == n
     x, gain = _x(m, k), torch.rand(k) + 0.5
@@ -120,11 +142,11 @@ def test_swiglu(name, m):
     _assert_close(cpu_quant.linear_q_swiglu(x, q, norm=(gain, k * 1e-5)), want, k)
 
 
-@pytest.mark.parametrize("name", ["q8_0", "q4_1", "q5_0"])
+@pytest.mark.parametrize("name", ["q8_0", "q4_1", "q5_0", *K_NAMES])
 def test_row_invariance(name):
     """Row r of an m-row product equals the 1-row product of x[r], bit for bit, for every
     m, among any other rows, fused epilogues included, with 1 thread or more."""
-    n, k = 37, 1088
+    n, k = 37, _k(name, 1088)
     q, _ = _weights(name, n, k, seed=1)
     gate_up, _ = _weights(name, 2 * n, k, seed=2, swiglu=True)
     x, other, residual = _x(16, k, seed=1), _x(16, k, seed=2), torch.randn(16, n)
@@ -189,15 +211,47 @@ def test_rejects_bad_inputs():
         cpu_quant.linear_q(torch.randn(2, 96).double(), q)
     with pytest.raises(RuntimeError, match="residual"):
         cpu_quant.linear_q_add(torch.randn(2, 96), q, torch.randn(2, 6))
-    # The C++ side checks what it is given too: a row length that is no format's.
-    with pytest.raises(RuntimeError, match="of a GGUF format"):
+    # The C++ side checks what it is given too: a row length that is not the format's,
+    # a format it has no kernel for.
+    with pytest.raises(RuntimeError, match="of ggml type 3 is 60 bytes, got 57"):
         cpu_quant.linear_q(
             torch.randn(2, 96), cpu_quant.Quantized(raw[:, :57].contiguous(), fmt, 7, 96)
         )
+    q2_k = cpu_quant.Format("q2_k", int(gguf.GGMLQuantizationType.Q2_K), 256, 84)
+    q = cpu_quant.Quantized(torch.zeros(2, 84, dtype=torch.uint8), q2_k, 2, 256)
+    with pytest.raises(RuntimeError, match="no kernel for ggml type 10"):
+        cpu_quant.linear_q(torch.randn(2, 256), q)
 
 
-# A small model for the C++ layer loop: hidden 64, 4 heads and 2 KV heads of 16, MLP 96.
-HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER = 64, 4, 2, 16, 96
+@pytest.mark.parametrize("name", K_NAMES)
+def test_k_formats_take_multiples_of_256(name):
+    fmt = FORMATS[name]
+    raw = torch.from_numpy(_raw(name, 3, 512, 0))
+    with pytest.raises(ValueError, match="multiple of 256, got 288"):
+        cpu_quant.quantized(raw, fmt, 288)
+    one_block = raw[:, : fmt.nbytes].contiguous()
+    q = cpu_quant.Quantized(one_block, fmt, 3, 288)  # past the Python checks
+    with pytest.raises(RuntimeError, match="multiple of 256, got 288"):
+        cpu_quant.linear_q(torch.randn(2, 288), q)
+
+
+def test_the_format_is_told_not_inferred():
+    """A Q4_K row of 256 weights and a Q4_0 row of 256 are both 144 bytes: the same bytes
+    multiply as the format the matrix says."""
+    raw = _raw("q4_0", 9, 256, 3)
+    raw[:, 2:4] = np.array([1e-3], dtype=np.float16).view(np.uint8)  # Q4_K's dmin
+    x = _x(3, 256)
+    ys = {}
+    for name in ["q4_0", "q4_k"]:
+        q = cpu_quant.quantized(torch.from_numpy(raw), FORMATS[name], 256)
+        ys[name] = cpu_quant.linear_q(x, q)
+        _assert_close(ys[name], x @ _reference(name, raw).T, 256)
+    assert not torch.allclose(ys["q4_0"], ys["q4_k"], rtol=0.1, atol=0.1)
+
+
+# A small model for the C++ layer loop: hidden 256, 4 heads and 2 KV heads of 64, MLP 512
+# (every K a multiple of the K formats' 256).
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER = 256, 4, 2, 64, 512
 
 
 def _layer(index: int, names: list[str]) -> tuple[list, torch.Tensor]:
@@ -246,7 +300,16 @@ def _python_layers(h, layers, biases, pool, batch, rope, n_eps, scale):
     return h
 
 
-@pytest.mark.parametrize("names", [["q4_1"], ["q8_0", "q4_0", "q5_0", "q5_1"], ["q4_1", "bf16"]])
+@pytest.mark.parametrize(
+    "names",
+    [
+        ["q4_1"],
+        ["q8_0", "q4_0", "q5_0", "q5_1"],
+        ["q4_1", "bf16"],
+        ["q4_k"],
+        ["q5_k", "q6_k", "q4_0", "bf16", "q4_k"],
+    ],
+)
 def test_run_layers_matches_the_python_calls(names):
     """The C++ layer loop on quantized matrices (or a mix with bfloat16 ones) gives the
     bits of the Python sequence of kernel calls, the keys and values written included."""
@@ -262,10 +325,12 @@ def test_run_layers_matches_the_python_calls(names):
     h = torch.randn(5, HIDDEN, generator=gen)
     n_eps, scale = HIDDEN * 1e-5, HEAD_DIM**-0.5
     weights = [getattr(w, "data", w) for layer in layers for w in layer]  # gains as they are
+    formats = [getattr(w, "format", None) for layer in layers for w in layer]
+    formats = [-1 if f is None else f.ggml_type for f in formats]  # bfloat16, gains: -1
     named = dict(zip(CPU.ops().LAYER_WEIGHTS, layers[0], strict=True))
     outputs = [named[name].n for name in CPU.ops().LAYER_OUTPUTS]
     heads = (HEADS, KV_HEADS, HEAD_DIM)
-    stack = cpu_layers.Stack(weights, list(biases), outputs, heads, scale, n_eps)
+    stack = cpu_layers.Stack(weights, formats, list(biases), outputs, heads, scale, n_eps)
     cpp_pool = [kv.clone() for kv in pool]
     got = cpu_layers.run(stack, h, batch, cpp_pool, rope, 0, [True] * 3, [True] * 3)
     want = _python_layers(h, layers, biases, pool, batch, rope, n_eps, scale)
