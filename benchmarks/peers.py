@@ -102,6 +102,7 @@ def llama_cpp_run(gguf: Path, lookup: bool) -> Run:
         n_threads=threads,
         n_threads_batch=threads,
         draft_model=draft,
+        logits_all=lookup,  # llama-cpp-python's speculation reads every position's logits
         verbose=False,
     )
 
