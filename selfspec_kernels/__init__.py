@@ -4,8 +4,9 @@
   `triton`).
 - CPU, C++ in `csrc/` built by `cpu_build` (one module; `csrc/bindings.cpp` exports the
   entry points and the layout constants Python reads): `cpu_linear` (bfloat16-weight
-  products), `cpu_attention` (RoPE, KV write and paged attention), `cpu_layers` (all the
-  layers of a pass in one call); `cpu_memory` puts tensors on huge pages.
+  products), `cpu_quant` (products on a GGUF's quantized blocks), `cpu_attention` (RoPE,
+  KV write and paged attention), `cpu_layers` (all the layers of a pass in one call);
+  `cpu_memory` puts tensors on huge pages.
 - Attention over the paged KV pool: `attention_batch` (where a pass's tokens sit),
   `attention` (the references, and dispatch by backend).
 - Triton (GPU; the CPU runs them in Triton's interpreter): `triton_linear`

@@ -8,7 +8,8 @@
   learn; sampler.py) per group;
 - outputs.py tells each request's owner what changed: completions, streamed deltas
   (text and stop strings: detokenizer.py).
-Around the loop: prompts.py (prompts to token ids), checkpoint.py (loading a model),
+Around the loop: prompts.py (prompts to token ids), checkpoint.py (loading a model;
+gguf_weights.py reads a GGUF's matrices as stored, for `weights="gguf"`),
 profile.py (a model's tuned drafting), serving.py (the loop on a thread of its own,
 `submit`, the fleet's configs), sequence.py (one request's state).
 
