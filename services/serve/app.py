@@ -72,10 +72,12 @@ class EngineSettings:
     """What each engine replica loads; the `args` of the Serve application."""
 
     model: str = "default"
-    dtype: str = "bfloat16"
+    dtype: str | None = None  # dense weights in this dtype; None: as `weights` says
     device: str = "cpu"
     backend: str | None = None  # `selfspec_kernels.backend`; None: the machine's best
-    weights: str = "dense"  # or `gguf`: a GGUF's quantized matrices as stored (CPU)
+    # gguf (a GGUF's quantized matrices as stored, CPU), bf16, fp16, fp32, or auto: gguf
+    # for a GGUF on the cpu backend, else `dtype` or bf16 (`checkpoint.weights_for`).
+    weights: str = "auto"
     kv_cache_bytes: int = 1 << 30
     # Back-pressure, one setting per queue (see `build`): the requests one replica holds at
     # once (running, and waiting in its engine for KV blocks), and those each Serve proxy
@@ -255,7 +257,7 @@ class EngineServer:
             num_layers=model.num_layers,
             vocab_size=model.vocab_size,
             max_model_len=model.max_positions,
-            dtype=self.settings.dtype,
+            dtype=model.backend.describe()["weights"],  # what runs: gguf or a dense dtype
             config_version=getattr(self.engine, "config_version", 0),
         )
         info.default_draft.update(api.draft_dict(self.engine.default_draft))

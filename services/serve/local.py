@@ -331,8 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--weights",
-        choices=["dense", "gguf"],
-        help="override the replicas' weights: gguf keeps a GGUF's quantized matrices (CPU)",
+        choices=["auto", "gguf", "bf16", "fp16", "fp32"],
+        help="override the replicas' weights: gguf keeps a GGUF's quantized matrices (CPU), "
+        "the others are dense; auto (default): gguf for a GGUF on the cpu backend",
     )
     p.add_argument("--replicas", type=int, help="a fixed number of engine replicas")
     p.add_argument(

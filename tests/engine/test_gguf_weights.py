@@ -71,6 +71,32 @@ def test_reports_gguf_weights_and_computes_what_transformers_does(gguf_engine):
         assert out.token_ids == ref[0, len(ids) :].tolist(), prompt
 
 
+def test_auto_keeps_a_ggufs_blocks_where_they_run(monkeypatch):
+    """`auto` is `gguf` for a GGUF on the `cpu` backend, and dense elsewhere; a dtype or a
+    dense choice asks for dense weights, and contradicting choices are refused."""
+    monkeypatch.delenv("SELFSPEC_BACKEND", raising=False)
+    folder = checkpoint.resolve("default")
+
+    def kept(model="default", weights="auto", dtype=None, device="cpu", backend=None):
+        return checkpoint.weights_for(model, weights, dtype, device, backend)
+
+    assert kept() == kept(backend="cpu") == kept(str(checkpoint.default_model_file())) == "gguf"
+    assert kept(folder) == kept(backend="onednn") == kept(device="cuda") == "bfloat16"
+    assert kept(dtype="float32") == kept(weights="fp32") == "float32"
+    assert kept(weights="bf16", dtype="bfloat16") == "bfloat16"
+    monkeypatch.setenv("SELFSPEC_BACKEND", "torch")
+    assert kept() == "bfloat16"
+    with pytest.raises(ValueError, match="--weights fp16 and --dtype float32 disagree"):
+        kept(weights="fp16", dtype="float32")
+    with pytest.raises(ValueError, match="drop --dtype"):
+        kept(weights="gguf", dtype="bfloat16")
+
+
+def test_the_default_model_loads_its_gguf_blocks(monkeypatch):
+    monkeypatch.delenv("SELFSPEC_BACKEND", raising=False)
+    assert Engine.from_pretrained("default", kv_cache_bytes=1 << 20).model.backend.quantized
+
+
 def test_a_checkpoint_folder_is_refused(tmp_path):
     with pytest.raises(checkpoint.ModelLoadError, match="needs a .gguf file"):
         Engine.from_pretrained(str(checkpoint.resolve("default")), weights="gguf")
@@ -79,5 +105,5 @@ def test_a_checkpoint_folder_is_refused(tmp_path):
 def test_another_backend_or_an_unknown_choice_is_refused():
     with pytest.raises(ValueError, match="runs on the cpu backend"):
         Engine.from_pretrained("default", weights="gguf", backend="onednn")
-    with pytest.raises(ValueError, match="weights must be one of dense, gguf"):
+    with pytest.raises(ValueError, match="weights must be one of auto, gguf, bf16"):
         Engine.from_pretrained("default", weights="q4")

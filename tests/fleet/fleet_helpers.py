@@ -28,8 +28,9 @@ def fleet_config(replicas: int = REPLICAS) -> dict:
     config["http_options"]["port"] = free_port()
     config["grpc_options"]["port"] = free_port()
     app = config["applications"][0]
-    # A small KV pool, so that tests can fill it; the shipped limits on calls held.
-    app["args"].update(kv_cache_bytes=16 << 20, threads=1)
+    # A small KV pool, so that tests can fill it: about 700 tokens of the default model's
+    # float32 keys and values (GGUF weights); the shipped limits on calls held.
+    app["args"].update(kv_cache_bytes=32 << 20, threads=1)
     (engine,) = app["deployments"]
     engine.pop("autoscaling_config")
     engine.update(num_replicas=replicas, graceful_shutdown_timeout_s=5)

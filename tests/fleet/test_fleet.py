@@ -62,7 +62,7 @@ def test_greedy_output_through_the_gateway_is_the_engines_own(stub):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the replicas run
     try:
-        engine = Engine.from_pretrained("default", dtype="bfloat16", kv_cache_bytes=32 << 20)
+        engine = Engine.from_pretrained("default", kv_cache_bytes=32 << 20)  # as replicas do
         want = [
             engine.generate(p, SamplingParams(max_tokens=24), "off", chat=True)[0].token_ids
             for p in prompts
@@ -75,7 +75,7 @@ def test_greedy_output_through_the_gateway_is_the_engines_own(stub):
 def test_model_info(stub):
     info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
     assert info.num_layers == 30 and info.vocab_size > 1000 and info.max_model_len >= 2048
-    assert info.architecture in ("LlamaForCausalLM", "llama") and info.dtype == "bfloat16"
+    assert info.architecture in ("LlamaForCausalLM", "llama") and info.dtype == "gguf"
     assert info.default_draft["mode"] == "auto"
 
 
@@ -340,7 +340,7 @@ def test_a_gateway_killed_mid_stream_leaves_nothing_behind(fleet):
     try:
         with grpc.insecure_channel(address) as channel:
             stub = pb_grpc.GenerationStub(channel)
-            # As long as the replica's 16 MiB pool holds: about 15 s at one thread, so an
+            # As long as the replica's 32 MiB pool holds: about 15 s at one thread, so an
             # abort that is slow to cross Serve still comes before the request's end.
             call = stub.Generate(chat("Tell a long story.", 600, ignore_eos=True), timeout=120)
             first = next(call)

@@ -16,10 +16,14 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def cpu_model():
-    """The default model on the `cpu` backend, whichever this machine would pick."""
-    return Engine.from_pretrained("default", backend="cpu", kv_cache_bytes=8 << 20).model
+@pytest.fixture(scope="module", params=["bf16", "gguf"])
+def cpu_model(request):
+    """The default model on the `cpu` backend, whichever this machine would pick, with
+    dense bfloat16 weights and with the GGUF's own blocks."""
+    engine = Engine.from_pretrained(
+        "default", backend="cpu", weights=request.param, kv_cache_bytes=8 << 20
+    )
+    return engine.model
 
 
 def _pass(model, plan: LayerPlan, start: int, end, python: bool):
