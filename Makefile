@@ -56,11 +56,13 @@ bench: setup
 	$(BIN)/selfspec bench controller --out benchmarks/results
 	$(BIN)/selfspec bench kernels --out benchmarks/results  # GPU only; says so on a CPU
 
-# llama.cpp for `selfspec bench peers`, built from source for this CPU (minutes on 2 cores);
-# never part of `make test`.
+# llama.cpp as the engine benchmark's peer, built from source for this CPU (about 20 minutes
+# on 2 cores, once); never part of `make test`. Then `selfspec bench engine` at batch 1, which
+# runs llama.cpp beside our modes, alternating (`selfspec bench peers` runs that part alone).
 bench-peers: setup
-	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/pip install llama-cpp-python==0.3.36
-	$(BIN)/selfspec bench peers --out benchmarks/results
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || \
+		CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/pip install llama-cpp-python==0.3.36
+	$(BIN)/selfspec bench engine --model default --batch-sizes 1 --peers on --out benchmarks/results
 
 # The GPU path on one NVIDIA GPU (about 5 minutes on an H100 or H200; no `make setup` needed
 # where the machine's python3 has PyTorch with CUDA): the Triton kernel tests and the

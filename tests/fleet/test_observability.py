@@ -126,7 +126,7 @@ def test_one_trace_links_gateway_proxy_router_and_replica(stub, traces, mode):
 
 def test_gen_ai_attributes(stub, traces):
     request_id = uuid.uuid4().hex
-    req = chat("Count to five.", 10, request_id=request_id, session_id="s-obs-1")
+    req = chat("Count to five.", 10, request_id=request_id, session_id="s-obs-1", ignore_eos=True)
     req.temperature, req.top_p, req.top_k, req.seed = 0.5, 0.75, 20, 7
     parts = list(stub.Generate(req, timeout=120))
     usage = parts[-1].usage
