@@ -21,6 +21,7 @@ once at the memory bandwidth measured just before.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -57,12 +58,15 @@ NOTES = {
     "Python at the run's middle context; the Python cost of a call "
     "(python_per_call_us) taken out",
     "products_ms": "layers_ms - attention_ms: the four fused products a layer (RMSNorms, "
-    "SwiGLU and residual adds are fused into them)",
+    "SwiGLU and residual adds are fused into them), with what the C++ loop spends between "
+    "kernels (allocation, waiting for threads)",
     "python_per_call_us": "(the layers as a Python loop of kernel calls - the same calls in "
     "the engine's C++ loop) / calls: what Python between kernels would cost",
-    "sync_ms": "kernel_calls (OpenMP parallel regions a step) x fork_join_us, the cost of a "
-    "product too small to matter on all threads less on one thread: a lower bound on "
-    "synchronisation, which also waits for the slowest thread of each region",
+    "sync_ms": "kernel_calls (OpenMP parallel regions a step) x fork_join_us, what a small "
+    "product costs on all threads over its work split evenly (fork_join_us): a lower bound "
+    "on synchronisation, which also waits for the slowest thread of each region",
+    "threads_speedup": "the layers' C++ loop on one thread over the same on all threads "
+    "(layer_split, at the same context)",
     "weight_bytes": "bytes of the matrices a token reads: the layers' products and the LM "
     "head (a tied Q8_0 embedding read whole as the head for gguf); the embedding row is "
     "not counted",
@@ -195,6 +199,8 @@ def layer_split(engine: Engine, context: int, repeats: int) -> dict | None:
             rope = torch.view_as_real(model.rope[batch.positions])
             cpp = [_cpp_loop(model, h, batch, pool.kv, rope) for _ in range(repeats)]
             loops = [_python_loop(model, h, batch, pool.kv, rope) for _ in range(repeats)]
+            with threads(1):
+                alone = [_cpp_loop(model, h, batch, pool.kv, rope) for _ in range(repeats)]
     finally:
         table.free()
     calls = 5 * model.num_layers  # a layer's four products and its attention
@@ -203,6 +209,8 @@ def layer_split(engine: Engine, context: int, repeats: int) -> dict | None:
     return {
         "context": context,
         "cpp_loop_ms": 1e3 * statistics.median(cpp),
+        "cpp_loop_one_thread_ms": 1e3 * statistics.median(alone),
+        "threads_speedup": statistics.median(alone) / statistics.median(cpp),
         "python_loop_ms": 1e3 * loop["total"],
         "python_per_call_us": 1e6 * per_call,
         "attention_kernel_ms": 1e3 * max(0.0, loop["attention"] - model.num_layers * per_call),
@@ -245,30 +253,42 @@ def _python_loop(model, h, batch, kv, rope) -> dict[str, float]:
     return dict(spent)
 
 
+@contextlib.contextmanager
+def threads(n: int):
+    """torch's kernels (and ours) on `n` threads for a while."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def fork_join_us(model, repeats: int = 200) -> float:
-    """What a kernel call costs on all of torch's threads over one thread, on a product
-    (48 rows a thread of the LM head, in its format) too small for the split to matter."""
-    threads = torch.get_num_threads()
-    part = model.head_part(torch.arange(48 * threads))
+    """What starting a kernel's threads and waiting for them costs a call: a product
+    (48 rows a thread of the LM head, in its format) timed on all of torch's threads
+    (`on_all`) and on one (`on_one`), less what its work would take split evenly, the
+    work being the time twice as many rows add on one thread."""
+    n = torch.get_num_threads()
+    rows = 48 * n  # enough for every kernel to split them among the threads
+    small, large = (model.head_part(torch.arange(k)) for k in (rows, 2 * rows))
     x = torch.randn(1, model.config.hidden_size)
 
-    def median_call() -> float:
+    def best(part) -> float:  # the least of many: a fixed cost, without the neighbours' noise
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
             part(x)
             times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        return min(times)
 
     with torch.inference_mode():
-        median_call()  # threads started
-        on_all = median_call()
-        torch.set_num_threads(1)
-        try:
-            on_one = median_call()
-        finally:
-            torch.set_num_threads(threads)
-    return 1e6 * (on_all - on_one)
+        best(small), best(large)  # threads started, rows in cache
+        on_all = best(small)
+        with threads(1):
+            on_one = best(small)
+            work = best(large) - on_one
+    return 1e6 * (on_all - (on_one - work + work / n))
 
 
 # -- one size and kind -------------------------------------------------------------------
@@ -382,7 +402,9 @@ def plot(report: dict, path: Path) -> None:
         ax.set_title(f"{size}\n{speeds} tok/s ({', '.join(kinds)})", fontsize=9)
         ax.set_ylabel("ms per decode step (batch 1)")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.legend(
+        handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False, markerscale=0.4
+    )
     m = report["machine"]
     fig.suptitle(f"Where a decode step goes, {m['threads']} threads, {m['cpu']}", fontsize=9)
     fig.tight_layout(rect=(0, 0.1, 1, 1))

@@ -49,5 +49,6 @@ def test_a_tiny_gguf_is_profiled_and_its_parts_add_up(tmp_path, monkeypatch):
         assert sum(row[part] for part in step_profile.STACK) == pytest.approx(row["step_ms"])
         assert 0 <= row["attention_ms"] <= row["layers_ms"]
         assert row["layer_split"]["context"] == result["prompt_tokens"] + 2
-        assert row["kernel_calls"] == 5 * 2 + 1
+        assert row["kernel_calls"] == 5 * 2 + 1 and row["sync_ms"] >= 0
+        assert row["layer_split"]["threads_speedup"] > 0
         assert row["weight_read_bound_ms"] > 0 and row["tok_s"] > 0
