@@ -142,6 +142,7 @@ DELEGATED = {
 BENCHMARKS = {
     "engine": ("benchmarks.engine", "systems side by side on prompts"),
     "peers": ("benchmarks.peers", "selfspec against llama.cpp on one GGUF, alternating"),
+    "step": ("benchmarks.step_profile", "where a decode step goes, at several model sizes"),
     "sweep": ("benchmarks.sweep", "auto against off across batch sizes"),
     "kernels": ("benchmarks.kernels", "GPU kernels against the weight-read bound"),
     "serve": ("benchmarks.serve", "load through the gateway against the engine direct"),
