@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--per-kind", type=int, default=2, help="first N prompts of each kind")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
-    engine = Engine.from_pretrained(args.model)
+    # Dense bfloat16, as every checkout loads it (older ones keep no GGUF blocks).
+    engine = Engine.from_pretrained(args.model, dtype="bfloat16")
     prompts, per_kind = [], {}
     for line in filter(str.strip, PROMPTS.read_text().splitlines()):
         row = json.loads(line)

@@ -248,7 +248,8 @@ def _backend(kept: str, device: str, backend: str | None):
     if kept != "gguf":
         return kernels_backend.choose(DTYPES[kept], device, backend)
     if (backend or "cpu") != "cpu" or device != "cpu":
-        raise ValueError(f"--weights gguf runs on the cpu backend, not {backend or device!r}")
+        where = f"backend {backend or 'default'!r} on {device!r}"
+        raise ValueError(f"--weights gguf runs on the cpu backend on the CPU, not {where}")
     # Arithmetic and the KV cache are float32 (`Model.kv_dtype`); dense leftovers bfloat16.
     return replace(kernels_backend.choose(torch.bfloat16, device, "cpu"), quantized=True)
 
