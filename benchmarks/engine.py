@@ -549,7 +549,9 @@ def run_all(
 def hf_dtype(engine: Engine) -> str:
     """transformers' dtype: the engine's dense one; float32 beside GGUF blocks, whose
     arithmetic is float32."""
-    return "float32" if engine.model.backend.quantized else str(engine.model.store_dtype)[6:]
+    if engine.model.backend.quantized:
+        return "float32"
+    return str(engine.model.store_dtype).removeprefix("torch.")
 
 
 def peers(args: argparse.Namespace) -> dict | None:

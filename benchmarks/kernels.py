@@ -199,12 +199,14 @@ def weight_bytes(model: Model) -> int:
     linears = [model.head] + [
         getattr(layer, n) for layer in model.layers for n in ("qkv", "o", "gate_up", "down")
     ]
-    total = 0
-    for lin in linears:
-        held = (lin.weight, lin.packed, lin.kernel and lin.kernel.data)
-        w = next(t for t in held if t is not None)
-        total += w.numel() * w.element_size()
-    return total
+    return sum(linear_bytes(lin) for lin in linears)
+
+
+def linear_bytes(lin) -> int:
+    """Bytes of one product's matrix, in whichever layout its backend holds it."""
+    held = (lin.weight, lin.packed, lin.kernel and lin.kernel.data)
+    w = next(t for t in held if t is not None)
+    return w.numel() * w.element_size()
 
 
 def bench_steps(shape: dict, args, device, timer: Timer, bandwidth: float) -> list[dict]:

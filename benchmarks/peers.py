@@ -234,7 +234,7 @@ def plot(report: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(report["results"])), 4))
     m = report["machine"]
-    title = f"{report['config']['model_name']}, batch 1, {m['threads']} threads\n{m['cpu']}"
+    title = f"{report['config']['model_name']}, batch 1, {m['torch_threads']} threads\n{m['cpu']}"
     draw(ax, report["results"], title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -274,7 +274,6 @@ def run(argv: list[str] | None = None) -> dict:
     prompts = load_prompts(args.prompts, engines["gguf"], args.limit)
     samples = alternate(runs, prompts, args)
     machine = machine_info()
-    machine["threads"] = torch.get_num_threads()
     report = {
         "config": {
             "model": args.model,

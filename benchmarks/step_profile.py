@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import synthetic_gguf
+from benchmarks import kernels, synthetic_gguf
 from benchmarks.engine import BandwidthProbe, machine_info
 from selfspec_kernels import cpu_attention, cpu_layers
 from services.engine import Engine, SamplingParams, checkpoint
@@ -109,9 +109,7 @@ def model_file(size: str) -> Path:
 
 
 def load(path: Path, kind: str) -> Engine:
-    if kind == "gguf":
-        return Engine.from_pretrained(str(path), weights="gguf", kv_cache_bytes=KV_BYTES)
-    return Engine.from_pretrained(str(path), dtype="bfloat16", kv_cache_bytes=KV_BYTES)
+    return Engine.from_pretrained(str(path), weights=kind, kv_cache_bytes=KV_BYTES)
 
 
 # -- the step, as the engine runs it --------------------------------------------------
@@ -295,10 +293,8 @@ def fork_join_us(model, repeats: int = 200) -> float:
 
 
 def weight_bytes(engine: Engine) -> dict[str, int]:
-    m = engine.model
-    layers = sum(x.kernel.data.nbytes for layer in m.layers for x in layer.linears)
-    head = m.head.kernel.data.nbytes
-    return {"layers": layers, "head": head, "total": layers + head}
+    total, head = kernels.weight_bytes(engine.model), kernels.linear_bytes(engine.model.head)
+    return {"layers": total - head, "head": head, "total": total}
 
 
 def profile(engine: Engine, ids: list[int], args, bandwidth: float) -> dict:
@@ -406,7 +402,7 @@ def plot(report: dict, path: Path) -> None:
         handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False, markerscale=0.4
     )
     m = report["machine"]
-    fig.suptitle(f"Where a decode step goes, {m['threads']} threads, {m['cpu']}", fontsize=9)
+    fig.suptitle(f"Where a decode step goes, {m['torch_threads']} threads, {m['cpu']}", fontsize=9)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -445,7 +441,6 @@ def main(argv: list[str] | None = None) -> int:
     probe = BandwidthProbe()
     results = {size: run_size(size, args, probe, progress) for size in args.sizes}
     machine = machine_info()
-    machine["threads"] = torch.get_num_threads()
     report = {
         "config": {
             "sizes": args.sizes,

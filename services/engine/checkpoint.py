@@ -201,9 +201,11 @@ def weights_for(
 def _gguf_runs(model: str | os.PathLike, device: str, backend: str | None) -> bool:
     if str(model) != "default" and Path(model).suffix != ".gguf":
         return False
-    if device != "cpu" or (backend or os.environ.get("SELFSPEC_BACKEND") or "cpu") != "cpu":
-        return False
+    from selfspec_kernels import backend as kernels_backend
     from selfspec_kernels import cpu_quant
+
+    if device != "cpu" or (backend or os.environ.get(kernels_backend.ENV) or "cpu") != "cpu":
+        return False
 
     if not cpu_quant.available():
         log.warning("GGUF blocks can't run here (%s); bfloat16", cpu_quant.unavailable_reason())

@@ -32,7 +32,7 @@ def test_a_tiny_gguf_is_profiled_and_its_parts_add_up(tmp_path, monkeypatch):
     assert step_profile.main([*argv, "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "step_profile.json").read_text())
     assert (tmp_path / "step_profile.png").stat().st_size > 0
-    assert report["machine"]["threads"] >= 1 and report["machine"]["cpu"]
+    assert report["machine"]["torch_threads"] >= 1 and report["machine"]["cpu"]
     result = report["results"][str(path)]
     assert result["model"]["layers"] == 2 and result["model"]["hidden"] == 64
 
