@@ -60,7 +60,7 @@ class IdTokenizer:
 
     eos_token_id = None
 
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+    def decode(self, ids, skip_special_tokens=True, clean_up_tokenization_spaces=False) -> str:
         return " ".join(map(str, ids))
 
 
