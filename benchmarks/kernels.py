@@ -328,7 +328,7 @@ def _attention_case(B, ctx, q_len, H, KV, D, device, timer: Timer) -> dict:
         )
 
     def paged():
-        return attention.paged_attention(q, cache, batch, KV, scale, "triton")
+        return attention.paged_attention_for("triton")(q, cache, batch, KV, scale)
 
     def reference():
         return attention.paged_attention_reference(q, cache, batch, KV, scale)

@@ -8,7 +8,7 @@
   KV write and paged attention), `cpu_layers` (all the layers of a pass in one call);
   `cpu_memory` puts tensors on huge pages.
 - Attention over the paged KV pool: `attention_batch` (where a pass's tokens sit),
-  `attention` (the references, and dispatch by backend).
+  `attention` (the references, and each backend's attention function).
 - Triton (GPU; the CPU runs them in Triton's interpreter): `triton_linear`
   (batch-invariant products), `triton_norm` (RMSNorm), `paged_attention`, `kv_append`;
   `triton_common` holds what their Python sides share.

@@ -3,7 +3,8 @@
 One call serves every step the engine takes: prefill chunks, single-token decode
 and multi-token verification, for a batch of sequences of different lengths.
 
-`impl` is the model's backend's attention (`selfspec_kernels.backend`): `triton` goes to
+`impl` is the model's backend's attention (`selfspec_kernels.backend`), and
+`paged_attention_for(impl)` its attention function: `triton` goes to
 the Triton kernels (`paged_attention`, `kv_append`), which read the pool
 through the block tables with no padding; `cpu`, with a batch built without the
 reference's fields (few-row passes), to `selfspec_kernels.cpu_attention`. The rest runs in
@@ -15,6 +16,8 @@ is in the pass, as greedy exactness needs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -24,7 +27,8 @@ __all__ = [
     "AttentionBatch",  # its home is selfspec_kernels.attention_batch; imported from here too
     "write_kv",
     "write_kv_reference",
-    "paged_attention",
+    "Attention",
+    "paged_attention_for",
     "paged_attention_reference",
     "paged_attention_by_query",
 ]
@@ -47,32 +51,37 @@ def write_kv_reference(kv_cache: torch.Tensor, batch: AttentionBatch, kv: torch.
     kv_cache.index_copy_(0, batch.slots, kv.to(kv_cache.dtype))
 
 
-def paged_attention(
-    q: torch.Tensor,
-    kv_cache: torch.Tensor,
-    batch: AttentionBatch,
-    num_kv_heads: int,
-    scale: float,
-    impl: str = "torch",
-) -> torch.Tensor:
-    """Attention of new queries `[T, H, D]` over the pool; returns `[T, H * D]`."""
-    if impl == "triton":
-        from selfspec_kernels.paged_attention import paged_attention as triton_attention
+# (q `[T, H, D]`, kv_cache, batch, num_kv_heads, scale) -> `[T, H * D]`
+Attention = Callable[[torch.Tensor, torch.Tensor, AttentionBatch, int, float], torch.Tensor]
 
-        return triton_attention(q, kv_cache, batch, num_kv_heads, scale)
-    if batch.mask is not None:
-        return paged_attention_reference(q, kv_cache, batch, num_kv_heads, scale)
+
+def paged_attention_for(impl: str = "torch") -> Attention:
+    """The attention of new queries over the pool on backend attention `impl`, found
+    once (a model keeps it) rather than on every call."""
+    if impl == "triton":
+        from selfspec_kernels import paged_attention
+
+        return paged_attention.paged_attention
     if impl == "cpu":
         from selfspec_kernels import cpu_attention
 
-        return cpu_attention.paged_attention(q, kv_cache, batch, num_kv_heads, scale)
-    return paged_attention_by_query(q, kv_cache, batch, num_kv_heads, scale)
+        kernel = cpu_attention.paged_attention
+    else:
+        kernel = paged_attention_by_query
+
+    def attend(q, kv_cache, batch: AttentionBatch, num_kv_heads: int, scale: float):
+        # A batch built with the reference's fields (a bulk pass: prefill, many rows) runs
+        # padded, in one call.
+        run = paged_attention_reference if batch.mask is not None else kernel
+        return run(q, kv_cache, batch, num_kv_heads, scale)
+
+    return attend
 
 
 def paged_attention_reference(
     q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch, num_kv_heads: int, scale: float
 ) -> torch.Tensor:
-    """What `paged_attention` computes, on any device: pad, gather, mask, SDPA."""
+    """What every `paged_attention_for` computes, on any device: pad, gather, mask, SDPA."""
     if batch.mask is None:
         raise ValueError("this AttentionBatch was built without the reference's fields")
     T, H, D = q.shape
@@ -96,7 +105,7 @@ def paged_attention_reference(
 def paged_attention_by_query(
     q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch, num_kv_heads: int, scale: float
 ) -> torch.Tensor:
-    """What `paged_attention` computes, one query at a time over exactly the keys it
+    """What every `paged_attention_for` computes, one query at a time over exactly the keys it
     sees: the same shapes, so the same bits, whatever else the pass holds."""
     T, H, D = q.shape
     out = torch.empty(T, H * D, dtype=q.dtype, device=q.device)

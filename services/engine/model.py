@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from selfspec_kernels import cpu_attention, cpu_layers, cpu_memory
-from selfspec_kernels.attention import AttentionBatch, paged_attention, write_kv
+from selfspec_kernels.attention import AttentionBatch, paged_attention_for, write_kv
 from selfspec_kernels.backend import Backend
 from selfspec_kernels.cpu_quant import Quantized, quantized
 from services.engine.layers import FULL, Layer, LayerPlan, Linear, Norm, rms_norm, triton
@@ -82,6 +82,7 @@ class Model:
         self._head_weight = head_weight if self.head.packed is not None else None
         self.layers = [self._layer(f"model.layers.{i}.") for i in range(self.num_layers)]
         self.rope = _rope_table(c, self.head_dim, self.device)
+        self.attend = paged_attention_for(backend.attention)
         self._onto_huge_pages()
         if isinstance(self.embed, Quantized) and self.embed is head_weight:
             self.embed = self.head.kernel  # tied: one copy of the blocks, the head's
@@ -235,7 +236,7 @@ class Model:
 
     def _attention(self, layer: Layer, h, batch, kv_cache, rope, bulk: bool, fused: bool):
         """`fused`: one call to our CPU kernel, `rope` as (cos, sin) pairs; else `rope` is
-        complex and the steps are PyTorch's (and the kernels' through `paged_attention`)."""
+        complex and the steps are PyTorch's (and the kernels' through `self.attend`)."""
         T, H, KV, D = h.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = layer.qkv(h, bulk, layer.attn_norm)
         if fused:
@@ -252,7 +253,7 @@ class Model:
         kv = torch.cat((qk[:, H * D :], qkv[:, (H + KV) * D :]), 1)
         write_kv(kv_cache, batch, kv, impl)
         q = qk[:, : H * D].view(T, H, D)
-        return layer.o.add(paged_attention(q, kv_cache, batch, KV, self.scale, impl), h, bulk)
+        return layer.o.add(self.attend(q, kv_cache, batch, KV, self.scale), h, bulk)
 
     def _qk_norms(self, layer: Layer, qk: torch.Tensor, bulk: bool) -> torch.Tensor:
         """Qwen3's RMSNorms of each head's q and k (`[T, H + KV, D]`), row-invariant as the

@@ -67,6 +67,18 @@ FAULT_ENV = "SELFSPEC_FAULT"
 FAULTS = ("warmup", "steps")
 
 
+# Settings that `Engine.from_pretrained` takes under the same names.
+ENGINE_ARGS = (
+    "dtype",
+    "device",
+    "backend",
+    "weights",
+    "kv_cache_bytes",
+    "allow_draft_override",
+    "max_draft_configs",
+)
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     """What each engine replica loads; the `args` of the Serve application."""
@@ -147,17 +159,8 @@ class EngineServer:
         if self.settings.threads:
             torch.set_num_threads(self.settings.threads)
         s = self.settings
-        self.engine = Engine.from_pretrained(
-            s.model,
-            dtype=s.dtype,
-            device=s.device,
-            backend=s.backend,
-            weights=s.weights,
-            kv_cache_bytes=s.kv_cache_bytes,
-            max_waiting=s.engine_max_waiting,
-            allow_draft_override=s.allow_draft_override,
-            max_draft_configs=s.max_draft_configs,
-        )
+        passed = {name: getattr(s, name) for name in ENGINE_ARGS}
+        self.engine = Engine.from_pretrained(s.model, max_waiting=s.engine_max_waiting, **passed)
         if s.draft is not None:
             self.engine.default_draft = self._draft(s.draft)
         fault = _inject_fault(self.engine, os.environ.get(FAULT_ENV))
@@ -190,11 +193,7 @@ class EngineServer:
         return None
 
     def _draft(self, value):
-        from services.common.params import DraftConfig
-
-        cfg = DraftConfig.parse(value, self.engine.default_draft)
-        cfg.check_layers(self.engine.model.num_layers)
-        return cfg
+        return self.engine.draft_config(value)
 
     def _serve_metrics(self) -> ReplicaMetrics:
         metrics = ReplicaMetrics(self.engine, self.settings.model, self.replica_id)

@@ -17,6 +17,8 @@ pytestmark = pytest.mark.skipif(
     not cpu_attention.available(),
     reason=f"cpu_attention kernel unavailable: {cpu_attention.unavailable_reason()}",
 )
+# The engine's way to the kernel: a batch without the reference's fields goes to it.
+CPU_ATTENTION = attention.paged_attention_for("cpu")
 
 
 def _kernel_batch(tables, starts, lens, case: Case) -> AttentionBatch:
@@ -35,7 +37,7 @@ def test_matches_reference(case: Case, pool_dtype: torch.dtype) -> None:
     q, pool, tables, ref_batch = _setup(case, torch.float32)
     pool = pool.to(pool_dtype)
     batch = _kernel_batch(tables, list(case.starts), list(case.lens), case)
-    got = attention.paged_attention(q, pool, batch, case.kv_heads, case.head_dim**-0.5)
+    got = CPU_ATTENTION(q, pool, batch, case.kv_heads, case.head_dim**-0.5)
     torch.testing.assert_close(got, _reference(q, pool, ref_batch, case), rtol=2e-5, atol=2e-5)
 
 
@@ -50,7 +52,7 @@ def test_long_context_matches_reference(window: int | None, pool_dtype: torch.dt
     pool = pool.to(pool_dtype)
     q = q * 4  # sharper softmax: large score gaps exercise the exponential's range
     batch = _kernel_batch(tables, list(case.starts), list(case.lens), case)
-    got = attention.paged_attention(q, pool, batch, case.kv_heads, 0.125)
+    got = CPU_ATTENTION(q, pool, batch, case.kv_heads, 0.125)
     torch.testing.assert_close(got, _reference(q, pool, ref_batch, case), rtol=2e-5, atol=2e-5)
 
 
@@ -63,21 +65,21 @@ def test_row_invariant(pool_dtype: torch.dtype, head_dim: int) -> None:
     q, pool, tables, _ = _setup(case, torch.float32, seed=3)
     pool = pool.to(pool_dtype)
     scale = case.head_dim**-0.5
-    full = attention.paged_attention(
+    full = CPU_ATTENTION(
         q, pool, _kernel_batch(tables, [61, 254, 7], [5, 4, 1], case), case.kv_heads, scale
     )
     row = 0
     for i, (start, n) in enumerate(zip(case.starts, case.lens, strict=True)):
         for j in range(n):
             batch = _kernel_batch([tables[i]], [start + j], [1], case)
-            alone = attention.paged_attention(q[row : row + 1], pool, batch, case.kv_heads, scale)
+            alone = CPU_ATTENTION(q[row : row + 1], pool, batch, case.kv_heads, scale)
             assert torch.equal(alone[0], full[row]), (i, j)
             row += 1
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         batch = _kernel_batch(tables, [61, 254, 7], [5, 4, 1], case)
-        one = attention.paged_attention(q, pool, batch, case.kv_heads, scale)
+        one = CPU_ATTENTION(q, pool, batch, case.kv_heads, scale)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, full)

@@ -66,13 +66,12 @@ def _run(model: Model) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
 
 def test_forward_on_kernels_equals_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     want = _run(_model("torch"))
-    model = _model("triton")
     calls = []
     kernel = paged_attention.paged_attention
     monkeypatch.setattr(
         paged_attention, "paged_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k)
     )
-    got = _run(model)
+    got = _run(_model("triton"))  # a model finds its attention when made
     assert len(calls) == 4  # two passes of two layers
     for a, b in zip(got[:2], want[:2], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -147,7 +147,7 @@ def test_engine_dispatch_uses_triton_on_cuda() -> None:
     case = CASES[1]
     q, pool, _, batch = _setup(case, torch.bfloat16)
     dev = _to(batch, "cuda")
-    got = attention.paged_attention(q.cuda(), pool.cuda(), dev, case.kv_heads, 0.25, "triton")
+    got = attention.paged_attention_for("triton")(q.cuda(), pool.cuda(), dev, case.kv_heads, 0.25)
     want = paged_attention(q.cuda(), pool.cuda(), dev, case.kv_heads, 0.25)
     assert torch.equal(got, want)
 
@@ -165,7 +165,7 @@ def test_by_query_matches_the_padded_reference(case: Case, dtype: torch.dtype) -
     q, pool, tables, full = _setup(case, dtype)
     lean = AttentionBatch.build(tables, list(case.starts), list(case.lens), case.block_size,
                                 sliding_window=case.window, reference=False)  # fmt: skip
-    got = attention.paged_attention(q, pool, lean, case.kv_heads, case.head_dim**-0.5, "torch")
+    got = attention.paged_attention_for("torch")(q, pool, lean, case.kv_heads, case.head_dim**-0.5)
     assert got.dtype == dtype
     tol = TOL[dtype]
     torch.testing.assert_close(got.float(), _reference(q, pool, full, case), rtol=tol, atol=tol)
@@ -180,7 +180,7 @@ def test_by_query_is_batch_invariant() -> None:
     def run(seqs, starts, lens, rows):
         batch = AttentionBatch.build([tables[i] for i in seqs], starts, lens, case.block_size,
                                      reference=False)  # fmt: skip
-        return attention.paged_attention(q[rows], pool, batch, case.kv_heads, 0.25, "torch")
+        return attention.paged_attention_for("torch")(q[rows], pool, batch, case.kv_heads, 0.25)
 
     verified = run([0, 1], [61, 190], [5, 2], slice(None))
     for t in range(5):
