@@ -63,8 +63,6 @@ def _load(args):
 
 
 def _draft(args, engine):
-    from services.common.params import DraftConfig
-
     overrides = {}
     if args.draft:
         overrides["mode"] = args.draft
@@ -72,9 +70,7 @@ def _draft(args, engine):
         overrides["max_draft"] = args.max_draft
     if args.exit_layer is not None:
         overrides["exit_layer"] = args.exit_layer
-    elif args.draft == "early_exit" and engine.default_draft.exit_layer is None:
-        overrides["exit_layer"] = engine.model.num_layers * 3 // 4
-    return DraftConfig.parse(overrides, engine.default_draft)
+    return engine.draft_config(overrides)
 
 
 def cmd_prepare(args) -> int:

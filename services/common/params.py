@@ -191,6 +191,15 @@ class DraftConfig:
                 return "early_exit"
         return None
 
+    def filled(self, num_layers: int) -> DraftConfig:
+        """This config with the layers its mode needs, where it names none, taken from the
+        untuned defaults: a mode name alone works on any model."""
+        if self.mode == "skip" and not self.skip_attn and not self.skip_mlp:
+            return replace(self, skip_attn=untuned_skip_attn(num_layers))
+        if self.mode == "early_exit" and self.exit_layer is None:
+            return replace(self, exit_layer=num_layers * 3 // 4)
+        return self
+
     def check_layers(self, num_layers: int) -> None:
         """Refuse layer numbers the model does not have, and skipping everything. The
         layer draft `auto` would run is held to what its mode would be."""
@@ -228,3 +237,8 @@ class DraftConfig:
                 raise ValueError(f"unknown draft settings: {', '.join(sorted(map(str, unknown)))}")
             return replace(default, **value)
         raise ValueError(f"draft must be a DraftConfig, a mode name or a dict, not {type(value)}")
+
+
+def untuned_skip_attn(num_layers: int) -> tuple[int, ...]:
+    """A model's skip set before tuning: the attention of every other middle layer."""
+    return tuple(range(num_layers // 4, 3 * num_layers // 4, 2))

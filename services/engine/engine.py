@@ -109,6 +109,13 @@ class Engine(Serving):
         """Token ids of a prompt (see `prompts.encode`)."""
         return prompts.encode(self.tokenizer, prompt, self.model.vocab_size, chat)
 
+    def draft_config(self, draft: DraftConfig | str | dict | None) -> DraftConfig:
+        """A request's drafting: its override over the model's default, with the layers a
+        mode named alone needs; raises ValueError for layers the model lacks."""
+        cfg = DraftConfig.parse(draft, self.default_draft).filled(self.model.num_layers)
+        cfg.check_layers(self.model.num_layers)
+        return cfg
+
     def add_request(
         self,
         prompt: str | list[int] | list[dict],
@@ -123,8 +130,7 @@ class Engine(Serving):
         """Validate and queue one request; `on_update(seq, finished)` runs on the engine's
         thread after every step that changes it. Raises ValueError or QueueFull."""
         params = params or SamplingParams()
-        cfg = DraftConfig.parse(draft, self.default_draft)
-        cfg.check_layers(self.model.num_layers)
+        cfg = self.draft_config(draft)
         ids = self.encode(prompt, chat)
         prompts.check_fits(ids, params, self.model.max_positions)
         request = Request(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from services.common.params import DraftConfig
+from services.common.params import DraftConfig, untuned_skip_attn
 from services.engine import checkpoint
 
 PROFILES = Path(__file__).parent / "profiles"
@@ -28,9 +28,8 @@ def load_profile(model_path: Path, num_layers: int) -> tuple[DraftConfig, bool]:
     """The model's default drafting (mode `auto`), and whether `auto` may use its layer
     draft: not where tuning measured the layer draft slower than none."""
     path = profile_path(model_path)
-    if not path.is_file():  # no tuned profile: skip the attention of every other middle layer
-        fields = {"skip_attn": tuple(range(num_layers // 4, 3 * num_layers // 4, 2))}
-        return DraftConfig(**fields, mode="auto"), True
+    if not path.is_file():
+        return DraftConfig(skip_attn=untuned_skip_attn(num_layers), mode="auto"), True
     profile = json.loads(path.read_text())
     fields, evidence = profile["draft"], profile.get("evidence", {})
     measured = evidence.get("measured_tokens_per_s", 1.0)

@@ -42,3 +42,26 @@ def test_a_server_can_refuse_per_request_drafting(bf16_engine):
     finally:
         eng.allow_draft_override = True
     assert_no_blocks_held(eng)
+
+
+@pytest.mark.parametrize("default", [DraftConfig(mode="ngram"), None], ids=["ngram", "profile"])
+def test_a_mode_name_alone_drafts(bf16_engine, default):
+    """`skip` and `early_exit` by name work whatever the default names: the layers they
+    need come from the untuned defaults where the default has none, and output is `off`'s."""
+    eng = bf16_engine
+    saved = eng.default_draft
+    if default is not None:
+        eng.default_draft = default
+    try:
+        want = eng.generate(PROMPTS[:2], PARAMS, "off")
+        for mode in ("skip", "early_exit"):
+            cfg = eng.draft_config(mode)
+            assert cfg.mode == mode and cfg.layer_mode == mode
+            got = eng.generate(PROMPTS[:2], PARAMS, mode)
+            assert [o.token_ids for o in got] == [o.token_ids for o in want], mode
+            assert sum(o.stats["drafted_tokens"] for o in got) > 0, mode
+        exit_layer = eng.default_draft.exit_layer or eng.model.num_layers * 3 // 4
+        assert eng.draft_config("early_exit").exit_layer == exit_layer
+    finally:
+        eng.default_draft = saved
+    assert_no_blocks_held(eng)
