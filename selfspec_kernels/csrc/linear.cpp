@@ -11,8 +11,6 @@
 
 namespace linear {
 
-enum Epi : int { EPI_NONE = 0, EPI_ADD = 1, EPI_SWIGLU = 2 };
-
 // The packed layout, [groups, ks, ROWS / 2, STEP, 2]: a group is ROWS weight rows (two
 // pairs, each pair interleaved so that one 32-bit lane holds both rows' bfloat16) and a
 // k-step is STEP columns (one 8-lane vector). The loops below are written for these
@@ -80,27 +78,6 @@ static inline void stream_steps(const Args& a, int64_t r0, const uint16_t* wg, i
   }
 }
 
-// The same products from the widened lines that `stream_steps` kept in `wide` (in L1):
-// no widening and no packed stream, so 3 rows (12 accumulators) fit the 16 registers.
-// The accumulators live in `accs` between chunks.
-template <int R>
-static inline void wide_steps(const Args& a, int64_t r0, int64_t s0, int64_t s1, const float* wide,
-                              __m256* accs) {
-  __m256 acc[R][4];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < 4; ++j) acc[r][j] = accs[r * 4 + j];
-  for (int64_t s = s0; s < s1; ++s) {
-    __m256 xv[R];
-    for (int r = 0; r < R; ++r) xv[r] = _mm256_loadu_ps(a.x + (r0 + r) * a.xs + s * 8);
-    for (int j = 0; j < 4; ++j) {
-      const __m256 w = _mm256_load_ps(wide + (s - s0) * 32 + j * 8);
-      for (int r = 0; r < R; ++r) acc[r][j] = _mm256_fmadd_ps(xv[r], w, acc[r][j]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < 4; ++j) accs[r * 4 + j] = acc[r][j];
-}
-
 // One or two rows: the whole group from the stream, accumulators in registers.
 template <int R>
 static inline void few_rows(const Args& a, int64_t g, const uint16_t* wg) {
@@ -125,10 +102,8 @@ static void many_rows(const Args& a, int64_t g, const uint16_t* wg, float* wide,
     for (int j = 0; j < 8; ++j) acc[j / 4][j % 4] = accs[j];
     stream_steps<2, true>(a, 0, wg, s0, s1, wide, acc);
     for (int j = 0; j < 8; ++j) accs[j] = acc[j / 4][j % 4];
-    int64_t r = 2;
-    for (; r + 3 <= a.m; r += 3) wide_steps<3>(a, r, s0, s1, wide, accs + r * 4);
-    if (r + 2 <= a.m) wide_steps<2>(a, r, s0, s1, wide, accs + r * 4), r += 2;
-    if (r < a.m) wide_steps<1>(a, r, s0, s1, wide, accs + r * 4);
+    // The other rows: every output column's 8 lanes of a step take the same 8 of x.
+    wide_rows<STEP, 0>(a.x, a.xs, 2, a.m, s0, s1, wide, accs);
   }
   for (int64_t r = 0; r < a.m; ++r) finish(a, r, g, accs + r * 4);
 }
@@ -261,7 +236,7 @@ at::Tensor linear_bf16_epi(const at::Tensor& x, const at::Tensor& w, int64_t n,
 }
 
 // One entry point per epilogue: Python names the epilogue by the function it calls, and
-// the numbers of `Epi` stay in this file.
+// the numbers of `Epi` (simd.h) stay in C++.
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, int64_t n,
                        const std::optional<at::Tensor>& bias, bool norm,
                        const std::optional<at::Tensor>& gain, double n_eps) {

@@ -6,14 +6,13 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <iterator>
 #include <utility>
 #include <vector>
 
 #include "simd.h"
 
 namespace quant {
-
-enum Epi : int { EPI_NONE = 0, EPI_ADD = 1, EPI_SWIGLU = 2 };
 
 // The GGUF block formats, by their ggml type ids (gguf.GGMLQuantizationType), which
 // selfspec_kernels/cpu_quant.py passes with each matrix: the row length can't tell them
@@ -30,30 +29,23 @@ enum Format : int {
 };
 constexpr int64_t QK = 32;  // weights per sub-block: what `dequant` yields at a time
 
-// Bytes per block of format f (0: no format of ours), and its sub-blocks of QK weights:
-// the K formats' super-blocks hold 8.
-constexpr int64_t block_bytes(int64_t f) {
-  switch (f) {
-    case Q4_0:
-      return 18;
-    case Q4_1:
-      return 20;
-    case Q5_0:
-      return 22;
-    case Q5_1:
-      return 24;
-    case Q8_0:
-      return 34;
-    case Q4_K:
-      return 144;
-    case Q5_K:
-      return 176;
-    case Q6_K:
-      return 210;
-  }
-  return 0;
+// Each format's bytes per block and its sub-blocks of QK weights (the K formats'
+// super-blocks hold 8): the one list of the formats, which `run_format` dispatches over.
+struct FormatInfo {
+  int format;
+  int64_t bytes, subs;
+};
+constexpr FormatInfo FORMATS[] = {{Q4_0, 18, 1}, {Q4_1, 20, 1},  {Q5_0, 22, 1},  {Q5_1, 24, 1},
+                                  {Q8_0, 34, 1}, {Q4_K, 144, 8}, {Q5_K, 176, 8}, {Q6_K, 210, 8}};
+
+// Format f's entry; an unknown f gets 0 bytes (what `linear_q_epi` checks) and 1 sub-block.
+constexpr FormatInfo info(int64_t f) {
+  for (const FormatInfo& i : FORMATS)
+    if (i.format == f) return i;
+  return {0, 0, 1};
 }
-constexpr int64_t subs(int64_t f) { return f == Q4_K || f == Q5_K || f == Q6_K ? 8 : 1; }
+constexpr int64_t block_bytes(int64_t f) { return info(f).bytes; }
+constexpr int64_t subs(int64_t f) { return info(f).subs; }
 
 struct Args {
   const float* x;  // [m, K], row stride xs
@@ -295,26 +287,6 @@ static inline void stream_blocks(const Args& a, int64_t r0, const uint8_t* wr, i
   std::memcpy(sums, acc, sizeof(acc));
 }
 
-// The same products from the blocks that `stream_blocks` kept in `wide` (in L1), for 3
-// rows at most (12 accumulators), which live in `accs` between chunks.
-template <int R>
-static inline void wide_blocks(const Args& a, int64_t r0, int64_t b0, int64_t b1, const float* wide,
-                               __m256* accs) {
-  __m256 acc[R][4];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < 4; ++j) acc[r][j] = accs[r * 4 + j];
-  for (int64_t b = b0; b < b1; ++b)
-    for (int j = 0; j < 4; ++j) {
-      const __m256 w = _mm256_load_ps(wide + (b - b0) * QK + 8 * j);
-      for (int r = 0; r < R; ++r) {
-        const __m256 xv = _mm256_loadu_ps(a.x + (r0 + r) * a.xs + b * QK + 8 * j);
-        acc[r][j] = _mm256_fmadd_ps(xv, w, acc[r][j]);
-      }
-    }
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < 4; ++j) accs[r * 4 + j] = acc[r][j];
-}
-
 // One output's four accumulators summed in one fixed order.
 static inline float total(const __m256* acc) {
   return hsum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
@@ -354,10 +326,8 @@ static void many_rows(const Args& a, const uint8_t* wr, Scratch& s, float* out) 
     for (int j = 0; j < 8; ++j) acc[j / 4][j % 4] = accs[j];
     stream_blocks<F, 2, true>(a, 0, wr, b0, b1, wide, acc);
     for (int j = 0; j < 8; ++j) accs[j] = acc[j / 4][j % 4];
-    int64_t r = 2;
-    for (; r + 3 <= a.m; r += 3) wide_blocks<3>(a, r, b0, b1, wide, accs + r * 4);
-    if (r + 2 <= a.m) wide_blocks<2>(a, r, b0, b1, wide, accs + r * 4), r += 2;
-    if (r < a.m) wide_blocks<1>(a, r, b0, b1, wide, accs + r * 4);
+    // The other rows: a sub-block's 4 vectors are eighths of one output's 32 weights.
+    wide_rows<QK, 8>(a.x, a.xs, 2, a.m, b0, b1, wide, accs);
   }
   for (int64_t r = 0; r < a.m; ++r) out[r] = total(accs + r * 4);
 }
@@ -412,25 +382,14 @@ static void run(const Args& a) {
   }
 }
 
+// run<F> for the F in FORMATS that is `format`: each format its own instantiation.
+template <size_t... I>
+static void run_format(const Args& a, int64_t format, std::index_sequence<I...>) {
+  (void)((format == FORMATS[I].format && (run<FORMATS[I].format>(a), true)) || ...);
+}
+
 static void run_format(const Args& a, int64_t format) {
-  switch (format) {
-    case Q4_0:
-      return run<Q4_0>(a);
-    case Q4_1:
-      return run<Q4_1>(a);
-    case Q5_0:
-      return run<Q5_0>(a);
-    case Q5_1:
-      return run<Q5_1>(a);
-    case Q8_0:
-      return run<Q8_0>(a);
-    case Q4_K:
-      return run<Q4_K>(a);
-    case Q5_K:
-      return run<Q5_K>(a);
-    case Q6_K:
-      return run<Q6_K>(a);
-  }
+  run_format(a, format, std::make_index_sequence<std::size(FORMATS)>{});
 }
 
 static const float* float_vector(const std::optional<at::Tensor>& t, int64_t size,
