@@ -91,10 +91,33 @@ def selfspec_run(engine: Engine, mode: str) -> Run:
     return run
 
 
+def llama_cpp_extra_buffers() -> bool:
+    """Whether llama.cpp may repack weights into its extra buffer types. Not on a CPU with
+    AMX: there llama-cpp-python 0.3.36 (built with GGML_NATIVE) repacks the GGUF for AMX
+    and its first pass dies of a general protection fault in libggml-cpu (seen on an
+    Intel Xeon under KVM, 2026-12-04), so it runs its AVX-512 kernels instead."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return not any(line.startswith("flags") and " amx_tile" in line for line in f)
+    except OSError:
+        return True
+
+
 def llama_cpp_run(gguf: Path, lookup: bool) -> Run:
+    import llama_cpp
     from llama_cpp import Llama
     from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
+    module = llama_cpp.llama_cpp  # where `Llama` takes its default model params from
+    if not llama_cpp_extra_buffers() and not hasattr(module, "with_extra_buffers"):
+        module.with_extra_buffers = module.llama_model_default_params
+
+        def without_extra_buffers():
+            params = module.with_extra_buffers()
+            params.use_extra_bufts = False
+            return params
+
+        module.llama_model_default_params = without_extra_buffers
     threads = torch.get_num_threads()
     draft = LlamaPromptLookupDecoding(num_pred_tokens=LOOKUP_TOKENS) if lookup else None
     llm = Llama(
@@ -283,6 +306,7 @@ def run(argv: list[str] | None = None) -> dict:
             "prompts": [p.id for p in prompts],
             "systems": args.systems,
             "backends": {k: e.model.backend.describe() for k, e in engines.items()},
+            "llama_cpp_extra_buffers": llama_cpp_extra_buffers(),
             "command": "python -m benchmarks.peers " + " ".join(argv or sys.argv[1:]),
         },
         "machine": machine,

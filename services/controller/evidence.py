@@ -29,12 +29,17 @@ class ModeStats:
                 mine[i] += int(n)
 
     def rates(self, min_drafted: int = 20) -> list[float]:
-        """Acceptance per draft position, as far as positions have enough drafts."""
+        """Acceptance per draft position given the tokens before it were accepted, as the
+        speedup model multiplies them, as far as positions have enough drafts. The counts
+        say how many drafts reached position i (`drafted[i]`) and how many had its token
+        and all before accepted (`accepted[i]`); those that reached it with all before
+        accepted are at most min(drafted[i], accepted[i - 1]), so the rates err low."""
         out = []
-        for d, a in zip(self.drafted, self.accepted, strict=False):
-            if d < min_drafted:
+        for i, (d, a) in enumerate(zip(self.drafted, self.accepted, strict=False)):
+            told = d if i == 0 else min(d, self.accepted[i - 1])
+            if told < min_drafted:
                 break
-            out.append(a / d)
+            out.append(a / told)
         return out
 
     @property

@@ -108,3 +108,28 @@ def test_a_smaller_batch_in_the_bucket_is_set_against_its_own_size():
         costs.observe_verify(16, 16, 0.048)
         costs.observe_verify(12, 15, 0.045)
     assert abs(costs.per_token[16] - 0.003) < 2e-4
+
+
+def test_acceptance_is_per_position_given_the_tokens_before():
+    """The speedup model multiplies the rates, so each must be conditional on the tokens
+    before it: all-or-nothing drafts (n-gram copies) accepted half the time give rates
+    1/2, 1, 1, 1, in the engine's policy and in the controller's evidence alike; counted
+    over every draft that reached a position they would read 1/2 throughout, and the
+    model would expect 1.94 tokens from a 4-token draft instead of 3."""
+    from services.common.speedup import speedups
+    from services.controller.evidence import ModeStats
+    from services.engine.drafting.policy import Acceptance
+
+    acc = Acceptance(prior=(0.0, 1e-9))
+    stats = ModeStats()
+    for accepted in [4, 0] * 50:
+        acc.update(4, accepted)
+        stats.add(1, [1, 1, 1, 1], [1] * accepted + [0] * (4 - accepted))
+    rates = [acc.rate(i) for i in range(4)]
+    assert [round(r, 2) for r in rates] == [0.47, 1.0, 1.0, 1.0]  # recent drafts weigh more
+    assert stats.rates() == [0.5, 1.0, 1.0, 1.0]
+    tokens = speedups(stats.rates(), 0.0, 0.0)[-1]  # no costs: the tokens a verification yields
+    assert tokens == 3.0
+    acc = Acceptance(prior=(0.0, 1e-9))
+    acc.update(4, 1)  # the first accepted, the second rejected: the last two untold
+    assert [c[1] for c in acc.counts] == [1.0, 1.0]

@@ -39,7 +39,10 @@ DRAFT_COST_PRIOR = 0.6  # a layer draft pass's cost, relative to a plain step, u
 
 @dataclass
 class Acceptance:
-    """Running (accepted, drafted) counts per draft position, with a prior."""
+    """Running (accepted, told) counts per draft position, with a prior: a position is
+    told when every token before it was accepted, so `rate(i)` is the chance that token i
+    is accepted given those before it were, as the speedup model multiplies them. (All
+    drafts counted, an n-gram's all-or-nothing copies would look ever worse further out.)"""
 
     prior: tuple[float, float]
     counts: list[list[float]] = field(default_factory=list)
@@ -51,10 +54,12 @@ class Acceptance:
         return a / n
 
     def update(self, drafted: int, accepted: int, start: int = 0) -> None:
-        """`drafted` tokens at positions from `start`, of which the first `accepted` were."""
-        while len(self.counts) < start + drafted:
+        """`drafted` tokens at positions from `start`, of which the first `accepted` were:
+        those and the first rejected one are told, the rest not."""
+        told = min(drafted, accepted + 1)
+        while len(self.counts) < start + told:
             self.counts.append([0.0, 0.0])
-        for i in range(drafted):
+        for i in range(told):
             c = self.counts[start + i]
             c[0] = c[0] * DECAY + (1.0 if i < accepted else 0.0)
             c[1] = c[1] * DECAY + 1.0
