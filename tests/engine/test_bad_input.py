@@ -42,7 +42,6 @@ def draft_errors(num_layers):
     return [
         (DraftConfig(mode="skip", skip_attn=(num_layers,)), "layers"),
         (DraftConfig(mode="skip", skip_mlp=(-1,)), "layers"),
-        (DraftConfig(mode="skip"), "at least one"),
         (
             DraftConfig(
                 mode="skip", skip_attn=tuple(range(num_layers)), skip_mlp=tuple(range(num_layers))
@@ -50,8 +49,7 @@ def draft_errors(num_layers):
             "every sublayer",
         ),
         (DraftConfig(mode="early_exit", exit_layer=num_layers), "exit_layer"),
-        (DraftConfig(mode="early_exit"), "exit_layer"),
-    ]
+    ]  # a mode alone (no layers) drafts: test_draft_configs.py
 
 
 def test_engine_refuses_bad_requests_and_keeps_no_blocks(engine):
