@@ -36,6 +36,7 @@ import torch
 
 from benchmarks.kernels import weight_bytes
 from selfspec_kernels import cpu_memory
+from services.common.params import untuned_exit_layer
 from services.engine import DraftConfig, Engine, SamplingParams, checkpoint
 
 HF_SYSTEMS = ("hf_generate", "hf_early_exit")
@@ -593,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     exit_layer = args.exit_layer
     if exit_layer is None:
-        exit_layer = engine.model.num_layers * 3 // 4
+        exit_layer = untuned_exit_layer(engine.model.num_layers)
     prompts = load_prompts(args.prompts, engine, args.limit)
     gens = generators(engine, args, exit_layer)
     probe = BandwidthProbe()

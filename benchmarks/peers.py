@@ -31,6 +31,7 @@ import torch
 
 from benchmarks import kernels
 from benchmarks.engine import DEFAULT_PROMPTS, Prompt, load_prompts, machine_info
+from selfspec_kernels.cpu_build import cpu_flags
 from services.engine import DraftConfig, Engine, SamplingParams, checkpoint
 
 SELFSPEC = ("off", "auto", "ngram", "skip", "dense_off", "dense_auto")
@@ -96,11 +97,8 @@ def llama_cpp_extra_buffers() -> bool:
     AMX: there llama-cpp-python 0.3.36 (built with GGML_NATIVE) repacks the GGUF for AMX
     and its first pass dies of a general protection fault in libggml-cpu (seen on an
     Intel Xeon under KVM, 2026-12-04), so it runs its AVX-512 kernels instead."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return not any(line.startswith("flags") and " amx_tile" in line for line in f)
-    except OSError:
-        return True
+    flags = cpu_flags()
+    return flags is None or "amx_tile" not in flags
 
 
 def llama_cpp_run(gguf: Path, lookup: bool) -> Run:

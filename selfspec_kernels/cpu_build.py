@@ -35,17 +35,24 @@ CSRC = Path(__file__).with_name("csrc")
 _LOCAL_INCLUDE = re.compile(r'^#include "[^"]+"$', re.MULTILINE)
 
 
-def _cpu_supported() -> str | None:
-    """None when this CPU has AVX2 and FMA, else why not."""
+def cpu_flags() -> set[str] | None:
+    """This CPU's feature flags as /proc/cpuinfo lists them; None where it does not."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    missing = {"avx2", "fma"} - flags
-                    return f"CPU lacks {', '.join(sorted(missing))}" if missing else None
+                    return set(line.split(":", 1)[1].split())
     except OSError:
         pass
+    return None
+
+
+def _cpu_supported() -> str | None:
+    """None when this CPU has AVX2 and FMA, else why not."""
+    flags = cpu_flags()
+    if flags is not None:
+        missing = {"avx2", "fma"} - flags
+        return f"CPU lacks {', '.join(sorted(missing))}" if missing else None
     cap = torch.backends.cpu.get_cpu_capability()
     if cap in ("AVX2", "AVX512"):
         return None  # every x86 CPU with AVX2 that PyTorch dispatches to also has FMA

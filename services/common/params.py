@@ -197,7 +197,7 @@ class DraftConfig:
         if self.mode == "skip" and not self.skip_attn and not self.skip_mlp:
             return replace(self, skip_attn=untuned_skip_attn(num_layers))
         if self.mode == "early_exit" and self.exit_layer is None:
-            return replace(self, exit_layer=num_layers * 3 // 4)
+            return replace(self, exit_layer=untuned_exit_layer(num_layers))
         return self
 
     def check_layers(self, num_layers: int) -> None:
@@ -242,3 +242,8 @@ class DraftConfig:
 def untuned_skip_attn(num_layers: int) -> tuple[int, ...]:
     """A model's skip set before tuning: the attention of every other middle layer."""
     return tuple(range(num_layers // 4, 3 * num_layers // 4, 2))
+
+
+def untuned_exit_layer(num_layers: int) -> int:
+    """A model's early exit before tuning: three quarters of the way up."""
+    return num_layers * 3 // 4

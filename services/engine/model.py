@@ -154,7 +154,7 @@ class Model:
         w = w.to(device=self.device, dtype=self._dtype)
         if gain is not None and self.fold:
             w = w.float() * self._gain(gain, force=True)
-        return w.to(device=self.device, dtype=self.store_dtype).contiguous()
+        return w.to(self.store_dtype).contiguous()
 
     def _gain(self, name: str, force: bool = False) -> torch.Tensor | None:
         """An RMSNorm gain with the sqrt(n) that `normalize` leaves out, unless folded."""
