@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cselfspec/v1/generation.proto\x12\x0bselfspec.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xbe\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12\x31\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x15.selfspec.v1.TokenIdsH\x00\x12)\n\x08messages\x18\x05 \x01(\x0b\x32\x15.selfspec.v1.MessagesH\x00\x12\x17\n\nmax_tokens\x18\n \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x0b \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x0c \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\r \x01(\rH\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x0e \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x0f \x03(\t\x12\x16\n\x0estop_token_ids\x18\x10 \x03(\r\x12\x12\n\nignore_eos\x18\x11 \x01(\x08\x12&\n\x05\x64raft\x18\x14 \x01(\x0b\x32\x17.google.protobuf.StructB\x07\n\x05inputB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"2\n\x08Messages\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.selfspec.v1.Message\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xcb\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x16\n\x0e\x64rafted_tokens\x18\x04 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x05 \x01(\r\x12\x14\n\x0cverify_steps\x18\x06 \x01(\r\x12\x16\n\x0e\x64raft_fallback\x18\x07 \x01(\x08\x12\x13\n\x0bpreemptions\x18\x08 \x01(\r\"\xb0\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.selfspec.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.selfspec.v1.Usage\x12\x12\n\nreplica_id\x18\x06 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xac\x02\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x15\n\rmax_model_len\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12.\n\rdefault_draft\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x16\n\x0e\x63onfig_version\x18\x08 \x01(\x04\x12\x34\n\x07\x62\x61\x63kend\x18\t \x03(\x0b\x32#.selfspec.v1.ModelInfo.BackendEntry\x1a.\n\x0c\x42\x61\x63kendEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xaf\x02\n\nGeneration\x12I\n\x08Generate\x12\x1c.selfspec.v1.GenerateRequest\x1a\x1d.selfspec.v1.GenerateResponse0\x01\x12L\n\rGenerateUnary\x12\x1c.selfspec.v1.GenerateRequest\x1a\x1d.selfspec.v1.GenerateResponse\x12H\n\x0cGetModelInfo\x12 .selfspec.v1.GetModelInfoRequest\x1a\x16.selfspec.v1.ModelInfo\x12>\n\x05\x41\x62ort\x12\x19.selfspec.v1.AbortRequest\x1a\x1a.selfspec.v1.AbortResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cselfspec/v1/generation.proto\x12\x0bselfspec.v1\x1a\x1cgoogle/protobuf/struct.proto\"\x96\x04\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12\x31\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x15.selfspec.v1.TokenIdsH\x00\x12)\n\x08messages\x18\x05 \x01(\x0b\x32\x15.selfspec.v1.MessagesH\x00\x12\x17\n\nmax_tokens\x18\n \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x0b \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x0c \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\r \x01(\rH\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x0e \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x0f \x03(\t\x12\x16\n\x0estop_token_ids\x18\x10 \x03(\r\x12\x12\n\nignore_eos\x18\x11 \x01(\x08\x12\x0e\n\x01n\x18\x12 \x01(\rH\x06\x88\x01\x01\x12\x15\n\x08logprobs\x18\x13 \x01(\rH\x07\x88\x01\x01\x12\x12\n\x05min_p\x18\x15 \x01(\x02H\x08\x88\x01\x01\x12&\n\x05\x64raft\x18\x14 \x01(\x0b\x32\x17.google.protobuf.StructB\x07\n\x05inputB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x04\n\x02_nB\x0b\n\t_logprobsB\x08\n\x06_min_p\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x90\x01\n\x08Messages\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.selfspec.v1.Message\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x1e\n\x16\x63ontinue_final_message\x18\x03 \x01(\x08\x42\x18\n\x16_add_generation_prompt\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xcb\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x16\n\x0e\x64rafted_tokens\x18\x04 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x05 \x01(\r\x12\x14\n\x0cverify_steps\x18\x06 \x01(\r\x12\x16\n\x0e\x64raft_fallback\x18\x07 \x01(\x08\x12\x13\n\x0bpreemptions\x18\x08 \x01(\r\"\xec\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.selfspec.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.selfspec.v1.Usage\x12\x12\n\nreplica_id\x18\x06 \x01(\t\x12\r\n\x05index\x18\x07 \x01(\r\x12+\n\x08logprobs\x18\x08 \x03(\x0b\x32\x19.selfspec.v1.TokenLogprob\"f\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12$\n\x03top\x18\x04 \x03(\x0b\x32\x17.selfspec.v1.TopLogprob\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"\x15\n\x13GetModelInfoRequest\"\xac\x02\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x15\n\rmax_model_len\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12.\n\rdefault_draft\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x16\n\x0e\x63onfig_version\x18\x08 \x01(\x04\x12\x34\n\x07\x62\x61\x63kend\x18\t \x03(\x0b\x32#.selfspec.v1.ModelInfo.BackendEntry\x1a.\n\x0c\x42\x61\x63kendEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"W\n\x0fTokenizeRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12)\n\x08messages\x18\x02 \x01(\x0b\x32\x15.selfspec.v1.MessagesH\x00\x42\x07\n\x05input\"<\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\"&\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xc7\x03\n\nGeneration\x12I\n\x08Generate\x12\x1c.selfspec.v1.GenerateRequest\x1a\x1d.selfspec.v1.GenerateResponse0\x01\x12L\n\rGenerateUnary\x12\x1c.selfspec.v1.GenerateRequest\x1a\x1d.selfspec.v1.GenerateResponse\x12H\n\x0cGetModelInfo\x12 .selfspec.v1.GetModelInfoRequest\x1a\x16.selfspec.v1.ModelInfo\x12>\n\x05\x41\x62ort\x12\x19.selfspec.v1.AbortRequest\x1a\x1a.selfspec.v1.AbortResponse\x12G\n\x08Tokenize\x12\x1c.selfspec.v1.TokenizeRequest\x1a\x1d.selfspec.v1.TokenizeResponse\x12M\n\nDetokenize\x12\x1e.selfspec.v1.DetokenizeRequest\x1a\x1f.selfspec.v1.DetokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,30 +34,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELINFO_BACKENDENTRY']._loaded_options = None
   _globals['_MODELINFO_BACKENDENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1422
-  _globals['_FINISHREASON']._serialized_end=1542
+  _globals['_FINISHREASON']._serialized_start=2060
+  _globals['_FINISHREASON']._serialized_end=2180
   _globals['_GENERATEREQUEST']._serialized_start=76
-  _globals['_GENERATEREQUEST']._serialized_end=522
-  _globals['_TOKENIDS']._serialized_start=524
-  _globals['_TOKENIDS']._serialized_end=547
-  _globals['_MESSAGES']._serialized_start=549
-  _globals['_MESSAGES']._serialized_end=599
-  _globals['_MESSAGE']._serialized_start=601
-  _globals['_MESSAGE']._serialized_end=641
-  _globals['_USAGE']._serialized_start=644
-  _globals['_USAGE']._serialized_end=847
-  _globals['_GENERATERESPONSE']._serialized_start=850
-  _globals['_GENERATERESPONSE']._serialized_end=1026
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1028
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1049
-  _globals['_MODELINFO']._serialized_start=1052
-  _globals['_MODELINFO']._serialized_end=1352
-  _globals['_MODELINFO_BACKENDENTRY']._serialized_start=1306
-  _globals['_MODELINFO_BACKENDENTRY']._serialized_end=1352
-  _globals['_ABORTREQUEST']._serialized_start=1354
-  _globals['_ABORTREQUEST']._serialized_end=1388
-  _globals['_ABORTRESPONSE']._serialized_start=1390
-  _globals['_ABORTRESPONSE']._serialized_end=1420
-  _globals['_GENERATION']._serialized_start=1545
-  _globals['_GENERATION']._serialized_end=1848
+  _globals['_GENERATEREQUEST']._serialized_end=610
+  _globals['_TOKENIDS']._serialized_start=612
+  _globals['_TOKENIDS']._serialized_end=635
+  _globals['_MESSAGES']._serialized_start=638
+  _globals['_MESSAGES']._serialized_end=782
+  _globals['_MESSAGE']._serialized_start=784
+  _globals['_MESSAGE']._serialized_end=824
+  _globals['_USAGE']._serialized_start=827
+  _globals['_USAGE']._serialized_end=1030
+  _globals['_GENERATERESPONSE']._serialized_start=1033
+  _globals['_GENERATERESPONSE']._serialized_end=1269
+  _globals['_TOKENLOGPROB']._serialized_start=1271
+  _globals['_TOKENLOGPROB']._serialized_end=1373
+  _globals['_TOPLOGPROB']._serialized_start=1375
+  _globals['_TOPLOGPROB']._serialized_end=1437
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1439
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1460
+  _globals['_MODELINFO']._serialized_start=1463
+  _globals['_MODELINFO']._serialized_end=1763
+  _globals['_MODELINFO_BACKENDENTRY']._serialized_start=1717
+  _globals['_MODELINFO_BACKENDENTRY']._serialized_end=1763
+  _globals['_ABORTREQUEST']._serialized_start=1765
+  _globals['_ABORTREQUEST']._serialized_end=1799
+  _globals['_ABORTRESPONSE']._serialized_start=1801
+  _globals['_ABORTRESPONSE']._serialized_end=1831
+  _globals['_TOKENIZEREQUEST']._serialized_start=1833
+  _globals['_TOKENIZEREQUEST']._serialized_end=1920
+  _globals['_TOKENIZERESPONSE']._serialized_start=1922
+  _globals['_TOKENIZERESPONSE']._serialized_end=1982
+  _globals['_DETOKENIZEREQUEST']._serialized_start=1984
+  _globals['_DETOKENIZEREQUEST']._serialized_end=2022
+  _globals['_DETOKENIZERESPONSE']._serialized_start=2024
+  _globals['_DETOKENIZERESPONSE']._serialized_end=2058
+  _globals['_GENERATION']._serialized_start=2183
+  _globals['_GENERATION']._serialized_end=2638
 # @@protoc_insertion_point(module_scope)

@@ -54,6 +54,16 @@ class GenerationStub:
                 request_serializer=selfspec_dot_v1_dot_generation__pb2.AbortRequest.SerializeToString,
                 response_deserializer=selfspec_dot_v1_dot_generation__pb2.AbortResponse.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/selfspec.v1.Generation/Tokenize',
+                request_serializer=selfspec_dot_v1_dot_generation__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=selfspec_dot_v1_dot_generation__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/selfspec.v1.Generation/Detokenize',
+                request_serializer=selfspec_dot_v1_dot_generation__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=selfspec_dot_v1_dot_generation__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServicer:
@@ -88,6 +98,20 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokenize(self, request, context):
+        """The token ids a prompt becomes, exactly as Generate would feed them to the model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detokenize(self, request, context):
+        """The text of token ids.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +134,16 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.Abort,
                     request_deserializer=selfspec_dot_v1_dot_generation__pb2.AbortRequest.FromString,
                     response_serializer=selfspec_dot_v1_dot_generation__pb2.AbortResponse.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=selfspec_dot_v1_dot_generation__pb2.TokenizeRequest.FromString,
+                    response_serializer=selfspec_dot_v1_dot_generation__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=selfspec_dot_v1_dot_generation__pb2.DetokenizeRequest.FromString,
+                    response_serializer=selfspec_dot_v1_dot_generation__pb2.DetokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +254,60 @@ class Generation:
             '/selfspec.v1.Generation/Abort',
             selfspec_dot_v1_dot_generation__pb2.AbortRequest.SerializeToString,
             selfspec_dot_v1_dot_generation__pb2.AbortResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/selfspec.v1.Generation/Tokenize',
+            selfspec_dot_v1_dot_generation__pb2.TokenizeRequest.SerializeToString,
+            selfspec_dot_v1_dot_generation__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/selfspec.v1.Generation/Detokenize',
+            selfspec_dot_v1_dot_generation__pb2.DetokenizeRequest.SerializeToString,
+            selfspec_dot_v1_dot_generation__pb2.DetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
