@@ -1,4 +1,5 @@
-"""`selfspec gateway`: run the gRPC gateway until SIGTERM or Ctrl-C, then drain."""
+"""`selfspec gateway`: run the gRPC gateway (and, with --http-listen, the OpenAI-compatible
+HTTP API) until SIGTERM or Ctrl-C, then drain."""
 
 from __future__ import annotations
 
@@ -28,7 +29,12 @@ log = logging.getLogger(__name__)
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="selfspec gateway", description=__doc__)
-    p.add_argument("--listen", default="127.0.0.1:50051", help="host:port to serve on")
+    p.add_argument("--listen", default="127.0.0.1:50051", help="host:port to serve gRPC on")
+    p.add_argument(
+        "--http-listen",
+        help="host:port to serve the OpenAI-compatible HTTP API on, with the same token and "
+        "TLS files (default: no HTTP; `selfspec serve` uses 127.0.0.1:8000)",
+    )
     p.add_argument(
         "--upstream",
         default=os.environ.get("SELFSPEC_UPSTREAM", "127.0.0.1:9000"),
@@ -111,6 +117,7 @@ def main(argv: list[str]) -> int:
             drain_seconds=args.drain_seconds,
             limits=Limits(args.max_in_flight, args.retry_after_ms),
             allow_insecure_token=args.allow_insecure_token,
+            http_listen=args.http_listen,
         )
         telemetry.setup_tracing("selfspec-gateway")  # no-op unless an exporter is configured
         if args.metrics_port:
@@ -161,6 +168,12 @@ async def _run(config: GatewayConfig) -> None:
         "calls in flight",
         flush=True,
     )
+    if server.http is not None:
+        web = "https" if config.tls_cert else "http"
+        print(
+            f"OpenAI-compatible API on {web}://{config.http_listen}/v1 (port {server.http.port})",
+            flush=True,
+        )
     await stop.wait()
     print(f"gateway draining for up to {config.drain_seconds:.0f} s", flush=True)
     await server.stop()

@@ -36,6 +36,11 @@ ACCEPTED_TOKENS = Counter("vllm:spec_decode_num_accepted_tokens", "Drafted token
 CALLS = Counter(
     "selfspec_gateway_calls", "Calls answered, by method and status.", ["method", "code"]
 )
+HTTP_CALLS = Counter(
+    "selfspec_gateway_http_requests",
+    "HTTP calls of the OpenAI-compatible API answered, by route and status code.",
+    ["route", "code"],
+)
 IN_FLIGHT = Gauge("selfspec_gateway_streams_in_flight", "Generation calls in flight.")
 
 

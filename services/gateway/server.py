@@ -172,6 +172,7 @@ class Gateway:
         self.draining = False
         self.ready = False  # an engine replica answered lately; see `watch_replicas`
         self._answered = 0.0  # when a replica last sent a call a message (monotonic)
+        self.model_info: pb.ModelInfo | None = None  # the last probe's answer
 
     # -- the service -------------------------------------------------------------------
 
@@ -192,12 +193,37 @@ class Gateway:
         return whole
 
     async def GetModelInfo(self, request, context) -> pb.ModelInfo:
+        return await self._ask(self.stub.GetModelInfo, request, context)
+
+    async def Tokenize(self, request, context) -> pb.TokenizeResponse:
+        await self._check_open(request, context)
+        checked = pb.GenerateRequest()  # api.prompt's limits, as for Generate
+        if request.HasField("prompt"):
+            checked.prompt = request.prompt
+        elif request.HasField("messages"):
+            checked.messages.CopyFrom(request.messages)
+        try:
+            api.prompt(checked)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return await self._ask(self.stub.Tokenize, request, context)
+
+    async def Detokenize(self, request, context) -> pb.DetokenizeResponse:
+        await self._check_open(request, context)
+        if len(request.token_ids) > api.MAX_PROMPT_TOKEN_IDS:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"token_ids has more than {api.MAX_PROMPT_TOKEN_IDS} ids",
+            )
+        return await self._ask(self.stub.Detokenize, request, context)
+
+    async def _ask(self, method, request, context):
+        """A unary call forwarded as it is, once the gateway is open and ready."""
         await self._check_open(request, context)
         await self._check_ready(context)
         try:
-            return await self.stub.GetModelInfo(
-                request, metadata=self._metadata(), timeout=context.time_remaining()
-            )
+            timeout = context.time_remaining()
+            return await method(request, metadata=self._metadata(), timeout=timeout)
         except grpc.aio.AioRpcError as err:
             await self._fail(context, *_status(err))
 
@@ -352,7 +378,7 @@ class Gateway:
         there, and so is one that sent a call a message meanwhile: a busy fleet is ready."""
         started = time.monotonic()
         try:
-            await self.stub.GetModelInfo(
+            self.model_info = await self.stub.GetModelInfo(
                 pb.GetModelInfoRequest(), metadata=self._metadata(), timeout=PROBE_TIMEOUT_S
             )
             return True
@@ -452,22 +478,27 @@ class GatewayConfig:
     limits: Limits = field(default_factory=Limits)
     # True: serve a bearer token in plaintext beyond loopback (the network encrypts it).
     allow_insecure_token: bool = False
+    # The OpenAI-compatible HTTP API (`openai_api`) on this address; None: no HTTP. It
+    # shares the token and the TLS files with gRPC.
+    http_listen: str | None = None
 
     def __post_init__(self) -> None:
         if self.tokens is None or self.tls_cert or self.allow_insecure_token:
             return
-        if not is_loopback(self.listen):
-            raise ValueError(
-                f"refusing to take a bearer token in plaintext on {self.listen}: anyone on "
-                "the path could read it and replay it. Serve TLS (--tls-cert and --tls-key), "
-                "listen on loopback behind a TLS-terminating proxy, or, where the network "
-                "encrypts the traffic itself (a service mesh with mTLS), pass "
-                "--allow-insecure-token"
-            )
+        for address in filter(None, (self.listen, self.http_listen)):
+            if not is_loopback(address):
+                raise ValueError(
+                    f"refusing to take a bearer token in plaintext on {address}: anyone on "
+                    "the path could read it and replay it. Serve TLS (--tls-cert and "
+                    "--tls-key), listen on loopback behind a TLS-terminating proxy, or, where "
+                    "the network encrypts the traffic itself (a service mesh with mTLS), pass "
+                    "--allow-insecure-token"
+                )
 
 
 class GatewayServer:
-    """The gRPC server around a `Gateway`, with health, reflection and draining."""
+    """The gRPC server around a `Gateway`, with health, reflection and draining, and the
+    OpenAI-compatible HTTP API in the same event loop when `http_listen` is set."""
 
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
@@ -487,6 +518,11 @@ class GatewayServer:
             self.health_server = grpc.aio.server()
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
             self.health_port = self.health_server.add_insecure_port(config.health_listen)
+        self.http = None
+        if config.http_listen:
+            from services.gateway.openai_api import HttpServer  # FastAPI only when asked for
+
+            self.http = HttpServer(self.gateway, config)
 
     def _bind(self, server: grpc.aio.Server, address: str) -> int:
         if self.config.tls_cert or self.config.tls_key:
@@ -507,6 +543,8 @@ class GatewayServer:
         await self.server.start()
         if self.health_server is not None:
             await self.health_server.start()
+        if self.http is not None:
+            await self.http.start()
         # `liveness` is SERVING while the process runs (a probe that restarts the gateway
         # must not fire because the engines are down); the others follow readiness.
         await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
@@ -527,6 +565,8 @@ class GatewayServer:
         for name in ("", SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.gateway.drain(self.config.drain_seconds)
+        if self.http is not None:
+            await self.http.stop()
         await self.server.stop(grace=1.0)
         if self.health_server is not None:
             await self.health_server.stop(grace=None)
@@ -553,6 +593,16 @@ def _handlers(gateway: Gateway) -> grpc.GenericRpcHandler:
             _counted("Abort", gateway.Abort),
             _parser(pb.AbortRequest),
             pb.AbortResponse.SerializeToString,
+        ),
+        "Tokenize": grpc.unary_unary_rpc_method_handler(
+            _counted("Tokenize", gateway.Tokenize),
+            _parser(pb.TokenizeRequest),
+            pb.TokenizeResponse.SerializeToString,
+        ),
+        "Detokenize": grpc.unary_unary_rpc_method_handler(
+            _counted("Detokenize", gateway.Detokenize),
+            _parser(pb.DetokenizeRequest),
+            pb.DetokenizeResponse.SerializeToString,
         ),
     }
     return grpc.method_handlers_generic_handler(SERVICE, methods)
