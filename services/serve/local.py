@@ -6,7 +6,9 @@ gateway, and the controller. Prints where each listens, shows progress while the
 engines load, and on Ctrl-C (or SIGTERM) stops everything in reverse order, the
 gateway draining first.
 
-Only the gateway's port is for clients. Serve's gRPC proxy listens on every interface
+Only the gateway's ports are for clients: gRPC on `--listen` (127.0.0.1:50051) and the
+OpenAI-compatible HTTP API on `--http-listen` (127.0.0.1:8000, the port vLLM uses; Serve's
+own HTTP proxy is moved aside to 8100 in fleet.yaml). Serve's gRPC proxy listens on every interface
 (Ray 2.60 binds it so, whatever the config says), so each fleet gets a new random
 internal credential, written 0600 to its log folder and handed to the replicas and the
 gateway only: the proxy's port refuses calls without it (`services.common.internal_auth`).
@@ -41,6 +43,7 @@ RAY_START_TRIES = 3
 class FleetOptions:
     config: dict = field(default_factory=lambda: load_config(DEFAULT_CONFIG))
     listen: str = "127.0.0.1:50051"
+    http_listen: str | None = "127.0.0.1:8000"  # the gateway's OpenAI API; None: no HTTP
     redis_url: str | None = None  # None: start our own
     num_cpus: int | None = None
     controller: bool = True
@@ -194,13 +197,18 @@ class Fleet:
     def _start_gateway(self) -> None:
         cmd = [sys.executable, "-m", "services.cli", "gateway", "--listen", self.options.listen]
         cmd += ["--upstream", self.upstream, "--app", self.app["name"], *self.options.gateway_args]
+        http = self.options.http_listen
+        if http:
+            cmd += ["--http-listen", http]
         env = {**self._env(), internal_auth.ENV_FILE: str(self.internal_token_file)}
         self.gateway = subprocess.Popen(
             cmd, env=env, stdout=self._log("gateway"), stderr=subprocess.STDOUT
         )
-        port = int(self.options.listen.rsplit(":", 1)[1])
+        # HTTP starts after gRPC: once it listens, both do.
+        port = int((http or self.options.listen).rsplit(":", 1)[1])
         wait_for_port(port, 30, self.gateway, "the gateway", self.log_dir / "gateway.log")
-        self.say(f"[4/5] gateway     grpc://{self.options.listen}")
+        line = f"[4/5] gateway     grpc://{self.options.listen}"
+        self.say(line + (f", OpenAI API http://{http}/v1" if http else ""))
 
     def restart_gateway(self) -> None:
         """A new gateway on the same address, after the old one has gone (or is stopped)."""
@@ -365,7 +373,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="generation calls the gateway forwards at once; past them it refuses at once "
         "with RESOURCE_EXHAUSTED (default 1024)",
     )
-    p.add_argument("--listen", default="127.0.0.1:50051", help="the gateway's address")
+    p.add_argument("--listen", default="127.0.0.1:50051", help="the gateway's gRPC address")
+    p.add_argument(
+        "--http-listen",
+        default="127.0.0.1:8000",
+        help="the gateway's OpenAI-compatible HTTP API (default %(default)s, the port vLLM "
+        "uses; `off`: none)",
+    )
     p.add_argument(
         "--allow-insecure-token",
         action="store_true",
@@ -401,6 +415,7 @@ def options_from(args: argparse.Namespace) -> FleetOptions:
     return FleetOptions(
         config=config,
         listen=args.listen,
+        http_listen=None if args.http_listen in ("", "off") else args.http_listen,
         redis_url=args.redis_url,
         num_cpus=args.num_cpus,
         controller=not args.no_controller,
@@ -433,6 +448,17 @@ def _at_least_one(flag: str, value: int) -> None:
         raise ValueError(f"{flag} must be at least 1")
 
 
+def _curl(http_listen: str | None) -> str:
+    """The OpenAI API's example, when it is on."""
+    if not http_listen:
+        return ""
+    body = '{"messages": [{"role": "user", "content": "Why is the sky blue?"}]}'
+    return (
+        f"  curl http://{http_listen}/v1/chat/completions -H 'Content-Type: application/json' "
+        f"-d '{body}'\n"
+    )
+
+
 def _interrupt(*_) -> None:
     raise KeyboardInterrupt  # SIGTERM stops the fleet as Ctrl-C does
 
@@ -452,7 +478,8 @@ def main(argv: list[str]) -> int:
         fleet.start()
         print(
             f"\nfleet ready. Try:\n  selfspec client --address {args.listen} --stream "
-            f"--prompt 'Why is the sky blue?'\nlogs in {fleet.log_dir}; Ctrl-C stops it all.",
+            f"--prompt 'Why is the sky blue?'\n{_curl(fleet.options.http_listen)}"
+            f"logs in {fleet.log_dir}; Ctrl-C stops it all.",
             flush=True,
         )
         while True:

@@ -39,9 +39,14 @@ def fleet_config(replicas: int = REPLICAS) -> dict:
 
 @contextlib.contextmanager
 def running_fleet(config: dict, log_dir, **options):
-    """A fleet of `config` with its gateway on a free port (no controller unless asked),
+    """A fleet of `config` with its gateway on free ports (no controller unless asked),
     stopped on the way out."""
-    options = {"listen": f"127.0.0.1:{free_port()}", "controller": False, **options}
+    options = {
+        "listen": f"127.0.0.1:{free_port()}",
+        "http_listen": f"127.0.0.1:{free_port()}",
+        "controller": False,
+        **options,
+    }
     fleet = Fleet(
         FleetOptions(config=config, log_dir=log_dir, **options),
         say=lambda line: print(line, file=sys.stderr),

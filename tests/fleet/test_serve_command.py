@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import yaml
 from fleet_helpers import fleet_config, free_port
@@ -21,9 +22,10 @@ def test_serve_then_client_then_ctrl_c(tmp_path):
     config = tmp_path / "fleet.yaml"
     config.write_text(yaml.safe_dump(fleet_config(replicas=1)))
     address, admin = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    http = f"127.0.0.1:{free_port()}"
     serve = subprocess.Popen(
         [*SELFSPEC, "serve", "--config", str(config), "--listen", address]
-        + ["--controller-admin", admin],
+        + ["--http-listen", http, "--controller-admin", admin],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -43,7 +45,7 @@ def test_serve_then_client_then_ctrl_c(tmp_path):
             "[1/5] redis",
             "[2/5] ray",
             "[3/5] serve",
-            f"[4/5] gateway     grpc://{address}",
+            f"[4/5] gateway     grpc://{address}, OpenAI API http://{http}/v1",
             f"[5/5] controller  admin grpc://{admin}",
         ):
             assert part in printed, printed
@@ -55,6 +57,8 @@ def test_serve_then_client_then_ctrl_c(tmp_path):
         )
         assert client.returncode == 0, client.stderr
         assert client.stdout.strip() and "completion 8" in client.stderr
+        with urllib.request.urlopen(f"http://{http}/health", timeout=30) as health:
+            assert health.status == 200
         status = subprocess.run(
             [*SELFSPEC, "controller", "status", "--json", "--admin", admin],
             capture_output=True,
@@ -71,5 +75,6 @@ def test_serve_then_client_then_ctrl_c(tmp_path):
     redis_port = int(printed.split("[1/5] redis")[1].split(":")[2].split("/")[0])
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", redis_port)) != 0, "redis-server left running"
-    with socket.socket() as s:
-        assert s.connect_ex(("127.0.0.1", int(address.rsplit(":", 1)[1]))) != 0, "gateway left"
+    for port in (address, http):
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", int(port.rsplit(":", 1)[1]))) != 0, "gateway left"
