@@ -432,11 +432,15 @@ def test_drain_fits_inside_the_grace_period(docs):
     assert pre_stop + drain < spec["terminationGracePeriodSeconds"]
 
 
-def test_gateway_service_speaks_grpc(docs):
+def test_gateway_service_speaks_grpc_and_http(docs):
     service = one(docs, "Service", "-gateway")
-    (port,) = service["spec"]["ports"]
-    assert port["appProtocol"] == "grpc" and port["targetPort"] == "grpc"
+    grpc_port, http_port = service["spec"]["ports"]
+    assert grpc_port["appProtocol"] == "grpc" and grpc_port["targetPort"] == "grpc"
+    assert http_port["appProtocol"] == "http" and http_port["port"] == 8000
     assert service["spec"]["selector"]["app.kubernetes.io/component"] == "gateway"
+    container = gateway(docs)["containers"][0]
+    assert arg(container, "--http-listen") == "0.0.0.0:8000"
+    assert {"name": "http", "containerPort": 8000} in container["ports"]
 
 
 def test_gateway_token_and_tls_come_from_secrets(case):
@@ -567,7 +571,7 @@ def test_only_the_gateway_is_open_to_everyone(docs):
             for rule in policy["spec"].get("ingress", []):
                 if not rule.get("from"):
                     assert labels["app.kubernetes.io/component"] == "gateway", where
-                    assert [p["port"] for p in rule["ports"]] == [50051]
+                    assert [p["port"] for p in rule["ports"]] == [50051, 8000]
 
 
 def _pod_labels(docs):
