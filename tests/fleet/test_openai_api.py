@@ -10,6 +10,7 @@ their own, started beside the fleet's.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 
@@ -99,7 +100,9 @@ def test_completions_sync_async_streaming_and_not(client, base_url):
     unary, parts = asyncio.run(both())
     assert unary.choices[0].text == choice.text
     assert "".join(p.choices[0].text for p in parts if p.choices) == choice.text
-    assert parts[-1].choices == [] and parts[-1].usage == whole.usage
+    usage = parts[-1].usage  # its drafting may differ from the first call's (`auto`)
+    assert parts[-1].choices == [] and usage.completion_tokens == whole.usage.completion_tokens
+    assert usage.prompt_tokens == whole.usage.prompt_tokens
     check_usage(whole.usage)
 
 
@@ -415,7 +418,10 @@ def test_overload_is_429_with_retry_after_and_draining_is_503(http_fleet):
                 draining = h.post("/v1/chat/completions", json=CHAT)
                 assert "draining" in openai_error(draining, 503)["message"]
                 rest = [line for line in lines if line.startswith("data: ")]
-            assert rest[-1] == "data: [DONE]" and '"finish_reason":"length"' in rest[-2]
+            assert rest[-1] == "data: [DONE]"
+            assert json.loads(rest[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == (
+                "length"
+            )
         assert gateway.wait(30) == 0
     finally:
         gateway.kill()
