@@ -264,6 +264,14 @@ def test_a_token_without_tls_beyond_loopback_is_refused_and_says_what_to_pass():
     GatewayConfig("0.0.0.0:50051")  # no token to leak
 
 
+def test_the_http_api_takes_no_token_in_plaintext_beyond_loopback_either():
+    tokens = TokenSource(value="t")
+    with pytest.raises(ValueError, match="plaintext on 0.0.0.0:8000"):
+        GatewayConfig("127.0.0.1:50051", tokens=tokens, http_listen="0.0.0.0:8000")
+    GatewayConfig("127.0.0.1:50051", tokens=tokens, http_listen="127.0.0.1:8000")
+    GatewayConfig("127.0.0.1:50051", tokens=tokens, http_listen="0.0.0.0:8000", tls_cert="c")
+
+
 def test_selfspec_gateway_refuses_to_start_with_a_token_in_plaintext(monkeypatch, capsys):
     monkeypatch.setenv("SELFSPEC_TOKEN", "t")
     monkeypatch.delenv("SELFSPEC_TOKEN_FILE", raising=False)

@@ -28,6 +28,8 @@ from fleet_helpers import (
     wait_until,
 )
 
+from services.gateway.server import GatewayConfig, GatewayServer, Upstream
+from services.gen.selfspec.v1 import generation_pb2 as pb
 from services.gen.selfspec.v1 import generation_pb2_grpc as pb_grpc
 from services.serve.local import free_port, wait_for_port
 
@@ -456,3 +458,45 @@ def openai_error(reply: httpx.Response, status: int) -> dict:
     assert set(error) == {"message", "type", "param", "code"}, error
     assert isinstance(error["message"], str) and error["message"]
     return error
+
+
+# -- without a fleet -----------------------------------------------------------------------
+
+
+class FailingUpstream(pb_grpc.GenerationServicer):
+    """Serve's proxy, sending one message of each stream and then losing its replica."""
+
+    async def GetModelInfo(self, request, context):
+        return pb.ModelInfo(model=MODEL, max_model_len=2048)
+
+    async def Generate(self, request, context):
+        yield pb.GenerateResponse(request_id=request.request_id, text="a", token_ids=[1])
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "replica lost")
+
+
+def test_an_error_after_the_stream_began_is_an_error_event():
+    async def scenario():
+        upstream = grpc.aio.server()
+        pb_grpc.add_GenerationServicer_to_server(FailingUpstream(), upstream)
+        port = upstream.add_insecure_port("127.0.0.1:0")
+        await upstream.start()
+        config = GatewayConfig(
+            "127.0.0.1:0", Upstream(f"127.0.0.1:{port}"), http_listen="127.0.0.1:0"
+        )
+        server = GatewayServer(config)
+        await server.start()
+        try:
+            base = f"http://127.0.0.1:{server.http.port}"
+            async with httpx.AsyncClient(base_url=base, timeout=30) as h:
+                reply = await h.post("/v1/completions", json={**COMPLETION, "stream": True})
+            return reply.status_code, reply.text
+        finally:
+            await server.stop()
+            await upstream.stop(None)
+
+    status, text = asyncio.run(scenario())
+    events = [line.removeprefix("data: ") for line in text.splitlines() if line]
+    assert status == 200 and events[-1] == "[DONE]", text
+    assert json.loads(events[0])["choices"][0]["text"] == "a"
+    error = json.loads(events[-2])["error"]
+    assert error["message"] == "replica lost" and error["type"] == "server_error", error
