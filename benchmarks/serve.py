@@ -8,6 +8,9 @@
    of `--rates`, drafting `auto` against `off` in the same run: throughput, latency
    percentiles, goodput under `--slo-ttft`/`--slo-tpot`, acceptance.
 
+`--api openai` sends both parts to the gateway's OpenAI HTTP API with the official
+`openai` client instead of its gRPC API.
+
 Writes `serve.json`, `serve_overhead.png` and `serve_load.png` under `--out`.
 """
 
@@ -55,6 +58,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--slo-tpot", type=float, default=0.25, help="seconds; goodput target")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip", choices=["overhead", "load"], help="leave one part out")
+    p.add_argument(
+        "--api",
+        choices=["grpc", "openai"],
+        default="grpc",
+        help="the gateway API the requests go through: gRPC, or OpenAI HTTP (`openai` client)",
+    )
     p.add_argument("--out", default="benchmarks/results")
     return p.parse_args(argv)
 
@@ -113,6 +122,28 @@ def gateway_sender(stub, max_tokens: int, draft: str):
     return send
 
 
+def openai_sender(client, model: str, max_tokens: int, draft: str):
+    async def send(messages: list[dict]) -> Timing:
+        start, first, tokens = time.perf_counter(), None, 0
+        stream = await client.chat.completions.create(
+            model=model,
+            messages=messages,
+            max_tokens=max_tokens,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"draft": {"mode": draft}, "ignore_eos": True},
+        )
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content and first is None:
+                first = time.perf_counter()
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+        return timing(start, first, time.perf_counter(), tokens)
+
+    return send
+
+
 def summarize(timings: list[Timing]) -> dict:
     def pct(values: list[float], q: float) -> float:
         values = sorted(values)
@@ -144,7 +175,12 @@ def start_fleet(args: argparse.Namespace, say):
     (engine,) = app["deployments"]
     engine.pop("autoscaling_config", None)
     engine["num_replicas"] = 1
-    options = FleetOptions(config=config, listen=f"127.0.0.1:{free_port()}", controller=False)
+    options = FleetOptions(
+        config=config,
+        listen=f"127.0.0.1:{free_port()}",
+        http_listen=f"127.0.0.1:{free_port()}",
+        controller=False,
+    )
     return Fleet(options, say=say).start()
 
 
@@ -180,18 +216,17 @@ def plot(report: dict, path: Path) -> None:
         ax.set_ylabel("ms (mean)")
         ax.set_xticks(levels)
         ax.legend()
-    fig.suptitle("The gateway's cost: engine called directly against the whole gRPC path")
+    api = "OpenAI HTTP" if report.get("api") == "openai" else "gRPC"
+    fig.suptitle(f"The gateway's cost: engine called directly against the whole {api} path")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def overhead_part(args, fleet) -> dict:
     """The engine direct, then the same requests through the gateway."""
-    import grpc
     import torch
 
     from services.engine import Engine
-    from services.gen.selfspec.v1 import generation_pb2_grpc as pb_grpc
 
     levels = [int(c) for c in args.concurrency.split(",")]
     messages = load_messages(args.requests)
@@ -205,14 +240,7 @@ def overhead_part(args, fleet) -> dict:
     backend = engine.model.backend.describe()
     engine.shutdown()
     torch.set_num_threads(threads)
-    print(f"overhead: grpc://{fleet.options.listen} -> Serve -> one replica", flush=True)
-
-    async def through_gateway() -> dict:
-        async with grpc.aio.insecure_channel(fleet.options.listen) as channel:
-            send = gateway_sender(pb_grpc.GenerationStub(channel), args.max_tokens, args.draft)
-            return await measure(send, messages, levels, "gateway")
-
-    gateway = asyncio.run(through_gateway())
+    gateway = asyncio.run(through_gateway(args, fleet, messages, levels))
     for c in levels:
         o = overhead(direct[c], gateway[c])
         print(
@@ -221,11 +249,40 @@ def overhead_part(args, fleet) -> dict:
             flush=True,
         )
     return {
+        "api": args.api,
         "backend": backend,
         "direct": {str(c): r for c, r in direct.items()},
         "gateway": {str(c): r for c, r in gateway.items()},
         "ratio": {str(c): overhead(direct[c], gateway[c]) for c in levels},
     }
+
+
+async def through_gateway(args, fleet, messages, levels: list[int]) -> dict:
+    """The overhead part's requests through the gateway, by `args.api`."""
+    if args.api == "openai":
+        import openai
+
+        address = fleet.options.http_listen
+        print(f"overhead: http://{address}/v1 -> Serve -> one replica", flush=True)
+        client = openai.AsyncOpenAI(base_url=f"http://{address}/v1", api_key="none", max_retries=0)
+        async with client:
+            model = (await client.models.list()).data[0].id
+            send = openai_sender(client, model, args.max_tokens, args.draft)
+            return await measure(send, messages, levels, "gateway")
+    import grpc
+
+    from services.gen.selfspec.v1 import generation_pb2_grpc as pb_grpc
+
+    print(f"overhead: grpc://{fleet.options.listen} -> Serve -> one replica", flush=True)
+    async with grpc.aio.insecure_channel(fleet.options.listen) as channel:
+        send = gateway_sender(pb_grpc.GenerationStub(channel), args.max_tokens, args.draft)
+        return await measure(send, messages, levels, "gateway")
+
+
+def turns_api(args, fleet) -> load.GrpcTurns | load.OpenAITurns:
+    if args.api == "openai":
+        return load.OpenAITurns(fleet.options.http_listen)
+    return load.GrpcTurns(fleet.options.listen)
 
 
 def load_part(args, fleet) -> dict:
@@ -235,7 +292,7 @@ def load_part(args, fleet) -> dict:
     for mode in args.modes.split(","):
         for rate in [float(r) for r in args.rates.split(",")]:
             t0 = time.perf_counter()
-            outcome, wall = asyncio.run(load.run_rate(fleet.options.listen, rate, mode, args))
+            outcome, wall = asyncio.run(load.run_rate(turns_api(args, fleet), rate, mode, args))
             row = load.summarize(outcome, wall, targets)
             results.setdefault(mode, {})[str(rate)] = row
             print(
@@ -244,7 +301,7 @@ def load_part(args, fleet) -> dict:
                 f"errors {row['errors'] or 0} ({time.perf_counter() - t0:.0f} s)",
                 flush=True,
             )
-    return {"targets": vars(targets), "by_mode": results}
+    return {"api": args.api, "targets": vars(targets), "by_mode": results}
 
 
 def main(argv: list[str]) -> int:
@@ -259,7 +316,9 @@ def main(argv: list[str]) -> int:
             plot(report["overhead"], out / "serve_overhead.png")
         if args.skip != "load":
             report["load"] = load_part(args, fleet)
-            load.plot(report["load"]["by_mode"], out / "serve_load.png")
+            api = "the OpenAI HTTP API" if args.api == "openai" else "gRPC"
+            title = f"Open-loop load through the gateway ({api}): drafting auto against off"
+            load.plot(report["load"]["by_mode"], out / "serve_load.png", title)
     finally:
         fleet.stop()
     (out / "serve.json").write_text(json.dumps(report, indent=2))
