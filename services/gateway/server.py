@@ -129,15 +129,52 @@ class Limits:
         return int(self.retry_after_ms * (1 + random.random() / 2))
 
 
+class _Choices:
+    """The `n` choices of one stream: the latest response of each, and which finished."""
+
+    SUMMED = ("completion_tokens", "drafted_tokens", "accepted_tokens", "verify_steps")
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.latest: dict[int, pb.GenerateResponse] = {}
+        self.done: set[int] = set()
+
+    def saw(self, response: pb.GenerateResponse) -> None:
+        self.latest[response.index] = response
+        if response.finish_reason:
+            self.done.add(response.index)
+
+    @property
+    def finished(self) -> bool:
+        """Every choice's last response is on its way: too late to abort."""
+        return len(self.done) == self.n
+
+    def usage(self, index: int) -> pb.Usage:
+        latest = self.latest.get(index)
+        return pb.Usage() if latest is None else latest.usage
+
+    def summary(self) -> pb.GenerateResponse | None:
+        """The stream as one response, for metrics and tracing: the usage summed over the
+        choices (the prompt counted once), finished when every choice has."""
+        if not self.latest:
+            return None
+        whole = pb.GenerateResponse()
+        whole.CopyFrom(self.latest[min(self.latest)])
+        for name in self.SUMMED:
+            setattr(whole.usage, name, sum(getattr(r.usage, name) for r in self.latest.values()))
+        if not self.finished:
+            whole.finish_reason = pb.FINISH_REASON_UNSPECIFIED
+        return whole
+
+
 @dataclass
 class _Call:
     """A stream in flight, so that `Abort` can find and end it."""
 
+    choices: _Choices
     owner: str = ""  # who may abort it (`Gateway.owner_of`)
     upstream: grpc.aio.Call | None = None
     aborted: bool = False
-    finished: bool = False  # its last response is on its way: too late to abort
-    usage: pb.Usage = field(default_factory=pb.Usage)
     span: telemetry.GenerationSpan | None = None  # None when tracing is off
 
 
@@ -183,10 +220,15 @@ class Gateway:
 
     async def GenerateUnary(self, request, context) -> pb.GenerateResponse:
         request = await self._admit(request, context)
+        if request.n > 1:  # one reply holds one choice
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "n > 1 streams its choices: call Generate"
+            )
         whole = pb.GenerateResponse(request_id=request.request_id)
         async for response in self._forward(request, context):
             whole.text += response.text
             whole.token_ids.extend(response.token_ids)
+            whole.logprobs.extend(response.logprobs)
             whole.replica_id = response.replica_id or whole.replica_id
             whole.finish_reason = response.finish_reason
             whole.usage.CopyFrom(response.usage)
@@ -233,7 +275,7 @@ class Gateway:
         # Another caller's request is as good as none: ids cannot be probed, nor aborted.
         if call is None or not hmac.compare_digest(call.owner, self.owner_of(context)):
             return pb.AbortResponse(found=False)
-        if call.finished:  # one final response per stream: it already has its own
+        if call.choices.finished:  # one final response per choice: they have their own
             return pb.AbortResponse(found=False)
         call.aborted = True
         if call.upstream is not None:
@@ -321,9 +363,10 @@ class Gateway:
         return telemetry.GenerationSpan(__name__, request, self.upstream.app, parent=parent)
 
     async def _forward(self, request: pb.GenerateRequest, context) -> AsyncIterator:
-        call = _Call(owner=self.owner_of(context), span=self._trace(request, context))
+        n = request.n if request.HasField("n") else 1
+        call = _Call(_Choices(n), self.owner_of(context), span=self._trace(request, context))
         self.calls[request.request_id] = call
-        clock, last = metrics.RequestClock(), None
+        clock, last = metrics.RequestClock(), None  # `last`: the stream so far, summed
         try:
             for attempt in range(RETRIES + 1):
                 sent = False
@@ -334,10 +377,10 @@ class Gateway:
                 )
                 try:
                     async for response in _read(call):
-                        sent, last = True, response
-                        call.finished = bool(response.finish_reason)
+                        sent = True
+                        call.choices.saw(response)
+                        last = call.choices.summary()
                         self._answered = time.monotonic()
-                        call.usage = response.usage
                         clock.saw(response)
                         if call.span is not None:
                             call.span.saw(response)
@@ -358,12 +401,16 @@ class Gateway:
                     continue
                 break
             if call.aborted:
-                last = pb.GenerateResponse(
-                    request_id=request.request_id,
-                    finish_reason=pb.FINISH_REASON_ABORT,
-                    usage=call.usage,
-                )
-                yield last
+                for index in sorted(set(range(n)) - call.choices.done):
+                    aborted = pb.GenerateResponse(
+                        request_id=request.request_id,
+                        index=index,
+                        finish_reason=pb.FINISH_REASON_ABORT,
+                        usage=call.choices.usage(index),
+                    )
+                    call.choices.saw(aborted)
+                    yield aborted
+                last = call.choices.summary()
         finally:
             clock.finish(last)
             _end_span(call, last, None if last is not None and last.finish_reason else _GONE)
