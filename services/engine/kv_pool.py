@@ -14,6 +14,8 @@ its committed length except where it goes back to, which is never below its prom
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 from selfspec_kernels import cpu_memory
@@ -107,8 +109,8 @@ class KVPool:
 
     def release(self, blocks: list[int]) -> None:
         """One holder fewer for each of `blocks`; those no one holds are free again."""
-        if any(self._refs[b] == 0 for b in blocks):
-            raise ValueError("cannot release a free KV block")
+        if any(self._refs[b] < k for b, k in Counter(blocks).items()):
+            raise ValueError("cannot release a KV block more often than it is held")
         for b in blocks:
             self._refs[b] -= 1
             if self._refs[b] == 0:

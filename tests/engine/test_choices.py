@@ -70,15 +70,14 @@ def test_choices_share_the_prompts_full_blocks(engine):
 
 @pytest.mark.parametrize("when", ["before the fork", "after the fork"])
 def test_aborting_the_request_aborts_every_choice(engine, when):
-    first = engine.add_request(LONG_PROMPT, SAMPLED, "off", request_id="many")
+    seqs = engine._add(LONG_PROMPT, SAMPLED, "off", False, "many", None, None)
     if when == "after the fork":
         engine.step_once()
         assert len(engine.scheduler.running) == 3
     assert engine.abort("many")
-    seqs = [s for _, s in engine.scheduler.running] or [first]
     while engine.scheduler.has_work:
         engine.step_once()
-    assert all(s.finish_reason == "abort" for s in seqs)
+    assert [s.finish_reason for s in seqs] == ["abort"] * 3
     assert engine.scheduler.unforked == {}
     assert not engine.abort("many")
     assert_no_blocks_held(engine)
@@ -166,9 +165,24 @@ def test_a_stream_interleaves_choices_and_leaving_it_aborts_them(engine):
             mine = [d for d in deltas if d.index == i]
             assert sum(len(d.token_ids) for d in mine) == 5
             assert [d.finish_reason for d in mine][-1] == "length"
+        aborted = engine.finished["abort"]
         assert asyncio.run(leave()).index in (0, 1, 2)
-        while engine.scheduler.has_work or engine.scheduler.abort("left"):
+        while engine.scheduler.has_work:
             asyncio.run(asyncio.sleep(0.05))
+        assert engine.finished["abort"] > aborted
+        assert not engine.abort("left")
     finally:
         engine.shutdown()
+    assert_no_blocks_held(engine)
+
+
+def test_only_the_first_choice_keeps_the_session(engine):
+    params = SamplingParams(n=3, temperature=1.0, max_tokens=4, ignore_eos=True)
+    first = engine.generate([LONG_PROMPT], params, "off", session_id="choices")[0]
+    assert engine.scheduler.sessions["choices"].tokens == LONG_PROMPT + first.token_ids
+    stats = engine.stats()
+    assert stats["kv_blocks_in_use"] == 0 and stats["kv_blocks_free"] < stats["kv_blocks_total"]
+    again = SamplingParams(max_tokens=2)
+    (second,) = engine.generate([LONG_PROMPT + [7, 8]], again, "off", session_id="choices")
+    assert second.stats["cached_prompt_tokens"] == len(LONG_PROMPT)
     assert_no_blocks_held(engine)
