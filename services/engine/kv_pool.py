@@ -151,7 +151,10 @@ class BlockTable:
     def fork(self) -> BlockTable:
         """A table for another sequence that goes on from the same committed tokens: it
         shares every block full of them and gets its own copy of the partly filled last
-        one, which both will write. Raises `OutOfBlocks`, taking nothing."""
+        one, which both will write. The shared blocks are never written again: writes go
+        at or past `num_tokens`, and rolled-back drafts go back no further than the tokens
+        committed here (the prompt), so they stay the same for every holder. Raises
+        `OutOfBlocks`, taking nothing."""
         full, partial = divmod(self.num_tokens, self.pool.block_size)
         table = BlockTable(self.pool)
         if partial:
