@@ -22,6 +22,7 @@ SEED_LIMIT = 1 << 63  # seeds are in [0, 2**63): a signed 64-bit integer everywh
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256  # per stop string
 MAX_STOP_TOKEN_IDS = 64
+MAX_N = 16  # choices per request
 # Temperatures below this sample greedily, as vLLM does (its _SAMPLING_EPS): dividing the
 # logits by a tinier temperature overflows to inf, and the softmax of inf is nan.
 GREEDY_BELOW = 1e-5
@@ -89,7 +90,11 @@ def _stop_strings(value) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Sampling settings, named as in vLLM; the limits above bound them."""
+    """Sampling settings, named as in vLLM; the limits above bound them.
+
+    `n` choices are sampled from one prompt; with a `seed`, choice i samples from
+    seed + i (modulo SEED_LIMIT), so a seeded request repeats choice for choice.
+    """
 
     max_tokens: int = 16
     temperature: float = 0.0
@@ -99,6 +104,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    n: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", _stop_strings(self.stop))
@@ -114,6 +120,9 @@ class SamplingParams:
             raise ValueError(
                 f"ignore_eos must be true or false, got {_shown.repr(self.ignore_eos)}"
             )
+        _check_int("n", self.n, 1, MAX_N)
+        if self.n > 1 and self.greedy:
+            raise ValueError("n > 1 needs temperature > 0: greedy choices would all be the same")
 
     def _check_distribution(self) -> None:
         """Temperature, top-p and top-k; the two numbers are kept as floats."""

@@ -4,6 +4,10 @@ A step (`step_once`) is schedule, run, postprocess, as in nano-vllm: the schedul
 plans it (scheduler.py), the engine runs the prefill chunk and the decode groups on
 the model and tells each request's owner what changed (outputs.py). A failure while
 serving one request ends that request alone.
+
+A request for `n` choices prefills its prompt once: its other choices fork from the
+first when that is done (`_fork`), sharing the prompt's KV blocks, and each samples its
+own first token from the same logits.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from services.common.params import DraftConfig, SamplingParams
 from services.engine import checkpoint, prompts
 from services.engine.detokenizer import OutputText
 from services.engine.drafting.step import Speculator, first_token
-from services.engine.kv_pool import BlockTable, KVPool
+from services.engine.kv_pool import BlockTable, KVPool, OutOfBlocks
 from services.engine.model import Model
 from services.engine.outputs import Completion, completion, notify
 from services.engine.profile import load_profile
@@ -128,20 +132,31 @@ class Engine(Serving):
         on_update: Callable[[Sequence, bool], None] | None = None,
     ) -> Sequence:
         """Validate and queue one request; `on_update(seq, finished)` runs on the engine's
-        thread after every step that changes it. Raises ValueError or QueueFull."""
+        thread after every step that changes it, for each of its `params.n` choices
+        (`seq.index`). Returns its first choice. Raises ValueError or QueueFull."""
+        return self._add(prompt, params, draft, chat, request_id, session_id, on_update)[0]
+
+    def _add(self, prompt, params, draft, chat, request_id, session_id, on_update) -> list:
+        """`add_request`, returning every choice's sequence: choice i > 0 has the id
+        "{request_id}/{i}", and no session, which the first alone keeps."""
         params = params or SamplingParams()
         cfg = self.draft_config(draft)
         ids = self.encode(prompt, chat)
         prompts.check_fits(ids, params, self.model.max_positions)
-        request = Request(
-            request_id or f"req-{next(self._ids)}", ids, params, cfg, session_id, on_update
-        )
-        text = OutputText(self.tokenizer, params.stop)
-        seq = Sequence(request.request_id, ids, params, BlockTable(self.pool), text=text)
-        seq.need = min(len(ids) + params.max_tokens + cfg.max_draft + 1, self.model.max_positions)
-        self.scheduler.add(request, seq)
+        request_id = request_id or f"req-{next(self._ids)}"
+        choices = []
+        for i in range(params.n):
+            choice_id, session = (request_id, session_id) if i == 0 else (f"{request_id}/{i}", None)
+            request = Request(choice_id, ids, params, cfg, session, on_update)
+            text = OutputText(self.tokenizer, params.stop)
+            seq = Sequence(choice_id, ids, params, BlockTable(self.pool), text=text, index=i)
+            seq.need = min(
+                len(ids) + params.max_tokens + cfg.max_draft + 1, self.model.max_positions
+            )
+            choices.append((request, seq))
+        self.scheduler.add(*choices[0], choices[1:])
         self._loop.wake()
-        return seq
+        return [seq for _, seq in choices]
 
     def generate(
         self,
@@ -152,26 +167,24 @@ class Engine(Serving):
         chat: bool = False,
         session_id: str | None = None,
     ) -> list[Completion]:
-        """One completion per prompt; prompts are batched together as the pool allows."""
+        """`params.n` completions per prompt, prompt by prompt, in choice order; prompts are
+        batched together as the pool allows."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if not prompts:
             raise ValueError("no prompts given")
         done = threading.Event()
         seqs: list[Sequence] = []
+        total = len(prompts) * (params.n if params else 1)
 
         def all_done(_seq: Sequence | None = None, finished: bool = True) -> None:
             # Checked again after the last is added: all may have finished by then.
-            if finished and len(seqs) == len(prompts) and all(s.finished for s in seqs):
+            if finished and len(seqs) == total and all(s.finished for s in seqs):
                 done.set()
 
         try:
             for p in prompts:
-                seqs.append(
-                    self.add_request(
-                        p, params, draft, chat=chat, session_id=session_id, on_update=all_done
-                    )
-                )
+                seqs += self._add(p, params, draft, chat, None, session_id, all_done)
         except Exception:
             for seq in seqs:
                 self.abort(seq.id)
@@ -220,6 +233,7 @@ class Engine(Serving):
             logits = self.runner.prefill(seq, self.prefill_chunk)
             if logits is not None and not resumed:
                 seq.append([self._first_token(seq, logits[-1])], self.eos_ids)
+                self._fork(request, seq, logits[-1])
         except Exception as exc:
             self._fail(request, seq, exc)
             return
@@ -231,6 +245,26 @@ class Engine(Serving):
         self.scheduler.start_running(request, seq)
         if not resumed:
             notify(request, seq, False)
+
+    def _fork(self, request: Request, seq: Sequence, logits) -> None:
+        """The request's other choices, forked from its first just prefilled: each shares
+        the prompt's full KV blocks, samples its own first token from the same `logits`,
+        and runs, or ends at once."""
+        for choice_request, choice in self.scheduler.take_unforked(request.request_id):
+            try:
+                choice.table = seq.table.fork()
+                choice.append([self._first_token(choice, logits)], self.eos_ids)
+            except OutOfBlocks:  # no block for its copy: it prefills itself, unshared
+                self.scheduler.requeue(choice_request, choice)
+                continue
+            except Exception as exc:  # this choice alone
+                self._fail(choice_request, choice, exc)
+                continue
+            if choice.finished:
+                self._done(choice_request, choice)
+                continue
+            self.scheduler.join(choice_request, choice)
+            notify(choice_request, choice, False)
 
     def _decode(self) -> None:
         """A draft-and-verify step for every running sequence, a pass per drafting group."""
@@ -277,6 +311,10 @@ class Engine(Serving):
         self.finished[seq.finish_reason] += 1
         self.scheduler.finish(request, seq)
         notify(request, seq, True)
+        # Choices not forked yet end as their first did (it failed or was cancelled).
+        for choice_request, choice in self.scheduler.take_unforked(request.request_id):
+            choice.finish(seq.finish_reason, seq.error)
+            self._done(choice_request, choice)
 
     def step(self, seqs: list[Sequence], cfg: DraftConfig) -> None:
         """Draft for every sequence, verify all drafts in one pass, accept what agrees

@@ -1,12 +1,20 @@
 """Paged KV cache: one pool of fixed-size blocks shared by every sequence.
 
-The pool is pure mechanism: it hands out block ids and keeps the key/value
-tensors. Which sequence owns which blocks lives in each sequence's
+The pool is pure mechanism: it hands out block ids, counts who holds them, and keeps
+the key/value tensors. Which sequence holds which blocks lives in each sequence's
 `BlockTable`. Rolling back rejected draft tokens never touches the pool: the
 table's length goes back and the next write overwrites the slots.
+
+A block may be held by several tables (the choices of one request share their prompt's,
+`BlockTable.fork`); it is free again when the last lets go. A shared block is never
+written: only blocks full of committed tokens are shared, and no table writes below
+its committed length except where it goes back to, which is never below its prompt
+(rolled-back drafts) or is first made its own (`BlockTable.unshare_from`).
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 import torch
 
@@ -48,6 +56,7 @@ class KVPool:
             kv = torch.zeros(shape, dtype=dtype, device=device)
         self.kv = list(kv.unbind(0))
         self._free = list(range(num_blocks - 1, -1, -1))
+        self._refs = [0] * num_blocks  # tables holding each block; 0: free
 
     @classmethod
     def from_budget(
@@ -83,10 +92,36 @@ class KVPool:
             raise OutOfBlocks(f"need {n} KV blocks, {len(self._free)} free")
         taken = self._free[len(self._free) - n :]
         del self._free[len(self._free) - n :]
+        for b in taken:
+            self._refs[b] = 1
         return taken
 
+    def share(self, blocks: list[int]) -> None:
+        """One more holder for each of `blocks`, which must be held already."""
+        if any(self._refs[b] == 0 for b in blocks):
+            raise ValueError("cannot share a free KV block")
+        for b in blocks:
+            self._refs[b] += 1
+
+    def refs(self, block: int) -> int:
+        """How many tables hold `block`."""
+        return self._refs[block]
+
     def release(self, blocks: list[int]) -> None:
-        self._free.extend(blocks)
+        """One holder fewer for each of `blocks`; those no one holds are free again."""
+        if any(self._refs[b] < k for b, k in Counter(blocks).items()):
+            raise ValueError("cannot release a KV block more often than it is held")
+        for b in blocks:
+            self._refs[b] -= 1
+            if self._refs[b] == 0:
+                self._free.append(b)
+
+    def copy(self, src: int, dst: int, slots: int) -> None:
+        """The first `slots` slots of block `src` into block `dst`, in every layer."""
+        a, b = src * self.block_size, dst * self.block_size
+        with torch.inference_mode():
+            for kv in self.kv:
+                kv[b : b + slots] = kv[a : a + slots]
 
 
 class BlockTable:
@@ -112,6 +147,36 @@ class BlockTable:
         if not 0 <= num_tokens <= self.capacity:
             raise ValueError(f"cannot commit {num_tokens} tokens in {self.capacity} slots")
         self.num_tokens = num_tokens
+
+    def fork(self) -> BlockTable:
+        """A table for another sequence that goes on from the same committed tokens: it
+        shares every block full of them and gets its own copy of the partly filled last
+        one, which both will write. The shared blocks are never written again: writes go
+        at or past `num_tokens`, and rolled-back drafts go back no further than the tokens
+        committed here (the prompt), so they stay the same for every holder. Raises
+        `OutOfBlocks`, taking nothing."""
+        full, partial = divmod(self.num_tokens, self.pool.block_size)
+        table = BlockTable(self.pool)
+        if partial:
+            (copy,) = self.pool.allocate(1)
+            self.pool.copy(self.blocks[full], copy, partial)
+            table.blocks.append(copy)
+        self.pool.share(self.blocks[:full])
+        table.blocks[:0] = self.blocks[:full]
+        table.num_tokens = self.num_tokens
+        return table
+
+    def unshare_from(self, num_tokens: int) -> None:
+        """Make the blocks from the one token `num_tokens` goes in on this table's own, to
+        write on from there (a session's next turn): from the first shared one, they are
+        let go, and the committed length goes back to its start."""
+        first = num_tokens // self.pool.block_size
+        for i in range(first, len(self.blocks)):
+            if self.pool.refs(self.blocks[i]) > 1:
+                self.pool.release(self.blocks[i:])
+                del self.blocks[i:]
+                self.num_tokens = min(self.num_tokens, i * self.pool.block_size)
+                return
 
     def free(self) -> None:
         self.pool.release(self.blocks)

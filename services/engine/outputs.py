@@ -26,6 +26,7 @@ class Completion:
     text: str
     finish_reason: str
     stats: dict
+    index: int = 0  # which of the request's choices
 
 
 def completion(seq: Sequence) -> Completion:
@@ -35,6 +36,7 @@ def completion(seq: Sequence) -> Completion:
         text=seq.text.text,
         finish_reason=seq.finish_reason or "length",
         stats=seq.stats.as_dict(),
+        index=seq.index,
     )
 
 
@@ -48,6 +50,7 @@ class Delta:
     finish_reason: str | None
     stats: dict
     error: str | None = None  # why, when finish_reason is "error"
+    index: int = 0  # which of the request's choices
 
 
 class DeltaStream:
@@ -70,23 +73,26 @@ class DeltaStream:
             seq.finish_reason if finished else None,
             seq.stats.as_dict(),
             seq.error if finished else None,
+            seq.index,
         )
         self.sent_tokens, self.sent_text = len(seq.output), text
         return delta
 
 
 class DeltaQueue:
-    """One request's deltas, handed from the engine's thread (`put`, its `on_update`) to
-    the event loop that created the queue, which iterates them up to the last one."""
+    """One request's deltas, of its `n` choices interleaved as they come, handed from the
+    engine's thread (`put`, its `on_update`) to the event loop that created the queue,
+    which iterates them up to the last choice's last one."""
 
-    def __init__(self) -> None:
+    def __init__(self, n: int = 1) -> None:
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[Delta] = asyncio.Queue()
-        self._stream = DeltaStream()
-        self.finished = False  # the last delta was taken
+        self._streams = [DeltaStream() for _ in range(n)]
+        self._running = n  # choices whose last delta was not taken yet
+        self.finished = False  # every choice's last delta was taken
 
     def put(self, seq: Sequence, finished: bool) -> None:
-        delta = self._stream.delta(seq, finished)
+        delta = self._streams[seq.index].delta(seq, finished)
         if delta is not None:
             with contextlib.suppress(RuntimeError):  # the caller's loop has closed
                 self._loop.call_soon_threadsafe(self._queue.put_nowait, delta)
@@ -98,7 +104,8 @@ class DeltaQueue:
         if self.finished:
             raise StopAsyncIteration
         delta = await self._queue.get()
-        self.finished = delta.finish_reason is not None
+        self._running -= delta.finish_reason is not None
+        self.finished = self._running == 0
         return delta
 
 

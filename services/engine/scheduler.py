@@ -14,6 +14,10 @@ recently admitted sequence is preempted: its blocks are freed and it goes back t
 front of the queue with its output, to recompute its KV when admitted again (as vLLM
 does). Finished sessions keep their blocks, keyed by session id and tokens, until the
 pool needs them (least recently used first).
+
+A request for `n` choices queues as its first choice alone; the others wait, unforked,
+until its prompt is prefilled, then fork from it (the engine's `_fork`) and join the
+running set. Every choice has an id of its own, live from the request's arrival.
 """
 
 from __future__ import annotations
@@ -81,16 +85,20 @@ class Scheduler:
         self.prefilling: list[tuple[Request, Sequence]] = []
         self.running: list[tuple[Request, Sequence]] = []
         self.sessions: OrderedDict[str, CachedSession] = OrderedDict()
-        self._live: set[str] = set()
+        self._live: dict[str, str] = {}  # request ids in use: the request each is a choice of
+        self.unforked: dict[str, list[tuple[Request, Sequence]]] = {}  # by first choice's id
         self._aborted: set[str] = set()
         self._admissions = itertools.count(1)
         self.lock = threading.Lock()
 
     # -- intake -----------------------------------------------------------------
 
-    def add(self, request: Request, seq: Sequence) -> Sequence:
+    def add(
+        self, request: Request, seq: Sequence, choices: list[tuple[Request, Sequence]] = ()
+    ) -> Sequence:
         """Queue a request, or refuse it now with a ValueError or QueueFull. `seq.need`:
-        the most KV it can ever hold, which the pool must be able to hold alone."""
+        the most KV it can ever hold, which the pool must be able to hold alone.
+        `choices`: its other choices, to fork when its prompt is prefilled."""
         if request.session_id is not None and len(request.session_id) > MAX_SESSION_ID:
             raise ValueError(f"session_id may have at most {MAX_SESSION_ID} characters")
         if self.pool.blocks_for(seq.need) > self.pool.num_blocks:
@@ -99,21 +107,25 @@ class Scheduler:
                 f"{self.pool.num_blocks * self.pool.block_size}; lower max_tokens or the prompt"
             )
         with self.lock:
-            if request.request_id in self._live:
-                raise ValueError(f"request id {request.request_id!r} is already in use")
+            ids = [request.request_id] + [r.request_id for r, _ in choices]
+            for i in ids:
+                if i in self._live or i in self._live.values():
+                    raise ValueError(f"request id {i!r} is already in use")
             if len(self.waiting) >= self.max_waiting:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting; retry later")
-            self._live.add(request.request_id)
+            self._live.update(dict.fromkeys(ids, request.request_id))
+            if choices:
+                self.unforked[request.request_id] = list(choices)
             self.waiting.append((request, seq))
         return seq
 
     def abort(self, request_id: str) -> bool:
-        """Mark a request for removal at the next step; False if no such request lives."""
+        """Mark a request, every choice of it, for removal at the next step; False if no
+        such request lives."""
         with self.lock:
-            if request_id in self._live:
-                self._aborted.add(request_id)
-                return True
-            return False
+            ids = [i for i, of in self._live.items() if request_id in (i, of)]
+            self._aborted.update(ids)
+            return bool(ids)
 
     @property
     def has_work(self) -> bool:
@@ -208,7 +220,7 @@ class Scheduler:
             return []
         gone = []
         with self.lock:  # `add` appends to `waiting` from other threads
-            for queue in (self.waiting, self.prefilling, self.running):
+            for queue in (self.waiting, self.prefilling, self.running, *self.unforked.values()):
                 keep = [(r, s) for r, s in queue if r.request_id not in aborted]
                 gone += [(r, s) for r, s in queue if r.request_id in aborted]
                 queue.clear()
@@ -238,6 +250,8 @@ class Scheduler:
         faults.check("admit", [request.request_id])
         fresh = not seq.output  # a preempted sequence recomputes everything
         cached = self._take_session(request) if fresh else None
+        if cached:  # blocks shared with a choice still running are never written
+            cached.table.unshare_from(self._common_prefix(seq, cached))
         need = self.pool.blocks_for(seq.prefill_target + 1 + request.draft.max_draft)
         held = len(cached.table.blocks) if cached else 0
         growth = len(self.running) + len(self.prefilling)
@@ -277,6 +291,22 @@ class Scheduler:
         with self.lock:
             self.waiting.appendleft((request, seq))
 
+    def take_unforked(self, request_id: str) -> list[tuple[Request, Sequence]]:
+        """The choices waiting to fork from request `request_id`'s first, taken out."""
+        with self.lock:
+            return self.unforked.pop(request_id, [])
+
+    def join(self, request: Request, seq: Sequence) -> None:
+        """A choice forked from a prefilled one runs, admitted now."""
+        seq.stats.queue_seconds = time.monotonic() - seq.arrived
+        seq.admitted = next(self._admissions)
+        self.running.append((request, seq))
+
+    def requeue(self, request: Request, seq: Sequence) -> None:
+        """A choice that could not fork waits first in line, to prefill its prompt itself."""
+        with self.lock:
+            self.waiting.appendleft((request, seq))
+
     def start_running(self, request: Request, seq: Sequence) -> None:
         """A sequence whose prompt is prefilled joins the running ones."""
         self.prefilling.remove((request, seq))
@@ -301,7 +331,7 @@ class Scheduler:
         blocks kept, the rest freed."""
         self.drop(request, seq)
         with self.lock:
-            self._live.discard(request.request_id)
+            self._live.pop(request.request_id, None)
         keep = seq.finish_reason in ("stop", "length") and seq.output
         if request.session_id is not None and keep:
             self._put_session(request.session_id, CachedSession(seq.tokens, seq.table))
@@ -321,13 +351,18 @@ class Scheduler:
             old.table.free()
         self.sessions[session_id] = cached
 
-    def _reuse(self, seq: Sequence, cached: CachedSession) -> None:
-        """Adopt a session's blocks for the longest common prefix; at least the last
-        prompt token is computed again, since its logits are needed."""
+    def _common_prefix(self, seq: Sequence, cached: CachedSession) -> int:
+        """How many prompt tokens a session's KV serves; at least the last prompt token
+        is computed again, since its logits are needed."""
         limit = min(cached.table.num_tokens, len(cached.tokens), len(seq.prompt) - 1)
         n = 0
         while n < limit and cached.tokens[n] == seq.prompt[n]:
             n += 1
+        return n
+
+    def _reuse(self, seq: Sequence, cached: CachedSession) -> None:
+        """Adopt a session's blocks for the longest common prefix."""
+        n = self._common_prefix(seq, cached)
         seq.table = cached.table
         seq.table.commit(n)
         seq.stats.cached_prompt_tokens = n

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.common.params import SamplingParams
+from services.common.params import SEED_LIMIT, SamplingParams
 from services.engine.detokenizer import OutputText
 from services.engine.kv_pool import BlockTable
 
@@ -60,8 +60,11 @@ class Sequence:
         *,
         text: OutputText | None = None,
         device: torch.device | str | None = None,
+        index: int = 0,
     ):
+        """`index`: which of the request's `params.n` choices this is."""
         self.id = seq_id
+        self.index = index
         self.prompt = prompt
         self.output: list[int] = []
         self.params = params
@@ -75,7 +78,8 @@ class Sequence:
         self.need = 0  # tokens of KV this sequence may ever hold
         self.generator: torch.Generator | None = None
         if not params.greedy:  # where the logits are (default: the KV pool's device)
-            self.generator = seeded(params.seed, device or table.pool.kv[0].device)
+            seed = None if params.seed is None else (params.seed + index) % SEED_LIMIT
+            self.generator = seeded(seed, device or table.pool.kv[0].device)
 
     @property
     def tokens(self) -> list[int]:

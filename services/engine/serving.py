@@ -137,7 +137,8 @@ class Serving:
         **options,
     ) -> AsyncIterator[Delta]:
         """Stream a request's output as deltas; the loop runs on the engine's thread, so the
-        caller's event loop never blocks. Breaking out of the iteration cancels it.
+        caller's event loop never blocks. With `params.n` > 1 the choices' deltas come
+        interleaved, each with its index. Breaking out of the iteration cancels it.
         `options`: `chat`, `request_id` and `session_id`, as for `add_request`."""
         if draft is not None and not self.allow_draft_override:
             raise ValueError(
@@ -145,7 +146,7 @@ class Serving:
                 "leave draft unset"
             )
         self.start()
-        deltas = DeltaQueue()
+        deltas = DeltaQueue(params.n if params else 1)
         seq = self.add_request(prompt, params, draft, on_update=deltas.put, **options)
         try:
             async for delta in deltas:

@@ -235,6 +235,10 @@ class EngineServer:
         whole = pb.GenerateResponse()
         try:
             self._check_caller(grpc_context)
+            if request.n > 1:  # one reply holds one choice
+                raise _Refused(
+                    grpc.StatusCode.INVALID_ARGUMENT, "n > 1 streams its choices: call Generate"
+                )
             async for response in self._generate(request, grpc_context):
                 whole.text += response.text
                 whole.token_ids.extend(response.token_ids)
@@ -377,9 +381,10 @@ class EngineServer:
         request_id = request.request_id or f"{self.replica_id}-{id(request):x}"
         with self._owned(request_id, owner):
             try:
+                params = api.sampling_params(request)
                 stream = self.engine.submit(
                     api.prompt(request),
-                    api.sampling_params(request),
+                    params,
                     api.draft_override(request),
                     request_id=request_id,
                     session_id=request.session_id or None,
@@ -391,10 +396,11 @@ class EngineServer:
                 raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
             except QueueFull as exc:
                 raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
-            completion = 0
+            completion = [0] * params.n  # tokens by choice
+            running = params.n
             try:
                 while True:
-                    completion += len(delta.token_ids)
+                    completion[delta.index] += len(delta.token_ids)
                     if delta.finish_reason == "error":  # this request alone failed
                         message = f"the engine failed: {delta.error}"
                         raise _Refused(grpc.StatusCode.INTERNAL, message)
@@ -403,10 +409,12 @@ class EngineServer:
                         text=delta.text,
                         token_ids=delta.token_ids,
                         finish_reason=api.FINISH_REASONS.get(delta.finish_reason, 0),
-                        usage=api.usage(delta.stats, completion),
+                        usage=api.usage(delta.stats, completion[delta.index]),
                         replica_id=self.replica_id,
+                        index=delta.index,
                     )
-                    if delta.finish_reason is not None:
+                    running -= delta.finish_reason is not None
+                    if running == 0:
                         return
                     delta = await anext(stream)
             finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import pytest
 import torch
@@ -80,3 +81,89 @@ def test_pool_from_budget():
     pool = KVPool.from_budget(budget, num_layers=2, kv_dim=8, block_size=16, dtype=torch.float32)
     used = sum(t.numel() * t.element_size() for t in pool.kv)
     assert used <= budget < used + used // pool.num_blocks
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_random_forks_count_every_holder(seed):
+    """Tables forked from others hold blocks together: a block is free exactly when no
+    table holds it, and every one is free once they all let go."""
+    rng = random.Random(seed)
+    pool = make_pool(num_blocks=rng.randint(8, 64), block_size=rng.choice([1, 4, 16]))
+    live: list[BlockTable] = []
+    for _ in range(300):
+        op = rng.choice(["new", "extend", "fork", "fork", "unshare", "free"])
+        if op == "new" or not live:
+            live.append(BlockTable(pool))
+            continue
+        table = rng.choice(live)
+        try:
+            if op == "extend":
+                target = table.num_tokens + rng.randint(1, 2 * pool.block_size)
+                table.reserve(target)
+                table.commit(target)
+            elif op == "fork":
+                live.append(table.fork())
+            elif op == "unshare":
+                table.unshare_from(rng.randint(0, table.num_tokens))
+            else:
+                table.free()
+                live.remove(table)
+        except OutOfBlocks:
+            pass
+        holders = Counter(b for t in live for b in t.blocks)
+        assert all(pool.refs(b) == holders[b] for b in range(pool.num_blocks))
+        assert pool.num_free == sum(holders[b] == 0 for b in range(pool.num_blocks))
+        assert all(t.capacity >= t.num_tokens for t in live)
+    for table in live:
+        table.free()
+    assert sorted(pool._free) == list(range(pool.num_blocks))
+
+
+def test_a_fork_shares_full_blocks_and_copies_the_partial_one():
+    pool = make_pool(num_blocks=8, block_size=4)
+    table = BlockTable(pool)
+    table.reserve(10)
+    table.commit(10)
+    for kv in pool.kv:
+        kv.copy_(torch.randn_like(kv))
+    fork = table.fork()
+    assert fork.num_tokens == 10
+    assert fork.blocks[:2] == table.blocks[:2] and fork.blocks[2] != table.blocks[2]
+    assert [pool.refs(b) for b in fork.blocks] == [2, 2, 1]
+    src, dst = table.blocks[2] * 4, fork.blocks[2] * 4
+    for kv in pool.kv:  # the committed slots of the partial block, in every layer
+        assert torch.equal(kv[dst : dst + 2], kv[src : src + 2])
+    table.free()
+    assert [pool.refs(b) for b in fork.blocks] == [1, 1, 1]
+    assert pool.num_free == 8 - 3
+    fork.free()
+    assert pool.num_free == 8
+
+
+def test_a_fork_of_whole_blocks_takes_none_and_a_failed_fork_takes_nothing():
+    pool = make_pool(num_blocks=3, block_size=4)
+    table = BlockTable(pool)
+    table.reserve(8)
+    table.commit(8)
+    whole = table.fork()
+    assert whole.blocks == table.blocks and pool.num_free == 1
+    table.reserve(9)
+    table.commit(9)
+    with pytest.raises(OutOfBlocks):
+        table.fork()
+    assert pool.num_free == 0 and [pool.refs(b) for b in table.blocks] == [2, 2, 1]
+    with pytest.raises(ValueError):
+        pool.release([table.blocks[2]] * 2)  # one holder can let go once
+
+
+def test_unsharing_lets_go_of_shared_blocks_from_the_write_position():
+    pool = make_pool(num_blocks=8, block_size=4)
+    table = BlockTable(pool)
+    table.reserve(12)
+    table.commit(12)
+    other = table.fork()  # shares all three
+    other.unshare_from(13)  # writes past every shared block: nothing to do
+    assert other.blocks == table.blocks and other.num_tokens == 12
+    other.unshare_from(6)  # writes from inside the second block
+    assert other.blocks == table.blocks[:1] and other.num_tokens == 4
+    assert [pool.refs(b) for b in table.blocks] == [2, 1, 1]

@@ -10,6 +10,7 @@ import pytest
 from services.common.params import (
     GREEDY_BELOW,
     MAX_DRAFT_TOKENS,
+    MAX_N,
     MAX_SHORTLIST,
     MAX_SKIP_LAYERS,
     MAX_STOP_CHARS,
@@ -64,6 +65,12 @@ BAD_SAMPLING = [
     ("stop_token_ids", [-1]),
     ("stop_token_ids", list(range(MAX_STOP_TOKEN_IDS + 1))),
     ("ignore_eos", 1),
+    ("n", 0),
+    ("n", 2.0),
+    ("n", True),
+    ("n", "2"),
+    ("n", MAX_N + 1),
+    ("n", 2),  # greedy: every choice the same
 ]
 
 
@@ -82,10 +89,17 @@ def test_sampling_limits_are_inclusive_and_values_normalised():
         seed=SEED_LIMIT - 1,
         stop=["x" * MAX_STOP_CHARS] * MAX_STOP_STRINGS,
         stop_token_ids=list(range(MAX_STOP_TOKEN_IDS)),
+        n=MAX_N,
     )
     assert type(p.temperature) is float and type(p.top_p) is float
     assert isinstance(p.stop, tuple) and isinstance(p.stop_token_ids, tuple)
     assert SamplingParams(stop="END").stop == ("END",)  # one string is one stop string
+
+
+def test_several_choices_need_sampling():
+    with pytest.raises(ValueError, match="greedy choices would all be the same"):
+        SamplingParams(n=2, temperature=GREEDY_BELOW / 2)
+    assert SamplingParams(n=2, temperature=GREEDY_BELOW).n == 2
 
 
 def test_temperatures_under_the_epsilon_are_greedy():
