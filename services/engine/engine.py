@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from services.common.params import DraftConfig, SamplingParams
-from services.engine import checkpoint, prompts
+from services.engine import checkpoint, logprobs, prompts
 from services.engine.detokenizer import OutputText
 from services.engine.drafting.step import Speculator, first_token
 from services.engine.kv_pool import BlockTable, KVPool
@@ -219,7 +219,8 @@ class Engine(Serving):
         try:
             logits = self.runner.prefill(seq, self.prefill_chunk)
             if logits is not None and not resumed:
-                seq.append([self._first_token(seq, logits[-1])], self.eos_ids)
+                added = seq.append([self._first_token(seq, logits[-1])], self.eos_ids)
+                logprobs.record(seq, logits[-1:], added)
         except Exception as exc:
             self._fail(request, seq, exc)
             return

@@ -14,6 +14,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
+from services.engine.logprobs import TokenLogprob
 from services.engine.scheduler import Request
 from services.engine.sequence import Sequence
 
@@ -26,6 +27,7 @@ class Completion:
     text: str
     finish_reason: str
     stats: dict
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when asked for
 
 
 def completion(seq: Sequence) -> Completion:
@@ -35,6 +37,7 @@ def completion(seq: Sequence) -> Completion:
         text=seq.text.text,
         finish_reason=seq.finish_reason or "length",
         stats=seq.stats.as_dict(),
+        logprobs=None if seq.logprobs is None else list(seq.logprobs),
     )
 
 
@@ -48,6 +51,7 @@ class Delta:
     finish_reason: str | None
     stats: dict
     error: str | None = None  # why, when finish_reason is "error"
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when asked for
 
 
 class DeltaStream:
@@ -70,6 +74,7 @@ class DeltaStream:
             seq.finish_reason if finished else None,
             seq.stats.as_dict(),
             seq.error if finished else None,
+            None if seq.logprobs is None else seq.logprobs[self.sent_tokens :],
         )
         self.sent_tokens, self.sent_text = len(seq.output), text
         return delta

@@ -11,6 +11,7 @@ import torch
 from services.common.params import SamplingParams
 from services.engine.detokenizer import OutputText
 from services.engine.kv_pool import BlockTable
+from services.engine.logprobs import TokenLogprob
 
 
 @dataclass
@@ -64,6 +65,8 @@ class Sequence:
         self.id = seq_id
         self.prompt = prompt
         self.output: list[int] = []
+        # One per output token when the request asks for logprobs (logprobs.record).
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.params = params
         self.table = table
         self.finish_reason: str | None = None
