@@ -105,9 +105,22 @@ class Engine(Serving):
 
     # -- requests ---------------------------------------------------------------
 
-    def encode(self, prompt: str | list[int] | list[dict], chat: bool = False) -> list[int]:
-        """Token ids of a prompt (see `prompts.encode`)."""
-        return prompts.encode(self.tokenizer, prompt, self.model.vocab_size, chat)
+    def encode(
+        self,
+        prompt: str | list[int] | list[dict],
+        chat: bool = False,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> list[int]:
+        """Token ids of a prompt (see `prompts.encode`): exactly what the model is fed."""
+        return prompts.encode(
+            self.tokenizer,
+            prompt,
+            self.model.vocab_size,
+            chat,
+            add_generation_prompt,
+            continue_final_message,
+        )
 
     def draft_config(self, draft: DraftConfig | str | dict | None) -> DraftConfig:
         """A request's drafting: its override over the model's default, with the layers a
@@ -123,15 +136,18 @@ class Engine(Serving):
         draft: DraftConfig | str | dict | None = None,
         *,
         chat: bool = False,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
         request_id: str | None = None,
         session_id: str | None = None,
         on_update: Callable[[Sequence, bool], None] | None = None,
     ) -> Sequence:
         """Validate and queue one request; `on_update(seq, finished)` runs on the engine's
-        thread after every step that changes it. Raises ValueError or QueueFull."""
+        thread after every step that changes it. Raises ValueError or QueueFull. The chat
+        options apply to messages (`prompts.apply_chat_template`)."""
         params = params or SamplingParams()
         cfg = self.draft_config(draft)
-        ids = self.encode(prompt, chat)
+        ids = self.encode(prompt, chat, add_generation_prompt, continue_final_message)
         prompts.check_fits(ids, params, self.model.max_positions)
         request = Request(
             request_id or f"req-{next(self._ids)}", ids, params, cfg, session_id, on_update
