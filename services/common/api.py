@@ -43,8 +43,9 @@ def validate(req: pb.GenerateRequest) -> None:
     draft_override(req)
 
 
-def prompt(req: pb.GenerateRequest) -> str | list[int] | list[dict]:
-    """The prompt, in the form `Engine.add_request` takes."""
+def prompt(req: pb.GenerateRequest | pb.TokenizeRequest) -> str | list[int] | list[dict]:
+    """The prompt, in the form `Engine.add_request` takes (`Engine.encode` too, for
+    Tokenize, whose requests have no prompt_token_ids)."""
     kind = req.WhichOneof("input")
     if kind is None:
         raise ValueError("one of prompt, prompt_token_ids or messages is required")
@@ -67,6 +68,43 @@ def prompt(req: pb.GenerateRequest) -> str | list[int] | list[dict]:
         raise ValueError(f"messages has more than {MAX_MESSAGES} entries")
     _check_chars("messages", sum(len(m.content) for m in messages))
     return [{"role": m.role, "content": m.content} for m in messages]
+
+
+def chat_options(req: pb.GenerateRequest | pb.TokenizeRequest) -> dict:
+    """The chat template's options of a request with messages, as `Engine.add_request` and
+    `Engine.encode` take them; none for a prompt. add_generation_prompt, when unset, is
+    true unless the request continues the last message (the engine refuses both set)."""
+    if req.WhichOneof("input") != "messages":
+        return {}
+    messages = req.messages
+    go_on = messages.continue_final_message
+    add = messages.add_generation_prompt if messages.HasField("add_generation_prompt") else None
+    return {
+        "add_generation_prompt": not go_on if add is None else add,
+        "continue_final_message": go_on,
+    }
+
+
+def detokenize_ids(req: pb.DetokenizeRequest) -> list[int]:
+    """The ids to decode, within the limit of a prompt's; the replica checks them against
+    the vocabulary."""
+    if len(req.token_ids) > MAX_PROMPT_TOKEN_IDS:
+        raise ValueError(f"token_ids has more than {MAX_PROMPT_TOKEN_IDS} ids")
+    return list(req.token_ids)
+
+
+def token_logprobs(decode, token_ids: list[int], logprobs) -> list[pb.TokenLogprob]:
+    """The engine's logprobs (`TokenLogprob`s, one per token id) as the proto's, with each
+    token's text from `decode([id])`, the alternatives' too."""
+    return [
+        pb.TokenLogprob(
+            token_id=t,
+            token=decode([t]),
+            logprob=lp.logprob,
+            top=[pb.TopLogprob(token_id=i, token=decode([i]), logprob=v) for i, v in lp.top],
+        )
+        for t, lp in zip(token_ids, logprobs, strict=True)
+    ]
 
 
 def _check_chars(field: str, n: int) -> None:

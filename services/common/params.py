@@ -23,6 +23,7 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256  # per stop string
 MAX_STOP_TOKEN_IDS = 64
 MAX_N = 16  # choices per request
+MAX_LOGPROBS = 20  # alternatives per output token, as OpenAI's top_logprobs
 # Temperatures below this sample greedily, as vLLM does (its _SAMPLING_EPS): dividing the
 # logits by a tinier temperature overflows to inf, and the softmax of inf is nan.
 GREEDY_BELOW = 1e-5
@@ -105,6 +106,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     n: int = 1
+    logprobs: int | None = None  # each output token's logprob, and this many alternatives
+    min_p: float = 0.0  # drop tokens under min_p times the most likely one's probability
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", _stop_strings(self.stop))
@@ -123,9 +126,11 @@ class SamplingParams:
         _check_int("n", self.n, 1, MAX_N)
         if self.n > 1 and self.greedy:
             raise ValueError("n > 1 needs temperature > 0: greedy choices would all be the same")
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
 
     def _check_distribution(self) -> None:
-        """Temperature, top-p and top-k; the two numbers are kept as floats."""
+        """Temperature, top-p, top-k and min-p; the numbers are kept as floats."""
         temperature = _finite("temperature", self.temperature)
         if not 0 <= temperature <= MAX_TEMPERATURE:
             raise ValueError(
@@ -135,8 +140,12 @@ class SamplingParams:
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         _check_int("top_k", self.top_k, 0, MAX_TOP_K)  # 0: no limit
+        min_p = _finite("min_p", self.min_p)
+        if not 0 <= min_p <= 1:
+            raise ValueError(f"min_p must be between 0 and 1, got {min_p}")
         object.__setattr__(self, "temperature", temperature)
         object.__setattr__(self, "top_p", top_p)
+        object.__setattr__(self, "min_p", min_p)
 
     @property
     def greedy(self) -> bool:

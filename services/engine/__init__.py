@@ -11,7 +11,8 @@
 Around the loop: prompts.py (prompts to token ids), checkpoint.py (loading a model;
 gguf_weights.py reads a GGUF's matrices as stored, for `weights="gguf"`),
 profile.py (a model's tuned drafting), serving.py (the loop on a thread of its own,
-`submit`, the fleet's configs), sequence.py (one request's state).
+`submit`, the fleet's configs), sequence.py (one request's state), logprobs.py
+(per-token logprobs, for requests that ask for them).
 
 Names load on first use, so that importing the package does not load PyTorch.
 `DraftConfig` and `SamplingParams` live in `services.common.params`, shared with the
@@ -30,13 +31,23 @@ _EXPORTS = {
     "ModelLoadError": "services.engine.checkpoint",
     "DraftConfig": "services.common.params",
     "SamplingParams": "services.common.params",
+    "TokenLogprob": "services.engine.logprobs",
 }
-__all__ = ["Completion", "Delta", "DraftConfig", "Engine", "ModelLoadError", "SamplingParams"]
+__all__ = [
+    "Completion",
+    "Delta",
+    "DraftConfig",
+    "Engine",
+    "ModelLoadError",
+    "SamplingParams",
+    "TokenLogprob",
+]
 
 if TYPE_CHECKING:
     from services.common.params import DraftConfig, SamplingParams
     from services.engine.checkpoint import ModelLoadError
     from services.engine.engine import Engine
+    from services.engine.logprobs import TokenLogprob
     from services.engine.outputs import Completion, Delta
 
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from services.common.params import DraftConfig, SamplingParams
-from services.engine import checkpoint, prompts
+from services.engine import checkpoint, logprobs, prompts
 from services.engine.detokenizer import OutputText
 from services.engine.drafting.step import Speculator, first_token
 from services.engine.kv_pool import BlockTable, KVPool, OutOfBlocks
@@ -109,9 +109,22 @@ class Engine(Serving):
 
     # -- requests ---------------------------------------------------------------
 
-    def encode(self, prompt: str | list[int] | list[dict], chat: bool = False) -> list[int]:
-        """Token ids of a prompt (see `prompts.encode`)."""
-        return prompts.encode(self.tokenizer, prompt, self.model.vocab_size, chat)
+    def encode(
+        self,
+        prompt: str | list[int] | list[dict],
+        chat: bool = False,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> list[int]:
+        """Token ids of a prompt (see `prompts.encode`): exactly what the model is fed."""
+        return prompts.encode(
+            self.tokenizer,
+            prompt,
+            self.model.vocab_size,
+            chat,
+            add_generation_prompt,
+            continue_final_message,
+        )
 
     def draft_config(self, draft: DraftConfig | str | dict | None) -> DraftConfig:
         """A request's drafting: its override over the model's default, with the layers a
@@ -120,28 +133,31 @@ class Engine(Serving):
         cfg.check_layers(self.model.num_layers)
         return cfg
 
-    def add_request(
+    def add_request(self, prompt, params=None, draft=None, **options) -> Sequence:
+        """Validate and queue one request (see `add_choices`); returns its first choice."""
+        return self.add_choices(prompt, params, draft, **options)[0]
+
+    def add_choices(
         self,
         prompt: str | list[int] | list[dict],
         params: SamplingParams | None = None,
         draft: DraftConfig | str | dict | None = None,
         *,
         chat: bool = False,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
         request_id: str | None = None,
         session_id: str | None = None,
         on_update: Callable[[Sequence, bool], None] | None = None,
-    ) -> Sequence:
-        """Validate and queue one request; `on_update(seq, finished)` runs on the engine's
-        thread after every step that changes it, for each of its `params.n` choices
-        (`seq.index`). Returns its first choice. Raises ValueError or QueueFull."""
-        return self._add(prompt, params, draft, chat, request_id, session_id, on_update)[0]
-
-    def _add(self, prompt, params, draft, chat, request_id, session_id, on_update) -> list:
-        """`add_request`, returning every choice's sequence: choice i > 0 has the id
-        "{request_id}/{i}", and no session, which the first alone keeps."""
+    ) -> list[Sequence]:
+        """Validate and queue one request; returns the sequences of its `params.n` choices.
+        `on_update(seq, finished)` runs on the engine's thread after every step that changes
+        a choice (`seq.index`). Choice i > 0 has the id "{request_id}/{i}", and no session,
+        which the first alone keeps. The chat options apply to messages
+        (`prompts.apply_chat_template`). Raises ValueError or QueueFull."""
         params = params or SamplingParams()
         cfg = self.draft_config(draft)
-        ids = self.encode(prompt, chat)
+        ids = self.encode(prompt, chat, add_generation_prompt, continue_final_message)
         prompts.check_fits(ids, params, self.model.max_positions)
         request_id = request_id or f"req-{next(self._ids)}"
         choices = []
@@ -184,7 +200,9 @@ class Engine(Serving):
 
         try:
             for p in prompts:
-                seqs += self._add(p, params, draft, chat, None, session_id, all_done)
+                seqs += self.add_choices(
+                    p, params, draft, chat=chat, session_id=session_id, on_update=all_done
+                )
         except Exception:
             for seq in seqs:
                 self.abort(seq.id)
@@ -232,8 +250,9 @@ class Engine(Serving):
         try:
             logits = self.runner.prefill(seq, self.prefill_chunk)
             if logits is not None and not resumed:
-                seq.append([self._first_token(seq, logits[-1])], self.eos_ids)
-                self._fork(request, seq, logits[-1])
+                added = seq.append([self._first_token(seq, logits[-1])], self.eos_ids)
+                logprobs.record(seq, logits[-1:], added)
+                self._fork(request, seq, logits[-1:])
         except Exception as exc:
             self._fail(request, seq, exc)
             return
@@ -248,12 +267,13 @@ class Engine(Serving):
 
     def _fork(self, request: Request, seq: Sequence, logits) -> None:
         """The request's other choices, forked from its first just prefilled: each shares
-        the prompt's full KV blocks, samples its own first token from the same `logits`,
-        and runs, or ends at once."""
+        the prompt's full KV blocks, samples its own first token from the same `logits`
+        (`[1, vocab]`), and runs, or ends at once."""
         for choice_request, choice in self.scheduler.take_unforked(request.request_id):
             try:
                 choice.table = seq.table.fork()
-                choice.append([self._first_token(choice, logits)], self.eos_ids)
+                added = choice.append([self._first_token(choice, logits[-1])], self.eos_ids)
+                logprobs.record(choice, logits, added)
             except OutOfBlocks:  # no block for its copy: it prefills itself, unshared
                 self.scheduler.requeue(choice_request, choice)
                 continue

@@ -14,6 +14,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
+from services.engine.logprobs import TokenLogprob
 from services.engine.scheduler import Request
 from services.engine.sequence import Sequence
 
@@ -27,6 +28,7 @@ class Completion:
     finish_reason: str
     stats: dict
     index: int = 0  # which of the request's choices
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when asked for
 
 
 def completion(seq: Sequence) -> Completion:
@@ -37,6 +39,7 @@ def completion(seq: Sequence) -> Completion:
         finish_reason=seq.finish_reason or "length",
         stats=seq.stats.as_dict(),
         index=seq.index,
+        logprobs=None if seq.logprobs is None else list(seq.logprobs),
     )
 
 
@@ -51,6 +54,7 @@ class Delta:
     stats: dict
     error: str | None = None  # why, when finish_reason is "error"
     index: int = 0  # which of the request's choices
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when asked for
 
 
 class DeltaStream:
@@ -74,6 +78,7 @@ class DeltaStream:
             seq.stats.as_dict(),
             seq.error if finished else None,
             seq.index,
+            None if seq.logprobs is None else seq.logprobs[self.sent_tokens :],
         )
         self.sent_tokens, self.sent_text = len(seq.output), text
         return delta

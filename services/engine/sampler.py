@@ -5,10 +5,12 @@ Speculative (rejection) sampling keeps drafted token d with probability
 min(1, p(d) / q(d)) and, at the first rejection, samples from the normalised
 positive part of p - q; every emitted token is then distributed exactly as the
 target model's own sampling would give (Leviathan et al., Chen et al., 2023).
-Draft and target go through the same temperature, top-k and top-p processing.
+Draft and target go through the same temperature, min-p, top-k and top-p processing.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -16,8 +18,11 @@ from services.common.params import SamplingParams
 
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Rows of `logits` to sampling distributions after temperature, top-k and top-p."""
+    """Rows of `logits` to sampling distributions after temperature, min-p, top-k and
+    top-p (min-p first, as vLLM's v1 sampler)."""
     logits = logits.float() / params.temperature
+    if params.min_p > 0:
+        logits = logits.masked_fill(min_p_mask(logits, params.min_p), float("-inf"))
     if 0 < params.top_k < logits.shape[-1]:
         kth = logits.topk(params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -31,6 +36,13 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
         probs = probs / probs.sum(-1, keepdim=True)
     return probs
+
+
+def min_p_mask(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Where a token's probability is under `min_p` times the row's most likely one's.
+    Compared as logits, p_i < min_p * p_max being l_i < l_max + log(min_p): no softmax."""
+    top = logits.max(dim=-1, keepdim=True).values
+    return logits < top + math.log(min_p)
 
 
 def accept_greedy(proposed: list[int], target_logits: torch.Tensor) -> tuple[int, int]:

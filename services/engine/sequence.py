@@ -11,6 +11,7 @@ import torch
 from services.common.params import SEED_LIMIT, SamplingParams
 from services.engine.detokenizer import OutputText
 from services.engine.kv_pool import BlockTable
+from services.engine.logprobs import TokenLogprob
 
 
 @dataclass
@@ -67,6 +68,8 @@ class Sequence:
         self.index = index
         self.prompt = prompt
         self.output: list[int] = []
+        # One per output token when the request asks for logprobs (logprobs.record).
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.params = params
         self.table = table
         self.finish_reason: str | None = None

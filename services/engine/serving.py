@@ -139,7 +139,8 @@ class Serving:
         """Stream a request's output as deltas; the loop runs on the engine's thread, so the
         caller's event loop never blocks. With `params.n` > 1 the choices' deltas come
         interleaved, each with its index. Breaking out of the iteration cancels it.
-        `options`: `chat`, `request_id` and `session_id`, as for `add_request`."""
+        `options`: `chat`, `add_generation_prompt`, `continue_final_message`, `request_id`
+        and `session_id`, as for `add_choices`."""
         if draft is not None and not self.allow_draft_override:
             raise ValueError(
                 "this server takes no per-request draft settings (allow_draft_override is off); "

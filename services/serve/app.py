@@ -179,12 +179,14 @@ class EngineServer:
         default drafting (its layer draft, so that the draft passes run even where `auto`
         would not draft yet). Returns why it failed, or None."""
         from services.common.params import SamplingParams
+        from services.engine.prompts import has_chat_template
 
         cfg = self.engine.default_draft
         draft = replace(cfg, mode=cfg.layer_mode) if cfg.layer_mode else cfg
         params = SamplingParams(max_tokens=WARMUP_TOKENS, ignore_eos=True)
         try:
-            (done,) = self.engine.generate(WARMUP_PROMPT, params, draft, chat=True)
+            chat = has_chat_template(self.engine.tokenizer)  # a base model has none
+            (done,) = self.engine.generate(WARMUP_PROMPT, params, draft, chat=chat)
         except Exception as exc:
             log.exception("replica %s: the warm-up generation raised", self.replica_id)
             return f"the warm-up generation raised {exc!r}"
@@ -242,6 +244,7 @@ class EngineServer:
             async for response in self._generate(request, grpc_context):
                 whole.text += response.text
                 whole.token_ids.extend(response.token_ids)
+                whole.logprobs.extend(response.logprobs)
                 whole.request_id, whole.replica_id = response.request_id, response.replica_id
                 whole.finish_reason = response.finish_reason
                 whole.usage.CopyFrom(response.usage)
@@ -266,6 +269,30 @@ class EngineServer:
         info.default_draft.update(api.draft_dict(self.engine.default_draft))
         info.backend.update(model.backend.describe())
         return info
+
+    async def Tokenize(self, request: pb.TokenizeRequest, grpc_context=None) -> pb.TokenizeResponse:
+        """The token ids Generate would feed the model for this prompt or these messages."""
+        self._checked(grpc_context)
+        try:
+            ids = self.engine.encode(api.prompt(request), **api.chat_options(request))
+        except ValueError as exc:
+            _refuse(grpc_context, _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)))
+        max_len = self.engine.model.max_positions
+        return pb.TokenizeResponse(token_ids=ids, max_model_len=max_len)
+
+    async def Detokenize(
+        self, request: pb.DetokenizeRequest, grpc_context=None
+    ) -> pb.DetokenizeResponse:
+        self._checked(grpc_context)
+        try:
+            ids = api.detokenize_ids(request)
+            vocab = self.engine.model.vocab_size
+            bad = [i for i in ids if i >= vocab]
+            if bad:
+                raise ValueError(f"token_ids must be in [0, {vocab}); got {bad[:5]}")
+        except ValueError as exc:
+            _refuse(grpc_context, _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)))
+        return pb.DetokenizeResponse(text=self.engine.tokenizer.decode(ids))
 
     async def Abort(self, request: pb.AbortRequest, grpc_context=None) -> pb.AbortResponse:
         self._checked(grpc_context)
@@ -388,6 +415,7 @@ class EngineServer:
                     api.draft_override(request),
                     request_id=request_id,
                     session_id=request.session_id or None,
+                    **api.chat_options(request),
                 )
                 # The first step of the stream queues the request: refusals surface here.
                 delta = await anext(stream)
@@ -412,6 +440,7 @@ class EngineServer:
                         usage=api.usage(delta.stats, completion[delta.index]),
                         replica_id=self.replica_id,
                         index=delta.index,
+                        logprobs=self._logprobs(delta),
                     )
                     running -= delta.finish_reason is not None
                     if running == 0:
@@ -419,6 +448,11 @@ class EngineServer:
                     delta = await anext(stream)
             finally:
                 await stream.aclose()  # a request left unfinished is aborted on the engine
+
+    def _logprobs(self, delta) -> list[pb.TokenLogprob]:
+        if delta.logprobs is None:
+            return []
+        return api.token_logprobs(self.engine.tokenizer.decode, delta.token_ids, delta.logprobs)
 
     @contextlib.contextmanager
     def _owned(self, request_id: str, owner: str) -> Iterator[None]:

@@ -4,11 +4,13 @@ Struct carries every number as a float, so whole ones become ints here and only 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 
 from services.common import api
 from services.common.params import (
+    MAX_LOGPROBS,
     MAX_STOP_STRINGS,
     MAX_STOP_TOKEN_IDS,
     MAX_TOKENS_LIMIT,
@@ -103,3 +105,40 @@ def test_usage_says_when_a_request_drafted_with_the_default_or_was_preempted():
     assert (u.prompt_tokens, u.completion_tokens, u.verify_steps) == (5, 4, 3)
     assert u.draft_fallback and u.preemptions == 2
     assert not api.usage({}, 0).draft_fallback
+
+
+def test_logprobs_zero_and_min_p_arrive_as_set():
+    params = api.sampling_params(pb.GenerateRequest(prompt="hi", logprobs=0, min_p=0.25))
+    assert params.logprobs == 0 and params.min_p == 0.25
+    assert api.sampling_params(pb.GenerateRequest(prompt="hi")).logprobs is None
+    with pytest.raises(ValueError, match="^logprobs "):
+        api.validate(pb.GenerateRequest(prompt="hi", logprobs=MAX_LOGPROBS + 1))
+    with pytest.raises(ValueError, match="^min_p "):
+        api.validate(pb.GenerateRequest(prompt="hi", min_p=1.5))
+
+
+def test_chat_options_default_as_the_request_means():
+    turns = [pb.Message(role="user", content="hi")]
+    ask = pb.GenerateRequest(messages=pb.Messages(messages=turns))
+    assert api.chat_options(ask) == {"add_generation_prompt": True, "continue_final_message": False}
+    go_on = pb.TokenizeRequest(messages=pb.Messages(messages=turns, continue_final_message=True))
+    assert api.chat_options(go_on) == {
+        "add_generation_prompt": False,
+        "continue_final_message": True,
+    }
+    bare = pb.Messages(messages=turns, add_generation_prompt=False)
+    assert api.chat_options(pb.GenerateRequest(messages=bare))["add_generation_prompt"] is False
+    assert api.chat_options(pb.GenerateRequest(prompt="hi")) == {}
+    assert api.prompt(pb.TokenizeRequest(prompt="hi")) == "hi"
+
+
+def test_token_logprobs_carry_each_tokens_text():
+    lp = SimpleNamespace(logprob=-0.5, top=[(7, -0.5), (8, -1.5)])
+    [out] = api.token_logprobs(lambda ids: f"<{ids[0]}>", [7], [lp])
+    assert (out.token_id, out.token, out.logprob) == (7, "<7>", -0.5)
+    assert [(t.token_id, t.token, t.logprob) for t in out.top] == [
+        (7, "<7>", -0.5),
+        (8, "<8>", -1.5),
+    ]
+    with pytest.raises(ValueError, match="token_ids"):
+        api.detokenize_ids(pb.DetokenizeRequest(token_ids=[1] * (api.MAX_PROMPT_TOKEN_IDS + 1)))

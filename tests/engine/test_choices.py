@@ -70,7 +70,7 @@ def test_choices_share_the_prompts_full_blocks(engine):
 
 @pytest.mark.parametrize("when", ["before the fork", "after the fork"])
 def test_aborting_the_request_aborts_every_choice(engine, when):
-    seqs = engine._add(LONG_PROMPT, SAMPLED, "off", False, "many", None, None)
+    seqs = engine.add_choices(LONG_PROMPT, SAMPLED, "off", request_id="many")
     if when == "after the fork":
         engine.step_once()
         assert len(engine.scheduler.running) == 3
@@ -104,14 +104,8 @@ def test_greedy_choices_are_refused():
 
 
 def test_one_token_choices_all_finish_at_the_fork(engine):
-    seqs = engine._add(
-        PROMPT,
-        SamplingParams(n=2, temperature=1.0, max_tokens=1, ignore_eos=True),
-        None,
-        False,
-        None,
-        None,
-        None,
+    seqs = engine.add_choices(
+        PROMPT, SamplingParams(n=2, temperature=1.0, max_tokens=1, ignore_eos=True)
     )
     engine.step_once()
     assert [(s.finish_reason, len(s.output)) for s in seqs] == [("length", 1)] * 2
@@ -140,7 +134,7 @@ def small(engine) -> Engine:
 def test_preempted_choices_complete_as_without_preemption(engine, small):
     params = SamplingParams(n=3, temperature=1.0, max_tokens=24, seed=11, ignore_eos=True)
     assert small.pool.num_blocks == 12
-    seqs = small._add(LONG_PROMPT, params, "off", False, None, None, None)
+    seqs = small.add_choices(LONG_PROMPT, params, "off")
     step_until_done(small, seqs)
     assert sum(s.stats.preemptions for s in seqs) > 0
     assert all(s.finish_reason == "length" for s in seqs)

@@ -16,6 +16,8 @@ SETTINGS = [
     SamplingParams(temperature=0.7, top_k=5),
     SamplingParams(temperature=1.3, top_p=0.8),
     SamplingParams(temperature=0.9, top_k=8, top_p=0.9),
+    SamplingParams(temperature=1.0, min_p=0.1),
+    SamplingParams(temperature=1.2, top_p=0.95, min_p=0.05),
 ]
 
 
@@ -77,6 +79,22 @@ def test_top_k_and_top_p_processing():
     full = torch.softmax(logits, -1)[0]
     p = probabilities(logits, SamplingParams(temperature=1.0, top_p=float(full[0]) + 1e-3))
     assert (p[0] > 0).tolist() == [True, True, False, False, False]
+
+
+def test_min_p_drops_tokens_under_min_p_times_the_top_one():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.1, 0.06, 0.04]]))
+    mask = sampler.min_p_mask(logits, 0.15)  # 0.15 * 0.5 = 0.075
+    assert mask.tolist() == [[False, False, False, True, True]]
+    p = probabilities(logits, SamplingParams(temperature=1.0, min_p=0.15))
+    torch.testing.assert_close(p[0, :3], torch.tensor([0.5, 0.3, 0.1]) / 0.9)
+    assert (p[0, 3:] == 0).all()
+    assert probabilities(logits, SamplingParams(temperature=1.0, min_p=1.0))[0].tolist() == [
+        1.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+    ]
 
 
 def test_same_seed_same_output(engine):

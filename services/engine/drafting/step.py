@@ -3,7 +3,7 @@ pass, keep what the full model agrees with, and learn from it.
 
 Greedy sequences keep the drafted tokens up to the first the full model would not have
 chosen, then the full model's own; sampling ones go by rejection sampling, with the
-same temperature, top-k and top-p on both sides. Either way the output is the full
+same temperature, min-p, top-k and top-p on both sides. Either way the output is the full
 model's, whatever was drafted.
 """
 
@@ -15,7 +15,7 @@ import time
 import torch
 
 from services.common.params import DraftConfig
-from services.engine import faults
+from services.engine import faults, logprobs
 from services.engine.drafting.plan import DraftPlan, fixed
 from services.engine.drafting.policy import AutoPolicy
 from services.engine.drafting.proposer import Drafts
@@ -89,7 +89,9 @@ class Speculator:
         self.policy.telemetry.record(plan.name, batch, len(proposed), n)
         if proposed:
             self.policy.learn(seq, plan, drafts, i, n, nxt)
-        seq.append(proposed[:n] + [nxt], eos_ids)
+        added = seq.append(proposed[:n] + [nxt], eos_ids)
+        # Row j of the verification gave the token at j: the kept drafted ones, then nxt.
+        logprobs.record(seq, logits, added)
         # KV is kept for the tokens kept, all but the newest: a stop inside the draft
         # leaves the drafted tokens after it uncommitted.
         seq.table.commit(seq.num_tokens - 1)
