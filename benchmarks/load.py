@@ -242,12 +242,12 @@ def plot(load: dict, path: Path, title: str) -> None:
         ("e2e", "p90", "end-to-end latency, p90 (s)"),
         ("goodput_req_s", None, "goodput (good requests / s)"),
     )
-    for ax, (metric, q, title) in zip(axes, panels, strict=True):
+    for ax, (metric, q, panel) in zip(axes, panels, strict=True):
         for mode, by_rate in load.items():
             rates = sorted(by_rate, key=float)
             ys = [by_rate[r][metric][q] if q else by_rate[r][metric] for r in rates]
             ax.plot([float(r) for r in rates], ys, marker="o", label=f"drafting {mode}")
-        ax.set_title(title)
+        ax.set_title(panel)
         ax.set_xlabel("conversations started per second")
         ax.legend()
     fig.suptitle(title)

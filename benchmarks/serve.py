@@ -308,7 +308,13 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report: dict = {"settings": {k: v for k, v in vars(args).items() if k != "out"}}
+    from benchmarks.engine import cpu_model
+
+    report: dict = {
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "cpu": cpu_model(),
+        "threads": os.cpu_count(),
+    }
     fleet = start_fleet(args, say=lambda line: print(line, file=sys.stderr, flush=True))
     try:
         if args.skip != "overhead":

@@ -1,10 +1,12 @@
 """OpenAI's request bodies, with vLLM's extensions, and their translation to `GenerateRequest`.
 
-The bodies are checked here for their shape (a field of the wrong type, or one selfspec
-does not know, is refused naming it); their values are checked by `api.validate`, the same
-as a gRPC call's. Fields that OpenAI or vLLM define and selfspec does not implement are
-refused by name when set to anything but their neutral value, rather than ignored: a
-client that asks for a presence penalty must not get text sampled without one.
+The bodies are checked here for their shape (a field of the wrong type is refused naming
+it); their values are checked by `api.validate`, the same as a gRPC call's. Fields that
+OpenAI or vLLM define and selfspec does not implement are refused by name when set to
+anything but their neutral value, rather than ignored: a client that asks for a presence
+penalty must not get text sampled without one. Fields no one here knows (OpenAI adds new
+ones, such as `store` or `metadata`, which clients send along) are ignored with a warning
+in the log, as vLLM does, and a field sent as null counts as not sent.
 
 Defaults are OpenAI's: temperature 1, and at most 16 tokens for a completion. A chat
 completion without `max_tokens` (or `max_completion_tokens`) gets CHAT_MAX_TOKENS: vLLM's
@@ -13,9 +15,10 @@ completion without `max_tokens` (or `max_completion_tokens`) gets CHAT_MAX_TOKEN
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from services.gen.selfspec.v1 import generation_pb2 as pb
 
@@ -34,8 +37,23 @@ class RequestError(ValueError):
         self.param = param
 
 
+log = logging.getLogger(__name__)
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A body's part: nulls are unset, unknown fields are logged and dropped."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        unknown = sorted(set(data) - set(cls.model_fields))
+        if unknown:
+            log.warning("%s: ignoring unknown fields %s", cls.__name__, ", ".join(unknown))
+        return {k: v for k, v in data.items() if v is not None}
 
 
 class StreamOptions(_Strict):
@@ -126,9 +144,6 @@ def parse(body_type: type[BaseModel], data: Any) -> Any:
         error = exc.errors()[0]
         path = ".".join(str(part) for part in error["loc"])
         param = str(error["loc"][0]) if error["loc"] else None
-        if error["type"] == "extra_forbidden":
-            message = f"unknown field {path!r}: selfspec does not take it"
-            raise RequestError(message, param) from None
         if error["type"] == "missing":
             raise RequestError(f"{path} is required", param) from None
         raise RequestError(f"{path}: {error['msg']}", param) from None
