@@ -241,6 +241,31 @@ def test_logprobs_with_top_5(client):
     assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
 
 
+def test_logprobs_with_drafting_are_offs(client):
+    """Greedy: a drafted token's logprobs come from the pass that verified it, the full
+    model's own, so every drafting mode gives `off`'s, through the whole path."""
+
+    def logprobs(mode: str) -> list:
+        reply = client.chat.completions.create(
+            model=MODEL,
+            messages=user("Count from one to ten."),
+            max_tokens=16,
+            temperature=0,
+            logprobs=True,
+            top_logprobs=3,
+            extra_body={"draft": {"mode": mode}},
+        ).choices[0]
+        return [
+            (t.token, t.logprob, [(a.token, a.logprob) for a in t.top_logprobs])
+            for t in reply.logprobs.content
+        ]
+
+    off = logprobs("off")
+    assert len(off) > 1
+    for mode in ("ngram", "skip", "early_exit"):
+        assert logprobs(mode) == off, mode
+
+
 def test_stop(client):
     asked = dict(model=MODEL, messages=user("List the days of the week."), temperature=0)
     free = client.chat.completions.create(**asked, max_tokens=24).choices[0].message.content
