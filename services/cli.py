@@ -35,11 +35,19 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         help="gguf: a GGUF's quantized matrices as stored (cpu backend); bf16, fp16, fp32: "
         "dense; auto (default): gguf for a GGUF on the cpu backend, else --dtype or bf16",
     )
+    p.add_argument(
+        "--draft-model",
+        default=None,
+        help="a smaller model with the same tokenizer (a checkpoint folder or a .gguf), "
+        "loaded like --model, to draft with (--draft model, then the default)",
+    )
 
 
 def _draft_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--draft", default=None, help="off | skip | early_exit | ngram (default: profile)"
+        "--draft",
+        default=None,
+        help="off | skip | early_exit | ngram | model | auto (default: profile)",
     )
     p.add_argument("--max-draft", type=int, default=None, help="most tokens drafted per step")
     p.add_argument("--exit-layer", type=int, default=None, help="layer count for early_exit")
@@ -56,6 +64,7 @@ def _load(args):
         device=args.device,
         backend=args.backend,
         weights=args.weights,
+        draft_model=args.draft_model,
     )
     elapsed = time.perf_counter() - t0
     print(f"loaded in {elapsed:.1f} s; backend {engine.model.backend}", file=sys.stderr, flush=True)

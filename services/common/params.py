@@ -29,7 +29,7 @@ MAX_LOGPROBS = 20  # alternatives per output token, as OpenAI's top_logprobs
 GREEDY_BELOW = 1e-5
 
 # -- drafting limits --------------------------------------------------------------------
-DRAFT_MODES = ("off", "skip", "early_exit", "ngram", "auto")
+DRAFT_MODES = ("off", "skip", "early_exit", "ngram", "model", "auto")
 MAX_DRAFT_TOKENS = 16
 MAX_SKIP_LAYERS = 1024  # entries per skip list; layer numbers are checked against the model
 MAX_SHORTLIST = 1 << 20  # draft-head ids; at or above the vocabulary means the full head
@@ -160,6 +160,7 @@ class DraftConfig:
     `skip`: run the model without the attention sublayers in `skip_attn` and the MLP
     sublayers in `skip_mlp`. `early_exit`: run the first `exit_layer` layers, then
     the LM head. `ngram`: copy what followed the latest match of the recent tokens.
+    `model`: the engine's draft model, a smaller model with the same tokenizer.
     Drafting stops before `max_draft` tokens once the draft's top probability falls
     under `threshold`. `shortlist` > 0 gives the draft an LM head over token ids
     below it plus the ids already in the context.

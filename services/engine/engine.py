@@ -17,11 +17,13 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from services.common.params import DraftConfig, SamplingParams
 from services.engine import checkpoint, logprobs, prompts
 from services.engine.detokenizer import OutputText
+from services.engine.drafting import draft_model as draft_models
 from services.engine.drafting.step import Speculator, first_token
 from services.engine.kv_pool import BlockTable, KVPool, OutOfBlocks
 from services.engine.model import Model
@@ -51,10 +53,15 @@ class Engine(Serving):
         draft: DraftConfig | None = None,
         allow_draft_override: bool = True,
         max_draft_configs: int = 4,
+        draft_model: tuple[Model, object] | None = None,
     ) -> None:
         """`allow_draft_override`: whether requests through `submit` (servers) may carry
         their own drafting; `max_draft_configs`: distinct drafting configs run in one step,
-        each a pass of its own (requests beyond run with the default, and say so)."""
+        each a pass of its own (requests beyond run with the default, and say so).
+        `draft_model`: (model, tokenizer) of a draft model for mode `model`, which is then
+        the default's mode; its KV pool takes a share of `kv_cache_bytes`
+        (`drafting.draft_model.budgets`). Raises ValueError for a draft model that cannot
+        serve `model`, saying why."""
         if max_draft_configs < 1:
             raise ValueError(f"max_draft_configs must be at least 1, got {max_draft_configs}")
         self.model = model
@@ -63,19 +70,22 @@ class Engine(Serving):
         self.max_draft_configs = max_draft_configs
         self.prefill_chunk = prefill_chunk
         self.allow_draft_override = allow_draft_override
-        self.pool = KVPool.from_budget(
-            kv_cache_bytes,
-            num_layers=model.num_layers,
-            kv_dim=model.kv_dim,
-            block_size=block_size,
-            dtype=model.kv_dtype,
-            device=model.device,
-        )
-        self.runner = ModelRunner(model, self.pool)
+        drafter, self.draft_pool = None, None
+        if draft_model is not None:
+            drafter_model, drafter_tokenizer = draft_model
+            draft_models.check_pair(model, tokenizer, drafter_model, drafter_tokenizer)
+            kv_cache_bytes, draft_bytes = draft_models.budgets(kv_cache_bytes, model, drafter_model)
+            self.draft_pool = _pool(draft_bytes, drafter_model, block_size)
+            drafter = draft_models.DraftModel(drafter_model, self.draft_pool, prefill_chunk)
+        self.pool = _pool(kv_cache_bytes, model, block_size)
+        self.runner = ModelRunner(model, self.pool, drafter)
         self.drafting = Speculator(self.runner, model.max_positions)
         if draft is None:
             draft, self.auto_layer_draft = load_profile(model_path, model.num_layers)
+            if drafter is not None:
+                draft = replace(draft, mode="model")
         self.default_draft = draft
+        self._check_draft_model(draft)
         self.default_draft.check_layers(model.num_layers)
         self.eos_ids = checkpoint.eos_ids(model.config, tokenizer)
         self._ids = itertools.count()
@@ -97,14 +107,21 @@ class Engine(Serving):
         device: str = "cpu",
         backend: str | None = None,
         weights: str = "auto",
+        draft_model: str | None = None,
         **kwargs,
     ) -> Engine:
         """Load `model`: `default`, a Hugging Face checkpoint folder, or a GGUF file.
         `backend`: the compute path (`selfspec_kernels.backend`; default: `SELFSPEC_BACKEND`,
         else the fastest this machine runs). `weights`: `gguf` (a GGUF's matrices in their
         block formats, on the `cpu` backend), `bf16`, `fp16` or `fp32` (dense), or `auto`:
-        `dtype` when given, else `gguf` where it runs, else `bf16` (`checkpoint.weights_for`)."""
+        `dtype` when given, else `gguf` where it runs, else `bf16` (`checkpoint.weights_for`).
+        `draft_model`: a second model, loaded the same way, to draft with (mode `model`)."""
         loaded, tokenizer, path = checkpoint.load(model, dtype, device, backend, weights)
+        if draft_model is not None:
+            drafter, draft_tokenizer, _ = checkpoint.load(
+                draft_model, dtype, device, backend, weights
+            )
+            kwargs["draft_model"] = (drafter, draft_tokenizer)
         return cls(loaded, tokenizer, path, **kwargs)
 
     # -- requests ---------------------------------------------------------------
@@ -131,7 +148,14 @@ class Engine(Serving):
         mode named alone needs; raises ValueError for layers the model lacks."""
         cfg = DraftConfig.parse(draft, self.default_draft).filled(self.model.num_layers)
         cfg.check_layers(self.model.num_layers)
+        self._check_draft_model(cfg)
         return cfg
+
+    def _check_draft_model(self, cfg: DraftConfig) -> None:
+        if cfg.mode == "model" and self.runner.draft_model is None:
+            raise ValueError(
+                "draft.mode 'model': this engine has no draft model: start it with --draft-model"
+            )
 
     def add_request(self, prompt, params=None, draft=None, **options) -> Sequence:
         """Validate and queue one request (see `add_choices`); returns its first choice."""
@@ -344,6 +368,18 @@ class Engine(Serving):
             seq.finish("error", _describe(exc))
 
     _first_token = staticmethod(first_token)
+
+
+def _pool(budget: int, model: Model, block_size: int) -> KVPool:
+    """A KV pool for `model` in `budget` bytes."""
+    return KVPool.from_budget(
+        budget,
+        num_layers=model.num_layers,
+        kv_dim=model.kv_dim,
+        block_size=block_size,
+        dtype=model.kv_dtype,
+        device=model.device,
+    )
 
 
 def _describe(exc: Exception) -> str:

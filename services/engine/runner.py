@@ -15,9 +15,10 @@ import torch
 
 from services.common.params import DraftConfig
 from services.engine import faults
+from services.engine.drafting.draft_model import DraftModel
 from services.engine.drafting.layer import LayerDrafter
-from services.engine.drafting.plan import DraftPlan
-from services.engine.drafting.proposer import Drafts
+from services.engine.drafting.plan import DraftPlan, Kind
+from services.engine.drafting.proposer import Drafts, Proposer
 from services.engine.kv_pool import BlockTable, KVPool, OutOfBlocks
 from services.engine.model import FULL, LayerPlan, Model
 from services.engine.sequence import Sequence
@@ -39,11 +40,13 @@ class Timing:
 
 
 class ModelRunner:
-    def __init__(self, model: Model, pool: KVPool) -> None:
+    def __init__(self, model: Model, pool: KVPool, draft_model: DraftModel | None = None) -> None:
+        """`draft_model`: the engine's draft model, which model plans draft with."""
         self.model = model
         self.pool = pool
         self.timing = Timing()
         self.layer_drafter = LayerDrafter(self)
+        self.draft_model = draft_model
 
     def _batch(self, seqs: list[Sequence], starts: list[int], lengths: list[int], bulk=False):
         blocks = [s.table.blocks for s in seqs]
@@ -77,41 +80,42 @@ class ModelRunner:
     @torch.inference_mode()
     def draft_mixed(self, seqs: list[Sequence], cfg: DraftConfig, plans: list[DraftPlan]) -> Drafts:
         """Draft each sequence by its plan; one verification then serves them all. A plan's
-        n-gram tokens lead; the layer draft of `cfg` continues those of layer plans."""
+        n-gram tokens lead; the layer draft of `cfg` continues those of layer plans, the
+        draft model those of model plans."""
         tokens = [list(p.lead) for p in plans]
-        layered = [i for i, p in enumerate(plans) if p.layered]
-        if not layered:
+        parts = [
+            ([i for i, p in enumerate(plans) if p.layered], self.layer_drafter),
+            ([i for i, p in enumerate(plans) if p.kind is Kind.MODEL and p.k], self.draft_model),
+        ]
+        parts = [(which, drafter) for which, drafter in parts if which]
+        if not parts:
             return Drafts(tokens)
+        n = len(seqs)
+        out = Drafts(tokens, [None] * n, 0, [None] * n, [[] for _ in seqs], [None] * n, [0] * n)
+        for which, drafter in parts:
+            self._draft_part(seqs, cfg, plans, which, drafter, out)
+        return out
+
+    def _draft_part(self, seqs, cfg, plans, which: list[int], drafter: Proposer, out: Drafts):
+        """Sequences `which` drafted by `drafter`, into `out`."""
         t0 = time.perf_counter()
-        part = self.layer_drafter.propose(
-            [seqs[i] for i in layered],
+        part = drafter.propose(
+            [seqs[i] for i in which],
             cfg,
-            [plans[i].k for i in layered],
-            [tokens[i] for i in layered],
+            [plans[i].k for i in which],
+            [out.tokens[i] for i in which],
         )
         elapsed = time.perf_counter() - t0
         self.timing.draft_s += elapsed
         self.timing.draft_passes += part.passes
-        hidden: list[torch.Tensor | None] = [None] * len(seqs)
-        probs: list[torch.Tensor | None] = [None] * len(seqs)
-        confidence: list[list[float]] = [[] for _ in seqs]
-        dropped: list[tuple[int, float] | None] = [None] * len(seqs)
-        prefix = [0] * len(seqs)
-        for j, i in enumerate(layered):
-            prefix[i] = len(tokens[i])
-            tokens[i], hidden[i], probs[i] = part.tokens[j], part.hidden[j], part.probs[j]
-            confidence[i], dropped[i] = part.confidence[j], part.dropped[j]
-        return Drafts(
-            tokens,
-            hidden,
-            part.start_layer,
-            probs,
-            confidence,
-            dropped,
-            prefix,
-            part.passes,
-            elapsed,
-        )
+        out.passes += part.passes
+        out.seconds += elapsed
+        out.start_layer = max(out.start_layer, part.start_layer)
+        for j, i in enumerate(which):
+            out.prefix[i] = len(out.tokens[i])
+            out.tokens[i], out.probs[i] = part.tokens[j], part.probs[j]
+            out.hidden[i] = part.hidden[j] if part.hidden is not None else None
+            out.confidence[i], out.dropped[i] = part.confidence[j], part.dropped[j]
 
     def run_rows(
         self,

@@ -287,6 +287,7 @@ class Scheduler:
         """Give up a sequence's KV and queue it first, to resume by recomputing it."""
         self.drop(request, seq)
         seq.table.free()
+        seq.free_draft()
         seq.stats.preemptions += 1
         with self.lock:
             self.waiting.appendleft((request, seq))
@@ -328,8 +329,9 @@ class Scheduler:
 
     def finish(self, request: Request, seq: Sequence) -> None:
         """Release a finished sequence: out of prefill or the running set, a session's
-        blocks kept, the rest freed."""
+        blocks kept (not the draft model's), the rest freed."""
         self.drop(request, seq)
+        seq.free_draft()
         with self.lock:
             self._live.pop(request.request_id, None)
         keep = seq.finish_reason in ("stop", "length") and seq.output

@@ -72,6 +72,8 @@ class Sequence:
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.params = params
         self.table = table
+        # The draft model's KV (`drafting.draft_model`), made when it first drafts.
+        self.draft_table: BlockTable | None = None
         self.finish_reason: str | None = None
         self.error: str | None = None  # why it failed, when finish_reason is "error"
         self.text = text
@@ -130,6 +132,13 @@ class Sequence:
                 self.finish("length")
                 return n
         return len(tokens)
+
+    def free_draft(self) -> None:
+        """Let go of the draft model's KV, wherever `table` is let go of or given up: the
+        draft catches up from the tokens when it next drafts."""
+        if self.draft_table is not None:
+            self.draft_table.free()
+            self.draft_table = None
 
     def finish(self, reason: str, error: str | None = None) -> None:
         self.finish_reason, self.error = reason, error

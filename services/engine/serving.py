@@ -175,6 +175,7 @@ class Serving:
         in progress, so it applies between steps."""
         for c in (cfg, *(by_bucket or {}).values()):
             c.check_layers(self.model.num_layers)
+            self._check_draft_model(c)
             if c.max_draft > cfg.max_draft:
                 raise ValueError("a bucket may not draft more than the base config")
         with self._step_lock:

@@ -1,12 +1,14 @@
 """Drafting: everything that decides, proposes and learns what a step drafts.
 
     plan.py       DraftPlan: what one sequence drafts in one step (off, n-gram, layer
-                  draft, or the n-gram proposal continued by the layer draft), and the
-                  plans of the fixed modes
+                  draft, the n-gram proposal continued by the layer draft, or the draft
+                  model), and the plans of the fixed modes
     ngram.py      prompt lookup, consulted when a step is planned
     proposer.py   Proposer, the interface of drafters that run a model, and Drafts, what
                   every draft hands to verification
     layer.py      the layer draft (`skip`, `early_exit`), a Proposer
+    draft_model.py  a separate draft model with the target's tokenizer (`model`), a
+                  Proposer with a KV pool of its own
     policy.py     the `auto` policy: the choice of plan and what it learns from (per
                   sequence acceptance, measured costs, telemetry)
     costs.py      measured step costs per batch bucket
@@ -15,8 +17,8 @@
     forced.py     teacher-forced agreement of a draft with the full model
     tune.py       the offline skip-set search (`selfspec tune`)
 
-Model passes all run in `services.engine.runner.ModelRunner`. A new drafter, such as
-a small draft model, is a Proposer in a file of its own. The speedup model that `auto`
-ranks drafts with is `services.common.speedup`, torch-free, shared with the tuner and
-the fleet controller.
+The target's passes all run in `services.engine.runner.ModelRunner`; a draft model's
+run in `draft_model.py`, on its own KV. A new drafter is a Proposer in a file of its
+own. The speedup model that `auto` ranks drafts with is `services.common.speedup`,
+torch-free, shared with the tuner and the fleet controller.
 """

@@ -20,6 +20,7 @@ class Kind(Enum):
     NGRAM = "ngram"  # the n-gram proposal alone
     LAYER = "layer"  # the layer draft alone
     NGRAM_LAYER = "ngram+layer"  # the n-gram proposal, continued by the layer draft
+    MODEL = "model"  # the engine's draft model (`drafting.draft_model`)
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class DraftPlan:
 
     @property
     def name(self) -> str:
-        """`off`, `ngram`, the layer mode, or `ngram+` it."""
+        """`off`, `ngram`, `model`, the layer mode, or `ngram+` it."""
         if self.kind is Kind.LAYER:
             return self.layer
         if self.kind is Kind.NGRAM_LAYER:
@@ -68,4 +69,6 @@ def fixed(cfg: DraftConfig, tokens: list[int], room: int) -> DraftPlan:
     if cfg.mode == "ngram":
         found = ngram_proposal(tokens, room, cfg.ngram_min, cfg.ngram_max)
         return DraftPlan(Kind.NGRAM, room, proposal=tuple(found))
+    if cfg.mode == "model":
+        return DraftPlan(Kind.MODEL, room)
     return DraftPlan(Kind.LAYER, room, layer=cfg.mode)

@@ -116,8 +116,10 @@ class AutoPolicy:
 
     def observe_draft(self, cfg: DraftConfig, plans: list[DraftPlan], drafts: Drafts) -> None:
         """A layer draft's measured cost per pass, at the batch size it drafted for."""
-        if drafts.passes:
-            batch = sum(p.layered for p in plans)
+        batch = sum(p.layered for p in plans)
+        # Passes of the draft model are no layer draft's: steps that ran one are not timed.
+        modelled = any(p.kind is Kind.MODEL for p in plans)
+        if drafts.passes and batch and not modelled:
             self.costs.observe_draft(cfg.layer_mode, batch, drafts.seconds / drafts.passes)
 
     def learn(
@@ -127,7 +129,7 @@ class AutoPolicy:
         each mode it drafted with, and (greedy layer drafts) acceptance by confidence."""
         proposed = drafts.tokens[i]
         lead = drafts.prefix[i] if drafts.prefix else 0  # n-gram tokens before the layer's
-        mode = plan.layer or "ngram"
+        mode = plan.layer or plan.kind.value  # `ngram` or `model`
         if lead:
             self.acceptance(seq, "ngram").update(lead, min(accepted, lead))
             if accepted < lead:

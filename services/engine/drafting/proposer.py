@@ -1,8 +1,8 @@
 """The drafter interface, and the drafts every drafter hands to verification.
 
-A drafter that runs a model (the layer draft; a small draft model would be another)
-implements `Proposer`; the runner's `draft_mixed` calls it for the sequences whose plan
-names it, after putting the n-gram lookup's tokens (`DraftPlan.lead`) in front.
+A drafter that runs a model (the layer draft, the draft model) implements `Proposer`;
+the runner's `draft_mixed` calls it for the sequences whose plan names it, after
+putting the n-gram lookup's tokens (`DraftPlan.lead`) in front.
 """
 
 from __future__ import annotations

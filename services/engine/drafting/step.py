@@ -16,7 +16,8 @@ import torch
 
 from services.common.params import DraftConfig
 from services.engine import faults, logprobs
-from services.engine.drafting.plan import DraftPlan, fixed
+from services.engine.drafting import draft_model
+from services.engine.drafting.plan import OFF, DraftPlan, Kind, fixed
 from services.engine.drafting.policy import AutoPolicy
 from services.engine.drafting.proposer import Drafts
 from services.engine.runner import ModelRunner
@@ -43,6 +44,14 @@ class Speculator:
             return self.policy.choose(seq, cfg, room, batch)
         return fixed(cfg, seq.tokens, room)
 
+    def _with_room(self, seq: Sequence, plan: DraftPlan) -> DraftPlan:
+        """`plan`, or none where the draft model's pool has no room for it."""
+        if plan.kind is not Kind.MODEL:
+            return plan
+        if self.runner.draft_model is None:
+            raise ValueError("this engine has no draft model: start it with --draft-model")
+        return plan if self.runner.draft_model.reserve(seq, plan.k) else OFF
+
     def step(
         self, seqs: list[Sequence], cfg: DraftConfig, eos_ids: frozenset[int]
     ) -> list[tuple[Sequence, Exception]]:
@@ -53,6 +62,7 @@ class Speculator:
         for s, r in zip(seqs, rooms, strict=True):
             s.table.reserve(s.num_tokens + r)
         plans = [self.plan(s, cfg, r, len(seqs)) for s, r in zip(seqs, rooms, strict=True)]
+        plans = [self._with_room(s, p) for s, p in zip(seqs, plans, strict=True)]
         drafts = self.runner.draft_mixed(seqs, cfg, plans)
         self.policy.observe_draft(cfg, plans, drafts)
         t0 = time.perf_counter()
@@ -89,12 +99,14 @@ class Speculator:
         self.policy.telemetry.record(plan.name, batch, len(proposed), n)
         if proposed:
             self.policy.learn(seq, plan, drafts, i, n, nxt)
+        before = seq.num_tokens
         added = seq.append(proposed[:n] + [nxt], eos_ids)
         # Row j of the verification gave the token at j: the kept drafted ones, then nxt.
         logprobs.record(seq, logits, added)
         # KV is kept for the tokens kept, all but the newest: a stop inside the draft
         # leaves the drafted tokens after it uncommitted.
         seq.table.commit(seq.num_tokens - 1)
+        draft_model.keep(seq, before + n)
 
 
 def first_token(seq: Sequence, logits: torch.Tensor) -> int:
