@@ -189,6 +189,23 @@ def usage(stats: dict, completion_tokens: int) -> pb.Usage:
     )
 
 
+SUMMED_USAGE = ("completion_tokens", "drafted_tokens", "accepted_tokens", "verify_steps")
+
+
+def summed_usage(usages: list[pb.Usage]) -> pb.Usage:
+    """The usage of a request's choices (in choice order) together: what each produced,
+    summed; its prompt, counted once; the rest as the first choice's."""
+    whole = pb.Usage()
+    if not usages:
+        return whole
+    whole.CopyFrom(usages[0])
+    for name in SUMMED_USAGE:
+        setattr(whole, name, sum(getattr(u, name) for u in usages))
+    whole.prompt_tokens = max(u.prompt_tokens for u in usages)
+    whole.cached_prompt_tokens = max(u.cached_prompt_tokens for u in usages)
+    return whole
+
+
 def draft_dict(cfg: DraftConfig) -> dict:
     """A config as plain JSON values, for `ModelInfo.default_draft`."""
     return {f.name: _plain(getattr(cfg, f.name)) for f in fields(cfg)}

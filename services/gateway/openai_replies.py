@@ -12,13 +12,10 @@ import json
 import time
 from dataclasses import dataclass, field
 
+from services.common import api
 from services.gen.selfspec.v1 import generation_pb2 as pb
 
-FINISH_REASONS = {
-    pb.FINISH_REASON_STOP: "stop",
-    pb.FINISH_REASON_LENGTH: "length",
-    pb.FINISH_REASON_ABORT: "abort",
-}
+FINISH_REASONS = {code: name for name, code in api.FINISH_REASONS.items()}
 COMPLETION, CHAT = "text_completion", "chat.completion"
 
 
@@ -101,16 +98,14 @@ class Reply:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
     def usage(self) -> dict:
-        usages = [c.usage for c in self.choices.values()] or [pb.Usage()]
-        prompt = max(u.prompt_tokens for u in usages)
-        completion = sum(u.completion_tokens for u in usages)
+        u = api.summed_usage([self.choices[i].usage for i in sorted(self.choices)])
         return {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": max(u.cached_prompt_tokens for u in usages)},
-            "drafted_tokens": sum(u.drafted_tokens for u in usages),
-            "accepted_tokens": sum(u.accepted_tokens for u in usages),
+            "prompt_tokens": u.prompt_tokens,
+            "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens},
+            "drafted_tokens": u.drafted_tokens,
+            "accepted_tokens": u.accepted_tokens,
         }
 
     def _chat_logprobs(self, items) -> dict | None:

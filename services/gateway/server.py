@@ -132,8 +132,6 @@ class Limits:
 class _Choices:
     """The `n` choices of one stream: the latest response of each, and which finished."""
 
-    SUMMED = ("completion_tokens", "drafted_tokens", "accepted_tokens", "verify_steps")
-
     def __init__(self, n: int) -> None:
         self.n = n
         self.latest: dict[int, pb.GenerateResponse] = {}
@@ -154,14 +152,13 @@ class _Choices:
         return pb.Usage() if latest is None else latest.usage
 
     def summary(self) -> pb.GenerateResponse | None:
-        """The stream as one response, for metrics and tracing: the usage summed over the
-        choices (the prompt counted once), finished when every choice has."""
+        """The stream as one response, for metrics and tracing: the choices' usage together
+        (`api.summed_usage`), finished when every choice has."""
         if not self.latest:
             return None
         whole = pb.GenerateResponse()
         whole.CopyFrom(self.latest[min(self.latest)])
-        for name in self.SUMMED:
-            setattr(whole.usage, name, sum(getattr(r.usage, name) for r in self.latest.values()))
+        whole.usage.CopyFrom(api.summed_usage([self.latest[i].usage for i in sorted(self.latest)]))
         if not self.finished:
             whole.finish_reason = pb.FINISH_REASON_UNSPECIFIED
         return whole
@@ -238,30 +235,21 @@ class Gateway:
         return await self._ask(self.stub.GetModelInfo, request, context)
 
     async def Tokenize(self, request, context) -> pb.TokenizeResponse:
-        await self._check_open(request, context)
-        checked = pb.GenerateRequest()  # api.prompt's limits, as for Generate
-        if request.HasField("prompt"):
-            checked.prompt = request.prompt
-        elif request.HasField("messages"):
-            checked.messages.CopyFrom(request.messages)
-        try:
-            api.prompt(checked)
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        return await self._ask(self.stub.Tokenize, request, context)
+        # api.prompt's limits, as for Generate
+        return await self._ask(self.stub.Tokenize, request, context, api.prompt)
 
     async def Detokenize(self, request, context) -> pb.DetokenizeResponse:
-        await self._check_open(request, context)
-        if len(request.token_ids) > api.MAX_PROMPT_TOKEN_IDS:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"token_ids has more than {api.MAX_PROMPT_TOKEN_IDS} ids",
-            )
-        return await self._ask(self.stub.Detokenize, request, context)
+        return await self._ask(self.stub.Detokenize, request, context, api.detokenize_ids)
 
-    async def _ask(self, method, request, context):
-        """A unary call forwarded as it is, once the gateway is open and ready."""
+    async def _ask(self, method, request, context, check=None):
+        """A unary call forwarded as it is, once the gateway is open and ready, and
+        `check(request)` raised no ValueError (INVALID_ARGUMENT)."""
         await self._check_open(request, context)
+        if check is not None:
+            try:
+                check(request)
+            except ValueError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         await self._check_ready(context)
         try:
             timeout = context.time_remaining()
@@ -366,7 +354,7 @@ class Gateway:
         n = request.n if request.HasField("n") else 1
         call = _Call(_Choices(n), self.owner_of(context), span=self._trace(request, context))
         self.calls[request.request_id] = call
-        clock, last = metrics.RequestClock(), None  # `last`: the stream so far, summed
+        clock = metrics.RequestClock()
         try:
             for attempt in range(RETRIES + 1):
                 sent = False
@@ -379,7 +367,6 @@ class Gateway:
                     async for response in _read(call):
                         sent = True
                         call.choices.saw(response)
-                        last = call.choices.summary()
                         self._answered = time.monotonic()
                         clock.saw(response)
                         if call.span is not None:
@@ -392,7 +379,7 @@ class Gateway:
                     # Only a lost replica is worth another attempt; a full fleet
                     # (RESOURCE_EXHAUSTED) goes back to the client at once, with a hint.
                     if code != grpc.StatusCode.UNAVAILABLE or sent or attempt == RETRIES:
-                        _end_span(call, last, (code, message))
+                        _end_span(call, call.choices.summary(), (code, message))
                         await self._fail(context, code, message)
                     log.warning("retrying %s after: %s", request.request_id, message)
                     if call.span is not None:
@@ -410,8 +397,8 @@ class Gateway:
                     )
                     call.choices.saw(aborted)
                     yield aborted
-                last = call.choices.summary()
         finally:
+            last = call.choices.summary()  # the stream so far, its choices summed
             clock.finish(last)
             _end_span(call, last, None if last is not None and last.finish_reason else _GONE)
             del self.calls[request.request_id]
@@ -631,27 +618,16 @@ def _handlers(gateway: Gateway) -> grpc.GenericRpcHandler:
         "GenerateUnary": grpc.unary_unary_rpc_method_handler(
             _counted("GenerateUnary", gateway.GenerateUnary), _parser(pb.GenerateRequest), out
         ),
-        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
-            _counted("GetModelInfo", gateway.GetModelInfo),
-            _parser(pb.GetModelInfoRequest),
-            pb.ModelInfo.SerializeToString,
-        ),
-        "Abort": grpc.unary_unary_rpc_method_handler(
-            _counted("Abort", gateway.Abort),
-            _parser(pb.AbortRequest),
-            pb.AbortResponse.SerializeToString,
-        ),
-        "Tokenize": grpc.unary_unary_rpc_method_handler(
-            _counted("Tokenize", gateway.Tokenize),
-            _parser(pb.TokenizeRequest),
-            pb.TokenizeResponse.SerializeToString,
-        ),
-        "Detokenize": grpc.unary_unary_rpc_method_handler(
-            _counted("Detokenize", gateway.Detokenize),
-            _parser(pb.DetokenizeRequest),
-            pb.DetokenizeResponse.SerializeToString,
-        ),
     }
+    for name, asked, answer in (
+        ("GetModelInfo", pb.GetModelInfoRequest, pb.ModelInfo),
+        ("Abort", pb.AbortRequest, pb.AbortResponse),
+        ("Tokenize", pb.TokenizeRequest, pb.TokenizeResponse),
+        ("Detokenize", pb.DetokenizeRequest, pb.DetokenizeResponse),
+    ):
+        methods[name] = grpc.unary_unary_rpc_method_handler(
+            _counted(name, getattr(gateway, name)), _parser(asked), answer.SerializeToString
+        )
     return grpc.method_handlers_generic_handler(SERVICE, methods)
 
 
