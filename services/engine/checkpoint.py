@@ -60,6 +60,11 @@ def default_model_file() -> Path:
     return path
 
 
+def is_gguf(model: str | os.PathLike) -> bool:
+    """Whether `model` names a GGUF file (`default` is one)."""
+    return str(model) == "default" or Path(model).suffix == ".gguf"
+
+
 def gguf_file(model: str | os.PathLike) -> Path:
     """The GGUF file `model` names (`default` is one); raises ModelLoadError for another."""
     path = default_model_file() if str(model) == "default" else Path(model).expanduser()
@@ -199,7 +204,7 @@ def weights_for(
 
 
 def _gguf_runs(model: str | os.PathLike, device: str, backend: str | None) -> bool:
-    if str(model) != "default" and Path(model).suffix != ".gguf":
+    if not is_gguf(model):
         return False
     from selfspec_kernels import backend as kernels_backend
     from selfspec_kernels import cpu_quant

@@ -115,12 +115,14 @@ class Engine(Serving):
         else the fastest this machine runs). `weights`: `gguf` (a GGUF's matrices in their
         block formats, on the `cpu` backend), `bf16`, `fp16` or `fp32` (dense), or `auto`:
         `dtype` when given, else `gguf` where it runs, else `bf16` (`checkpoint.weights_for`).
-        `draft_model`: a second model, loaded the same way, to draft with (mode `model`)."""
+        `draft_model`: a second model, loaded the same way (a checkpoint folder beside a
+        GGUF target: as `auto` loads it), to draft with (mode `model`)."""
         loaded, tokenizer, path = checkpoint.load(model, dtype, device, backend, weights)
         if draft_model is not None:
-            drafter, draft_tokenizer, _ = checkpoint.load(
-                draft_model, dtype, device, backend, weights
-            )
+            own = weights
+            if weights == "gguf" and not checkpoint.is_gguf(draft_model):
+                own = "auto"
+            drafter, draft_tokenizer, _ = checkpoint.load(draft_model, dtype, device, backend, own)
             kwargs["draft_model"] = (drafter, draft_tokenizer)
         return cls(loaded, tokenizer, path, **kwargs)
 
