@@ -160,7 +160,8 @@ class DraftConfig:
     `skip`: run the model without the attention sublayers in `skip_attn` and the MLP
     sublayers in `skip_mlp`. `early_exit`: run the first `exit_layer` layers, then
     the LM head. `ngram`: copy what followed the latest match of the recent tokens.
-    `model`: the engine's draft model, a smaller model with the same tokenizer.
+    `model`: the engine's draft model, a smaller model with its own tokenizer or the
+    target's.
     Drafting stops before `max_draft` tokens once the draft's top probability falls
     under `threshold`. `shortlist` > 0 gives the draft an LM head over token ids
     below it plus the ids already in the context.

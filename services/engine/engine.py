@@ -73,13 +73,15 @@ class Engine(Serving):
         drafter, self.draft_pool = None, None
         if draft_model is not None:
             drafter_model, drafter_tokenizer = draft_model
-            draft_models.check_pair(model, tokenizer, drafter_model, drafter_tokenizer)
+            retok = draft_models.check_pair(model, tokenizer, drafter_model, drafter_tokenizer)
             kv_cache_bytes, draft_bytes = draft_models.budgets(kv_cache_bytes, model, drafter_model)
             self.draft_pool = _pool(draft_bytes, drafter_model, block_size)
-            drafter = draft_models.DraftModel(drafter_model, self.draft_pool, prefill_chunk)
+            drafter = draft_models.DraftModel(drafter_model, self.draft_pool, prefill_chunk, retok)
         self.pool = _pool(kv_cache_bytes, model, block_size)
         self.runner = ModelRunner(model, self.pool, drafter)
         self.drafting = Speculator(self.runner, model.max_positions)
+        if drafter is not None:
+            self.drafting.policy.model_cost = draft_models.relative_reads(drafter.model, model)
         if draft is None:
             draft, self.auto_layer_draft = load_profile(model_path, model.num_layers)
             if drafter is not None:

@@ -83,21 +83,24 @@ class ModelRunner:
         n-gram tokens lead; the layer draft of `cfg` continues those of layer plans, the
         draft model those of model plans."""
         tokens = [list(p.lead) for p in plans]
-        parts = [
-            ([i for i, p in enumerate(plans) if p.layered], self.layer_drafter),
-            ([i for i, p in enumerate(plans) if p.kind is Kind.MODEL and p.k], self.draft_model),
-        ]
-        parts = [(which, drafter) for which, drafter in parts if which]
-        if not parts:
+        parts = {
+            "layer": [i for i, p in enumerate(plans) if p.layered],
+            "model": [i for i, p in enumerate(plans) if p.kind is Kind.MODEL and p.k],
+        }
+        if not any(parts.values()):
             return Drafts(tokens)
         n = len(seqs)
         out = Drafts(tokens, [None] * n, 0, [None] * n, [[] for _ in seqs], [None] * n, [0] * n)
-        for which, drafter in parts:
-            self._draft_part(seqs, cfg, plans, which, drafter, out)
+        for name, which in parts.items():
+            if which:
+                drafter = self.layer_drafter if name == "layer" else self.draft_model
+                self._draft_part(seqs, cfg, plans, which, drafter, out, name)
         return out
 
-    def _draft_part(self, seqs, cfg, plans, which: list[int], drafter: Proposer, out: Drafts):
-        """Sequences `which` drafted by `drafter`, into `out`."""
+    def _draft_part(
+        self, seqs, cfg, plans, which: list[int], drafter: Proposer, out: Drafts, name: str
+    ):
+        """Sequences `which` drafted by `drafter` (`name`), into `out`."""
         t0 = time.perf_counter()
         part = drafter.propose(
             [seqs[i] for i in which],
@@ -109,7 +112,7 @@ class ModelRunner:
         self.timing.draft_s += elapsed
         self.timing.draft_passes += part.passes
         out.passes += part.passes
-        out.seconds += elapsed
+        out.timed[name] = (len(which), part.passes, elapsed, part.steady)
         out.start_layer = max(out.start_layer, part.start_layer)
         for j, i in enumerate(which):
             out.prefix[i] = len(out.tokens[i])

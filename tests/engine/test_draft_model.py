@@ -231,9 +231,14 @@ def test_the_test_rejects_a_wrong_sampler(tiny_engine, tiny_off, monkeypatch):
 # -- refusals --------------------------------------------------------------------------------
 
 
-def test_a_draft_with_another_vocabulary_is_refused(bf16_engine, tiny_pair):
-    with pytest.raises(ValueError, match="vocabulary has 512 ids"):
-        with_draft(bf16_engine, load_draft(tiny_pair[0]))
+def test_a_draft_whose_tokenizer_outgrows_its_vocabulary_is_refused(
+    bf16_engine, tiny_pair, tmp_path
+):
+    """The tiny model reads the default tokenizer with 512 embeddings: not a model of its
+    own to draft across tokenizers with, nor one with the target's ids."""
+    long = save_first_layers(tiny_pair[0], tmp_path / "long", 2, max_position_embeddings=8192)
+    with pytest.raises(ValueError, match="tokenizer has 49152 ids and its vocabulary 512"):
+        with_draft(bf16_engine, load_draft(long))
 
 
 def test_a_draft_with_a_shorter_context_is_refused_at_load(tiny_pair, tmp_path):

@@ -7,8 +7,10 @@
     proposer.py   Proposer, the interface of drafters that run a model, and Drafts, what
                   every draft hands to verification
     layer.py      the layer draft (`skip`, `early_exit`), a Proposer
-    draft_model.py  a separate draft model with the target's tokenizer (`model`), a
-                  Proposer with a KV pool of its own
+    draft_model.py  a separate draft model (`model`), a Proposer with a KV pool of
+                  its own
+    retokenize.py  its drafts across tokenizers: the target's text in the draft's ids
+                  and back
     policy.py     the `auto` policy: the choice of plan and what it learns from (per
                   sequence acceptance, measured costs, telemetry)
     costs.py      measured step costs per batch bucket

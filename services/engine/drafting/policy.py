@@ -31,8 +31,14 @@ if TYPE_CHECKING:
     from services.engine.drafting.proposer import Drafts
     from services.engine.sequence import Sequence
 
-# Optimistic for the skip draft (0.8), so that it is tried and measured; still a probability.
-PRIOR_ACCEPT = {"ngram": (1.0, 2.0), "skip": (1.6, 2.0), "early_exit": (1.0, 2.0)}
+# Optimistic for the skip draft (0.8) and a draft model (0.7), so that they are tried
+# and measured; still probabilities.
+PRIOR_ACCEPT = {
+    "ngram": (1.0, 2.0),
+    "skip": (1.6, 2.0),
+    "early_exit": (1.0, 2.0),
+    "model": (1.4, 2.0),
+}
 DECAY = 0.9  # older acceptance counts fade, so a sequence's changing text is followed
 DRAFT_COST_PRIOR = 0.6  # a layer draft pass's cost, relative to a plain step, unmeasured
 
@@ -74,6 +80,9 @@ class AutoPolicy:
         # Whether `auto` may use the layer draft: off where tuning measured it slower
         # than none, until the fleet asks for it.
         self.layer_draft = True
+        # The prior cost of a draft model's pass, relative to a plain step; None: the
+        # engine has no draft model (`drafting.draft_model.relative_reads`).
+        self.model_cost: float | None = None
         # Per sequence, its running acceptance by mode; gone with the sequence.
         self._acceptance: weakref.WeakKeyDictionary[Sequence, dict[str, Acceptance]] = (
             weakref.WeakKeyDictionary()
@@ -111,16 +120,20 @@ class AutoPolicy:
                 per_pass = [0.0] * lead + [draft_cost] * (room - lead)
                 gain, k = best_length(ngram_rates + rates[lead:], per_pass, token_cost, lead + 1)
                 options.append((gain, k, DraftPlan(Kind.NGRAM_LAYER, k, layer, proposal)))
+        if self.model_cost is not None:
+            draft_cost, _ = self.costs.relative("model", batch, self.model_cost)
+            acc = self.acceptance(seq, "model")
+            gain, k = best_length([acc.rate(i) for i in range(room)], draft_cost, token_cost)
+            options.append((gain, k, DraftPlan(Kind.MODEL, k)))
         _, k, plan = max(options, key=lambda o: o[0])  # the first best, as ever
         return plan if k else OFF
 
-    def observe_draft(self, cfg: DraftConfig, plans: list[DraftPlan], drafts: Drafts) -> None:
-        """A layer draft's measured cost per pass, at the batch size it drafted for."""
-        batch = sum(p.layered for p in plans)
-        # Passes of the draft model are no layer draft's: steps that ran one are not timed.
-        modelled = any(p.kind is Kind.MODEL for p in plans)
-        if drafts.passes and batch and not modelled:
-            self.costs.observe_draft(cfg.layer_mode, batch, drafts.seconds / drafts.passes)
+    def observe_draft(self, cfg: DraftConfig, drafts: Drafts) -> None:
+        """Each drafter's measured cost per pass, at the batch size it drafted for."""
+        for name, (batch, passes, seconds, steady) in drafts.timed.items():
+            if passes and steady:
+                mode = cfg.layer_mode if name == "layer" else name
+                self.costs.observe_draft(mode, batch, seconds / passes)
 
     def learn(
         self, seq: Sequence, plan: DraftPlan, drafts: Drafts, i: int, accepted: int, nxt: int

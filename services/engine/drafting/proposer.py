@@ -7,7 +7,7 @@ putting the n-gram lookup's tokens (`DraftPlan.lead`) in front.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -35,7 +35,11 @@ class Drafts:
     # Per sequence, how many of its tokens lead from an n-gram proposal (`ngram+` plans).
     prefix: list[int] | None = None
     passes: int = 0  # draft passes run, all sequences together
-    seconds: float = 0.0  # their wall time, for the policy's costs
+    # Whether the passes only drafted: a draft model's first step after a prompt also
+    # reads the prompt, which is no draft pass's cost.
+    steady: bool = True
+    # Per drafter that ran ("layer", "model"): (sequences, passes, seconds, steady).
+    timed: dict[str, tuple[int, int, float, bool]] = field(default_factory=dict)
 
 
 class Proposer(Protocol):

@@ -16,7 +16,6 @@ import torch
 
 from services.common.params import DraftConfig
 from services.engine import faults, logprobs
-from services.engine.drafting import draft_model
 from services.engine.drafting.plan import OFF, DraftPlan, Kind, fixed
 from services.engine.drafting.policy import AutoPolicy
 from services.engine.drafting.proposer import Drafts
@@ -64,7 +63,7 @@ class Speculator:
         plans = [self.plan(s, cfg, r, len(seqs)) for s, r in zip(seqs, rooms, strict=True)]
         plans = [self._with_room(s, p) for s, p in zip(seqs, plans, strict=True)]
         drafts = self.runner.draft_mixed(seqs, cfg, plans)
-        self.policy.observe_draft(cfg, plans, drafts)
+        self.policy.observe_draft(cfg, drafts)
         t0 = time.perf_counter()
         logits = self.runner.verify(seqs, drafts)
         verified = sum(len(t) + 1 for t in drafts.tokens)
@@ -99,14 +98,12 @@ class Speculator:
         self.policy.telemetry.record(plan.name, batch, len(proposed), n)
         if proposed:
             self.policy.learn(seq, plan, drafts, i, n, nxt)
-        before = seq.num_tokens
         added = seq.append(proposed[:n] + [nxt], eos_ids)
         # Row j of the verification gave the token at j: the kept drafted ones, then nxt.
         logprobs.record(seq, logits, added)
         # KV is kept for the tokens kept, all but the newest: a stop inside the draft
         # leaves the drafted tokens after it uncommitted.
         seq.table.commit(seq.num_tokens - 1)
-        draft_model.keep(seq, before + n)
 
 
 def first_token(seq: Sequence, logits: torch.Tensor) -> int:
