@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 
 from benchmarks import engine as bench
 from services import cli
-from services.engine import checkpoint
+from services.engine import Engine, checkpoint
 
 LAYERS = 2
 
@@ -44,12 +44,17 @@ def test_draft_from_layers_writes_a_loadable_draft(draft_path, capsys):
     assert not out.exists()
 
 
-def test_bench_engine_runs_the_draft_model_beside_the_others(draft_path, tmp_path):
+def test_bench_engine_runs_the_draft_model_beside_the_others(draft_path, tmp_path, monkeypatch):
+    # The bench's fixed costs, not under test: a 1 GiB bandwidth buffer and KV pool.
+    monkeypatch.setattr(bench, "BANDWIDTH_BYTES", 16 << 20)
+    load = Engine.from_pretrained
+    small = staticmethod(lambda model, **kw: load(model, kv_cache_bytes=64 << 20, **kw))
+    monkeypatch.setattr(Engine, "from_pretrained", small)
     prompts = tmp_path / "prompts.jsonl"
     row = {"id": "q-1", "kind": "qa", "messages": [{"role": "user", "content": "What is 2+2?"}]}
     prompts.write_text(json.dumps(row) + "\n")
     argv = ["bench", "engine", "--draft-model", str(draft_path), "--prompts", str(prompts)]
-    argv += ["--systems", "off,skip,model", "--batch-sizes", "1", "--max-tokens", "6"]
+    argv += ["--systems", "off,skip,model", "--batch-sizes", "1", "--max-tokens", "4"]
     assert cli.main([*argv, "--peers", "off", "--out", str(tmp_path)]) == 0
 
     report = json.loads((tmp_path / "engine.json").read_text())
