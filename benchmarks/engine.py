@@ -5,8 +5,12 @@ Every system decodes the same chat-formatted prompts greedily to exactly
 transformers). For each system and batch size we report tokens per second end to
 end (prefill included), per prompt kind and overall; for our drafting modes also
 acceptance, tokens per verification, the cost of a draft step and whether the
-output equals `off` token for token. The plain decode step is set against the
-time the machine needs to read the weights once.
+output equals `off` token for token, and the speedup over `off`. The plain decode step
+is set against the time the machine needs to read the weights once.
+
+With `--draft-model PATH` (a smaller model with the same tokenizer, e.g. one written by
+`selfspec draft-from-layers`) the engine is loaded with it, and the system `model`
+(drafting with it) runs beside the self-drafting modes; `auto` may then use it too.
 
 With `llama-cpp-python` installed (`make bench-peers`) and a GGUF model, llama.cpp joins
 as a peer: `benchmarks.peers` runs it plain and with its prompt lookup against our `off`,
@@ -15,6 +19,7 @@ with peers.json and peers.png beside it.
 
     python -m benchmarks.engine --limit 1 --max-tokens 16 --batch-sizes 1,2
     selfspec bench engine --out benchmarks/results
+    selfspec bench engine --draft-model DIR --systems off,skip,model --limit 1
 """
 
 from __future__ import annotations
@@ -38,9 +43,10 @@ from benchmarks.kernels import weight_bytes
 from selfspec_kernels import cpu_memory
 from services.common.params import untuned_exit_layer
 from services.engine import DraftConfig, Engine, SamplingParams, checkpoint
+from services.engine.profile import load_profile
 
 HF_SYSTEMS = ("hf_generate", "hf_early_exit")
-ENGINE_SYSTEMS = ("off", "skip", "early_exit", "ngram", "auto")
+ENGINE_SYSTEMS = ("off", "skip", "early_exit", "ngram", "model", "auto")
 SYSTEMS = HF_SYSTEMS + ENGINE_SYSTEMS
 DEFAULT_PROMPTS = Path(__file__).with_name("prompts.jsonl")
 WARMUP_PROMPT = "Say hello."
@@ -51,7 +57,9 @@ NOTES = {
     "tok_s": "generated tokens / wall time of generate() calls, prefill included",
     "by_kind": "only groups whose prompts are all of that kind; null for mixed groups",
     "tokens_per_verify": "(accepted + steps) / steps: tokens per full-model verification pass",
-    "draft_step_cost": "(draft_s / draft_passes) / (verify_s / verify_passes of off), same batch",
+    "draft_step_cost": "(draft_s / draft_passes) / (verify_s / verify_passes of off), same batch; "
+    "for model, the draft model's catch-up passes count too",
+    "speedup_vs_off": "tok_s / off's tok_s, same batch",
     "agreement_with_off": "common prefix with off / off tokens before off's first EOS "
     "(transformers' min_new_tokens forbids EOS, the engine's ignore_eos does not)",
     "roofline": "weight_read_bound_ms = weight_bytes / memory_bandwidth, the median of the "
@@ -112,7 +120,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", type=int_list, default=[1, 8])
     p.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS)
     p.add_argument("--limit", type=int, default=None, help="first N prompts of each kind")
-    p.add_argument("--systems", type=system_list, default=list(SYSTEMS))
+    p.add_argument(
+        "--systems",
+        type=system_list,
+        default=None,
+        help="default: all (model only with --draft-model)",
+    )
+    p.add_argument(
+        "--draft-model",
+        default=None,
+        help="a smaller model with the same tokenizer to load beside --model; adds system model",
+    )
     p.add_argument("--exit-layer", type=int, default=None, help="default: 3/4 of the layers")
     p.add_argument(
         "--peers",
@@ -124,6 +142,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.max_tokens < 1 or (args.limit is not None and args.limit < 1):
         p.error("--max-tokens and --limit must be at least 1")
+    if args.systems is None:
+        args.systems = [s for s in SYSTEMS if s != "model" or args.draft_model]
+    if "model" in args.systems and args.draft_model is None:
+        p.error("system model drafts with a draft model: pass --draft-model PATH")
     return args
 
 
@@ -168,14 +190,21 @@ def chunks(prompts: list[Prompt], size: int) -> Iterator[list[Prompt]]:
 
 
 def draft_configs(engine: Engine, exit_layer: int) -> dict[str, DraftConfig]:
-    k = engine.default_draft.max_draft
+    """Each engine system's drafting; `model` only where the engine has a draft model."""
+    # The model's profile, not engine.default_draft: with a draft model loaded that is
+    # mode model, and may one day not carry the profile's skip set.
+    profile, _ = load_profile(engine.model_path, engine.model.num_layers)
+    k = profile.max_draft
     configs = {
         "off": DraftConfig(mode="off"),
-        "skip": replace(engine.default_draft, mode="skip"),
+        "skip": replace(profile, mode="skip"),
         "early_exit": DraftConfig(mode="early_exit", exit_layer=exit_layer, max_draft=k),
         "ngram": DraftConfig(mode="ngram", max_draft=k),
-        "auto": replace(engine.default_draft, mode="auto"),
+        "model": DraftConfig(mode="model", max_draft=k),
+        "auto": replace(profile, mode="auto"),  # free to use the draft model when loaded
     }
+    if engine.runner.draft_model is None:
+        del configs["model"]
     for cfg in configs.values():
         cfg.check_layers(engine.model.num_layers)
     return configs
@@ -319,6 +348,8 @@ def summarize(run: Run, off: Run | None, kinds: list[str], stop: frozenset) -> d
     if run.system not in ("off", *HF_SYSTEMS):
         result.update(draft_stats(run, off))
     if off is not None and run is not off:
+        off_tok_s = throughput(off.groups)["tok_s"]
+        result["speedup_vs_off"] = result["tok_s"] / off_tok_s if off_tok_s else None
         result["identical_to_off"] = run.outputs == off.outputs
         result["agreement_with_off"] = agreement(run.outputs, off.outputs, stop)
     return result
@@ -478,13 +509,19 @@ def plot(report: dict, path: Path) -> None:
     fig.suptitle(
         f"{cfg['model_name']}, {cfg['weights']} weights (compute {cfg['compute_dtype']}, "
         f"backend {cfg.get('backend', {}).get('backend', '?')}), "
-        f"{cfg['max_tokens']} new tokens - {report['machine']['cpu']}, "
+        f"{cfg['max_tokens']} new tokens{drafter_note(cfg)} - {report['machine']['cpu']}, "
         f"{report['machine']['torch_threads']} threads",
         fontsize=11,
     )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def drafter_note(cfg: dict) -> str:
+    """The draft model that system `model` ran, for the chart's title."""
+    path = cfg.get("draft_model")
+    return f", draft model {Path(path).name}" if path else ""
 
 
 # -- putting it together ------------------------------------------------------------
@@ -503,7 +540,7 @@ def make_progress(total: int) -> Progress:
 
 def generators(engine: Engine, args: argparse.Namespace, exit_layer: int) -> dict[str, Generate]:
     drafts = draft_configs(engine, exit_layer)
-    gens = {s: engine_generator(engine, drafts[s]) for s in ENGINE_SYSTEMS}
+    gens = {s: engine_generator(engine, cfg) for s, cfg in drafts.items()}
     if set(args.systems) & set(HF_SYSTEMS):
         model, tokenizer = load_hf(engine, hf_dtype(engine))
         gens["hf_generate"] = hf_generator(model, tokenizer, None)
@@ -590,7 +627,11 @@ def main(argv: list[str] | None = None) -> int:
     print("measuring memory bandwidth", file=sys.stderr, flush=True)
     machine["memory_bandwidth_start_gb_s"] = memory_bandwidth() / 1e9
     engine = Engine.from_pretrained(
-        args.model, dtype=args.dtype, backend=args.backend, weights=args.weights
+        args.model,
+        dtype=args.dtype,
+        backend=args.backend,
+        weights=args.weights,
+        draft_model=args.draft_model,
     )
     exit_layer = args.exit_layer
     if exit_layer is None:
@@ -605,6 +646,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {
             "model": args.model,
             "model_name": engine.model_path.name,
+            "draft_model": args.draft_model,
             "weights": engine.model.backend.describe()["weights"],
             "compute_dtype": str(engine.model.dtype).removeprefix("torch."),
             "backend": engine.model.backend.describe(),

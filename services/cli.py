@@ -137,6 +137,27 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def cmd_draft_from_layers(args) -> int:
+    """Save a model's first layers as a draft model for it (`--draft-model`)."""
+    from pathlib import Path
+
+    from services.engine import checkpoint
+    from services.engine.first_layers import save_first_layers
+
+    source = checkpoint.resolve(args.model)
+    total = checkpoint.load_config(source).num_hidden_layers
+    out = save_first_layers(source, Path(args.out), args.layers)
+    size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
+    print(f"draft model written to {out} ({size:.0f} MiB)", file=sys.stderr)
+    print(
+        f"it holds layers 0..{args.layers - 1} of {args.model}'s {total}, with its "
+        "embeddings, final norm, LM head and tokenizer: "
+        + ", ".join(sorted(f.name for f in out.iterdir())),
+        file=sys.stderr,
+    )
+    return 0
+
+
 # Commands whose options their own module parses: `selfspec NAME ...` calls `main(argv)`.
 DELEGATED = {
     "serve": ("services.serve.local", "run the whole fleet on this machine"),
@@ -184,6 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=600.0, help="seconds to search")
     p.add_argument("--max-tokens", type=int, default=48)
     p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser(
+        "draft-from-layers", help="save a model's first layers as a draft model for it"
+    )
+    p.add_argument("--model", default="default", help="`default`, a checkpoint folder or a .gguf")
+    p.add_argument("--layers", type=int, required=True, help="how many first layers to keep")
+    p.add_argument("--out", required=True, help="a new folder for the draft model's checkpoint")
+    p.set_defaults(func=cmd_draft_from_layers)
 
     for name, (_, summary) in DELEGATED.items():
         sub.add_parser(name, help=summary, add_help=False)

@@ -10,7 +10,8 @@
   (text and stop strings: detokenizer.py).
 Around the loop: prompts.py (prompts to token ids), checkpoint.py (loading a model;
 gguf_weights.py reads a GGUF's matrices as stored, for `weights="gguf"`),
-profile.py (a model's tuned drafting), serving.py (the loop on a thread of its own,
+profile.py (a model's tuned drafting), first_layers.py (a draft model cut from a
+model's first layers), serving.py (the loop on a thread of its own,
 `submit`, the fleet's configs), sequence.py (one request's state), logprobs.py
 (per-token logprobs, for requests that ask for them).
 

@@ -10,7 +10,6 @@ default tokenizer and its first layers, is for sampling, where many requests run
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -19,33 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 from engine_helpers import EIGHT_CHATS, Case, assert_no_blocks_held, run_together
-from safetensors.torch import save_file
 from scipy.stats import chi2_contingency
 
 from services.engine import DraftConfig, Engine, SamplingParams, checkpoint, sampler
 from services.engine.drafting import draft_model
+from services.engine.first_layers import save_first_layers
 
 DRAFT_LAYERS = 6  # of the default model's 30
-
-
-def save_first_layers(source: Path, out: Path, layers: int, **config) -> Path:
-    """`source`'s first `layers` layers with its embeddings, final norm, LM head and
-    tokenizer, as a checkpoint folder of their own (`config`: more config changes)."""
-    settings = json.loads((source / "config.json").read_text())
-    settings.update(num_hidden_layers=layers, **config)
-    tensors = checkpoint.load_tensors(source)
-    kept = {
-        name: t
-        for name, t in tensors.items()
-        if not name.startswith("model.layers.") or int(name.split(".")[2]) < layers
-    }
-    out.mkdir(parents=True)
-    save_file(kept, str(out / "model.safetensors"))
-    (out / "config.json").write_text(json.dumps(settings))
-    for f in source.iterdir():
-        if f.is_file() and f.name != "config.json" and f.suffix != ".safetensors":
-            shutil.copy(f, out / f.name)
-    return out
 
 
 def load_draft(path: Path) -> tuple:
