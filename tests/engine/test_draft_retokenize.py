@@ -29,7 +29,6 @@ from test_draft_model import (
     assert_pools_free,
     g_test,
     load_draft,
-    save_first_layers,
     with_draft,
 )
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -37,6 +36,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from services.engine import DraftConfig, Engine, SamplingParams, checkpoint, sampler
 from services.engine.drafting.retokenize import Retokenizer
+from services.engine.first_layers import save_first_layers
 
 MODEL = DraftConfig(mode="model", max_draft=4)
 ROOT = Path(__file__).resolve().parents[2]
