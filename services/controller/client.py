@@ -137,7 +137,8 @@ def _status(stub, args) -> int:
             print(f"{name}: no config published yet")
         for rid, r in m["replicas"].items():
             age = time.time() - r.get("seen_at", 0)
-            print(f"  replica {rid}: version {r.get('version', 0)}, seen {age:.0f} s ago")
+            drafter = f", draft model {r['draft_model']}" if r.get("draft_model") else ""
+            print(f"  replica {rid}: version {r.get('version', 0)}, seen {age:.0f} s ago{drafter}")
         for r in m["rejections"][:5]:
             print(f"  refused: version {r['version']} by {r['replica_id']}: {r['reason']}")
         search = m["search"]

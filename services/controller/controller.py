@@ -174,6 +174,9 @@ class Controller:
             return
         shape = next(iter(replicas.values()))
         layers = int(shape["num_layers"])
+        share = _draft_model_share(replicas)
+        if share is None and base.get("mode") == "model":
+            base["mode"] = "off"  # some replica cannot run it: drafting resumes by decision
         state.in_force = rs.layer_key(base, layers)
         if current is not None and current.reason in ("pin", "rollback"):
             self._follow_operator(state, base, layers)
@@ -183,7 +186,7 @@ class Controller:
         if not changed_skip and now - state.decided_at < self.settings.decide_every_s:
             return
         state.decided_at = now
-        draft, buckets, evidence = self._decide(state, current, base, shape)
+        draft, buckets, evidence = self._decide(state, current, base, shape, share)
         if current is not None and current.hash == rs.content_hash(model, draft, buckets):
             return
         if current is None and draft == running and not buckets:
@@ -272,8 +275,13 @@ class Controller:
             return frac, token_cost
         return draft * frac / max(_weight_share(state.in_force, sizes), 1e-6), token_cost
 
-    def _decide(self, state: ModelState, current, base: dict, shape: dict):
+    def _decide(self, state: ModelState, current, base: dict, shape: dict, share):
+        """`share`: the replicas' draft model's share of the target's weights; None where
+        some replica has no draft model, and then mode `model` is never chosen."""
         version = current.version if current else 0
+        allowed = self.settings.modes
+        if share is None:
+            allowed = tuple(m for m in allowed if m != "model")
         key = rs.layer_key(base, int(shape["num_layers"]))
         layer = rs.layer_mode(key, int(shape["num_layers"]))
         alpha, n = state.evidence.agreement(key)
@@ -297,8 +305,9 @@ class Controller:
                 layer,
                 rates,
                 self._skip_cost(state, key, shape, b)[0],
-                self.settings.modes,
+                allowed,
                 state.choices.get(b),
+                None if share is None else self._model_cost(state, shape, share, b),
             )
             if choice is not None:
                 choices[b] = self._with_threshold(state, version, key, shape, b, choice)
@@ -320,6 +329,22 @@ class Controller:
         if state.search is not None and state.search.adopted:
             evidence["search"] = state.search.adopted[-1]
         return draft, buckets, evidence
+
+    def _model_cost(self, state: ModelState, shape: dict, share: float, b: int) -> float:
+        """The draft model's pass at bucket `b`, relative to a plain step: as measured, else
+        a prior as for an untried skip set (the layer draft's measured cost per share of
+        the weights it reads, times the draft model's share), never under its share: a
+        pass reads at least the draft's weights, and a prior too low would choose it before
+        its acceptance had paid for it."""
+        measured, _ = state.evidence.relative_costs("model", b)
+        if measured is not None:
+            return measured
+        layer = rs.layer_mode(state.in_force, int(shape["num_layers"]))
+        draft, _ = state.evidence.relative_costs(layer, b)
+        if draft is None:
+            return share
+        frac = max(_weight_share(state.in_force, shape.get("sizes", {})), 1e-6)
+        return max(share, draft / frac * share)
 
     def _with_threshold(self, state, version: int, key: str, shape: dict, b: int, choice):
         """A choice that runs layer draft `key`, with the confidence threshold its measured
@@ -343,7 +368,7 @@ class Controller:
             "steps": ev.steps(version, b),
             "acceptance": {
                 m: round(ev.stats(version, m, b).acceptance, 4)
-                for m in ("skip", "ngram", "early_exit")
+                for m in ("skip", "ngram", "early_exit", "model")
                 if ev.stats(version, m, b).drafted
             },
         }
@@ -372,6 +397,18 @@ def _replica_draft(replicas: dict[str, dict]) -> dict | None:
     if not drafts:
         return None
     return json.loads(max(set(drafts), key=drafts.count))
+
+
+def _draft_model_share(replicas: dict[str, dict]) -> float | None:
+    """The draft model's share of the target's weights (the largest any replica reports),
+    or None unless every replica reports a draft model: a record applies to all of them,
+    and one without a draft model would refuse mode `model`."""
+    shares = []
+    for r in replicas.values():
+        if not r.get("draft_model"):
+            return None
+        shares.append(float(r.get("draft_model_share") or 1.0))
+    return max(shares)
 
 
 def _weight_share(key: str, sizes: dict) -> float:

@@ -4,8 +4,10 @@ that maximise expected tokens per second, by the engine's own speedup model.
 For each bucket with enough steps under the current config: the layer draft's (its
 skip set or early exit) expected speedup from its measured acceptance per draft
 position (or, before it has any, its teacher-forced agreement) and measured costs;
-n-gram's from its measured acceptance; plain decoding is 1. Drafting is off where
-nothing beats 1, `auto` where both drafts pay (the engine then picks per sequence).
+n-gram's from its measured acceptance; a draft model's (mode `model`, only for a model
+whose replicas all load one) from its measured acceptance and its pass's cost (measured,
+or the controller's prior); plain decoding is 1. Drafting is off where nothing beats 1,
+`auto` where both the layer draft and n-gram pay (the engine then picks per sequence).
 A bucket changes its choice only for a clear gain, so versions do not flap on noise.
 Where the layer draft runs, the confidence threshold is set from its measured
 acceptance by draft confidence: drafting stops where tokens are shown not to pay.
@@ -19,7 +21,7 @@ from services.common.params import MAX_DRAFT_TOKENS
 from services.common.speedup import LAYER_MODES, best_length, speedup_at
 from services.controller.evidence import ModelEvidence, Z, wilson
 
-MODES = ("off", "ngram", "skip", "early_exit", "auto")
+MODES = ("off", "ngram", "skip", "early_exit", "model", "auto")
 SWITCH_GAIN = 1.03  # a bucket's choice changes only for a predicted gain of 3%
 MIN_STEPS = 20  # steps a bucket needs under the current config before it is decided
 MIN_TOLD = 30  # tokens a confidence bin needs before it may raise the threshold
@@ -48,10 +50,13 @@ def choose_bucket(
     layer_draft_cost: float,
     allowed: tuple[str, ...],
     previous: Choice | None,
+    model_draft_cost: float | None = None,
 ) -> Choice | None:
     """The choice for bucket `b`, or None without enough evidence. `layer`: the layer
     draft's mode (`skip` or `early_exit`); `layer_rates`: its acceptance per position
-    (None: unknown); `layer_draft_cost`: its pass relative to a plain step."""
+    (None: unknown); `layer_draft_cost`: its pass relative to a plain step;
+    `model_draft_cost`: the draft model's pass relative to a plain step (None: the
+    replicas have no draft model, and `model` does not compete)."""
     if evidence.steps(version, b) < MIN_STEPS:
         return None
     _, token_cost = evidence.relative_costs(layer, b)
@@ -61,6 +66,9 @@ def choose_bucket(
     ngram = evidence.stats(version, "ngram", b).rates()
     if ngram:
         curves["ngram"] = (ngram, 0.0)
+    drafted = evidence.stats(version, "model", b).rates()
+    if drafted and model_draft_cost is not None:
+        curves["model"] = (drafted, model_draft_cost)
     options = {"off": Choice("off", 1, 1.0)}
     for mode, (rates, cost) in curves.items():
         gain, k = best_length(rates, cost, token_cost)

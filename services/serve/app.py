@@ -76,6 +76,7 @@ ENGINE_ARGS = (
     "kv_cache_bytes",
     "allow_draft_override",
     "max_draft_configs",
+    "draft_model",
 )
 
 
@@ -103,6 +104,9 @@ class EngineSettings:
     draft: str | dict | None = None  # default drafting; None: the model's tuned profile
     allow_draft_override: bool = True  # False: a request's `draft` is INVALID_ARGUMENT
     max_draft_configs: int = 4  # distinct drafting configs the engine runs in one step
+    # A second, smaller model with the same tokenizer to draft with (mode `model`, then the
+    # default mode): a checkpoint folder or GGUF file, loaded like `model`; None or "": none.
+    draft_model: str | None = None
     redis_url: str | None = None  # fleet telemetry and configs; None: local adaptation only
     threads: int = 0  # torch threads per replica; 0 leaves PyTorch's choice
     metrics_port: int | None = None  # Prometheus /metrics per replica; 0: any free port
@@ -114,6 +118,8 @@ class EngineSettings:
             _check_positive(name, getattr(self, name))
         if self.max_waiting is not None:
             _check_positive("max_waiting", self.max_waiting)
+        if self.draft_model == "":  # how a config file or the chart says "none"
+            object.__setattr__(self, "draft_model", None)
         if not isinstance(self.allow_draft_override, bool):
             raise ValueError(
                 f"app arg allow_draft_override must be true or false, "
@@ -215,6 +221,7 @@ class EngineServer:
             redis_url=self.settings.redis_url,
             model=self.engine.model_path.name,
             replica_id=self.replica_id,
+            draft_model=self.settings.draft_model or "",
         )
         link.start()
         return link
@@ -265,6 +272,7 @@ class EngineServer:
             max_model_len=model.max_positions,
             dtype=model.backend.describe()["weights"],  # what runs: gguf or a dense dtype
             config_version=getattr(self.engine, "config_version", 0),
+            draft_model=self.settings.draft_model or "",
         )
         info.default_draft.update(api.draft_dict(self.engine.default_draft))
         info.backend.update(model.backend.describe())

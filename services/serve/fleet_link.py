@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 class FleetLink:
     """Connects one engine replica to the fleet through Redis.
 
-    `FleetLink(engine, redis_url, model, replica_id).start()`; `stop()` when done;
+    `FleetLink(engine, redis_url, model, replica_id, draft_model=NAME).start()`;
+    `stop()` when done;
     `version` is the config version the engine runs (0: none from the fleet yet).
     """
 
@@ -50,6 +51,7 @@ class FleetLink:
         model: str = "default",
         replica_id: str | None = None,
         *,
+        draft_model: str = "",
         interval_s: float = 1.0,
         poll_s: float = 1.0,
         score: bool = True,
@@ -58,6 +60,8 @@ class FleetLink:
         self.engine = engine
         self.url = rs.redis_url(redis_url)
         self.model = model
+        # The engine's draft model by name, for the controller; "" when it has none.
+        self.draft_model = _draft_model_name(engine, draft_model)
         self.replica_id = replica_id or f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
         self.interval_s = interval_s
         self.poll_s = poll_s
@@ -213,6 +217,9 @@ class FleetLink:
             "num_layers": self.engine.model.num_layers,
             "sizes": forced.sublayer_sizes(self.engine),
             "draft": rs.draft_fields(self.engine.default_draft),
+            # Only replicas that say so are ever told to draft with mode `model`.
+            "draft_model": self.draft_model,
+            "draft_model_share": _draft_model_share(self.engine),
             "rejected": {str(v): why for v, why in list(self.rejected.items())[-5:]},
         }
         pipe = self._redis.pipeline(transaction=False)
@@ -304,6 +311,32 @@ class FleetLink:
             except Exception:  # scoring is optional; serving is not
                 log.exception("fleet: scoring a candidate failed")
             self._stop.wait(0.02 if ran else 0.2)
+
+
+def _draft_model_name(engine, given: str) -> str:
+    """`given`, or a stand-in where the engine has a draft model but no name was given;
+    "" only where the engine has none, so that the controller never sends mode `model`
+    to a replica that cannot run it."""
+    if getattr(getattr(engine, "runner", None), "draft_model", None) is None:
+        return ""
+    return given or "draft model"
+
+
+def _draft_model_share(engine) -> float | None:
+    """The draft model's weights over the target's, in matrix elements: the controller's
+    prior for the cost of its pass until one is measured; None without a draft model."""
+    drafter = getattr(getattr(engine, "runner", None), "draft_model", None)
+    if drafter is None:
+        return None
+    return round(_weight_elements(drafter.model) / _weight_elements(engine.model), 4)
+
+
+def _weight_elements(m) -> int:
+    """Elements of the matrices a decode step reads: every layer's and the LM head."""
+    hidden = m.config.hidden_size
+    attn = hidden * (m.num_heads * m.head_dim + 2 * m.kv_dim) + m.num_heads * m.head_dim * hidden
+    mlp = 3 * hidden * m.config.intermediate_size
+    return m.num_layers * (attn + mlp) + m.vocab_size * hidden
 
 
 def _candidate_keys(text: str | None) -> list[str]:

@@ -333,6 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="override the app's model")
     p.add_argument("--draft", help="override the app's default drafting mode")
     p.add_argument(
+        "--draft-model",
+        help="a smaller model with the same tokenizer (checkpoint folder or GGUF), loaded "
+        "by every replica to draft with (mode model, then the default; the controller may "
+        "choose it per batch bucket)",
+    )
+    p.add_argument(
         "--backend",
         choices=["cpu", "onednn", "torch", "triton"],
         help="override the replicas' compute path (default: $SELFSPEC_BACKEND, else the best)",
@@ -430,6 +436,10 @@ def _override_args(args: argparse.Namespace, app_args: dict) -> None:
         app_args["model"] = args.model
     if args.draft:
         app_args["draft"] = args.draft
+    if args.draft_model:
+        app_args["draft_model"] = args.draft_model
+        if not args.draft:  # as `selfspec generate --draft-model`: drafting with it
+            app_args["draft"] = "model"
     if args.backend:
         app_args["backend"] = args.backend
     if args.weights:

@@ -11,6 +11,8 @@ Nothing is recorded in the engine loop: a scrape reads the engine's own running 
 queue time is observed as a request starts and the prefix-cache counters are added as
 it finishes, both on the replica's event loop. Series carry `model_name` (as vLLM's) and
 `replica`, which also tells them apart from the gateway's series of the same name.
+Drafted and accepted tokens are also counted per drafter (label `mode`), under our own
+names, since vLLM's counters carry no such label.
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ class ReplicaMetrics(Collector):
         yield from self._load()
         yield from self._prefix_cache()
         yield from self._spec_decode()
+        yield from self._spec_decode_by_mode()
         yield from self._drafting()
 
     def _gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -141,6 +144,24 @@ class ReplicaMetrics(Collector):
             per_pos.add_metric([*self.labels, str(i)], n)
         yield per_pos
 
+    def _spec_decode_by_mode(self) -> Iterator:
+        """vLLM's token counters split by the drafter that drafted them (the engine's plan
+        names: ngram, skip, early_exit, model, ...), so that a draft model's tokens, say,
+        are told from the layer draft's; vLLM's own names above stay the sums."""
+        t = self.engine.telemetry.snapshot()
+        for name, doc, table in (
+            ("selfspec_spec_decode_num_draft_tokens", "Tokens drafted, by drafter.", t.drafted),
+            (
+                "selfspec_spec_decode_num_accepted_tokens",
+                "Drafted tokens accepted, by drafter.",
+                t.accepted,
+            ),
+        ):
+            family = CounterMetricFamily(name, doc, labels=[*LABELS, "mode"])
+            for mode, n in _sum_by_mode(table).items():
+                family.add_metric([*self.labels, mode], n)
+            yield family
+
     def _drafting(self) -> Iterator:
         t = self.engine.telemetry.snapshot()
         chosen = CounterMetricFamily(
@@ -191,6 +212,15 @@ def _by_mode(decisions: dict) -> dict[str, int]:
     out: dict[str, int] = {}
     for (mode, _), n in decisions.items():
         out[mode] = out.get(mode, 0) + n
+    return out
+
+
+def _sum_by_mode(table: dict) -> dict[str, int]:
+    """Tokens per drafter, over batch buckets and draft positions; "off" drafts none."""
+    out: dict[str, int] = {}
+    for (mode, _), counts in table.items():
+        if mode != "off":
+            out[mode] = out.get(mode, 0) + sum(counts)
     return out
 
 

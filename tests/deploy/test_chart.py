@@ -105,6 +105,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         },
         "gateway": {"maxInFlight": 300, "retryAfterMs": 250},
     },
+    "draft-model": {"engine": {"draft": "model", "draftModel": "/cache/models/draft"}},
     "operator-peers": {
         "networkPolicy": {"controllerAdminFrom": [OPS], "rayFrom": [OPS, RAY_JOBS]},
         "controller": {"admin": {"existingSecret": "ops-admin-tokens"}},
@@ -234,6 +235,7 @@ def test_serve_config_follows_the_contract(case):
         "backend",
         "kv_cache_bytes",
         "draft",
+        "draft_model",
         "allow_draft_override",
         "max_draft_configs",
         "max_ongoing_requests",
@@ -241,7 +243,8 @@ def test_serve_config_follows_the_contract(case):
         "redis_url",
         "metrics_port",
     }
-    assert args["device"] == "cuda" and args["draft"] == "auto"
+    assert args["device"] == "cuda"
+    assert args["draft"] == values.get("engine", {}).get("draft", "auto")
     assert args["backend"] is None  # the replica picks the GPU's best
     assert isinstance(args["kv_cache_bytes"], int)  # not 4.294967296e+09
     assert (
@@ -254,6 +257,18 @@ def test_serve_config_follows_the_contract(case):
 
         # The app takes them: no unknown args.
         assert EngineSettings.from_args(args).metrics_port == _metrics_port(values)
+
+
+def test_the_draft_model_reaches_the_app(case):
+    """engine.draftModel is the app arg draft_model, and none (null) where it is empty."""
+    _, values, docs = case
+    args = serve_config(docs)["applications"][0]["args"]
+    assert args["draft_model"] == (values.get("engine", {}).get("draftModel") or None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Ray's own deprecation warnings
+        from services.serve.app import EngineSettings
+
+        assert EngineSettings.from_args(args).draft_model == args["draft_model"]
 
 
 # (values key, app arg, default) of what the engines take from engine.* values.
@@ -1176,6 +1191,11 @@ BAD_VALUES = [
 ]
 
 BAD_COMBINATIONS = [
+    pytest.param(
+        {"engine": {"draft": "model"}},
+        "engine.draft is model but engine.draftModel is empty",
+        id="draft-model-unnamed",
+    ),
     pytest.param(
         {"gateway": {"auth": {"allowInsecureToken": False}}},
         "the token would travel in clear text",

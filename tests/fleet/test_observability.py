@@ -196,6 +196,9 @@ def test_spec_decode_counters_add_up_to_the_replies(stub):
     assert added("vllm:spec_decode_num_draft_tokens_total") == drafted
     assert added("vllm:spec_decode_num_accepted_tokens_total") == accepted
     assert added("vllm:spec_decode_num_accepted_tokens_per_pos_total") == accepted
+    # The same counts by drafter (label `mode`).
+    assert added("selfspec_spec_decode_num_draft_tokens_total") == drafted
+    assert added("selfspec_spec_decode_num_accepted_tokens_total") == accepted
     assert 0 < added("vllm:spec_decode_num_drafts_total") <= drafted
     steps = sum(r.usage.verify_steps for r in replies)
     assert added("selfspec_drafting_mode_chosen_total") == steps

@@ -148,7 +148,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "architecture", "num_layers", "vocab_size", "max_model_len", "dtype", "default_draft", "config_version", "backend")
+    __slots__ = ("model", "architecture", "num_layers", "vocab_size", "max_model_len", "dtype", "default_draft", "config_version", "backend", "draft_model")
     class BackendEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +165,7 @@ class ModelInfo(_message.Message):
     DEFAULT_DRAFT_FIELD_NUMBER: _ClassVar[int]
     CONFIG_VERSION_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_MODEL_FIELD_NUMBER: _ClassVar[int]
     model: str
     architecture: str
     num_layers: int
@@ -174,7 +175,8 @@ class ModelInfo(_message.Message):
     default_draft: _struct_pb2.Struct
     config_version: int
     backend: _containers.ScalarMap[str, str]
-    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., dtype: _Optional[str] = ..., default_draft: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., config_version: _Optional[int] = ..., backend: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    draft_model: str
+    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., dtype: _Optional[str] = ..., default_draft: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., config_version: _Optional[int] = ..., backend: _Optional[_Mapping[str, str]] = ..., draft_model: _Optional[str] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id",)
