@@ -7,7 +7,7 @@ position (or, before it has any, its teacher-forced agreement) and measured cost
 n-gram's from its measured acceptance; a draft model's (mode `model`, only for a model
 whose replicas all load one) from its measured acceptance and its pass's cost (measured,
 or the controller's prior); plain decoding is 1. Drafting is off where nothing beats 1,
-`auto` where both the layer draft and n-gram pay (the engine then picks per sequence).
+`auto` where two drafters pay (the engine then picks per sequence).
 A bucket changes its choice only for a clear gain, so versions do not flap on noise.
 Where the layer draft runs, the confidence threshold is set from its measured
 acceptance by draft confidence: drafting stops where tokens are shown not to pay.
@@ -73,11 +73,11 @@ def choose_bucket(
     for mode, (rates, cost) in curves.items():
         gain, k = best_length(rates, cost, token_cost)
         options[mode] = Choice(mode, max(k, 1), gain)
-    if layer in options and "ngram" in options:
-        drafts, ngram = options[layer], options["ngram"]
-        if min(drafts.speedup, ngram.speedup) > 1:  # both pay: the engine picks per sequence
-            k = max(drafts.max_draft, ngram.max_draft)
-            options["auto"] = Choice("auto", k, max(drafts.speedup, ngram.speedup))
+    paying = [options[m] for m in (layer, "ngram", "model") if m in options]
+    paying = [c for c in paying if c.speedup > 1]
+    if len(paying) >= 2:  # two drafters pay: the engine picks per sequence
+        k = max(c.max_draft for c in paying)
+        options["auto"] = Choice("auto", k, max(c.speedup for c in paying))
     options = {m: c for m, c in options.items() if m in allowed}
     if not options:
         return None
@@ -91,7 +91,7 @@ def choose_bucket(
 
 def _value(choice: Choice, curves: dict, token_cost: float) -> Choice:
     """A previous choice (mode and length) valued on today's evidence."""
-    modes = (*LAYER_MODES, "ngram") if choice.mode == "auto" else (choice.mode,)
+    modes = (*LAYER_MODES, "ngram", "model") if choice.mode == "auto" else (choice.mode,)
     values = [speedup_at(*curves[m], token_cost, choice.max_draft) for m in modes if m in curves]
     return Choice(choice.mode, choice.max_draft, max(values, default=1.0))
 

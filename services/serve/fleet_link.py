@@ -323,20 +323,11 @@ def _draft_model_name(engine, given: str) -> str:
 
 
 def _draft_model_share(engine) -> float | None:
-    """The draft model's weights over the target's, in matrix elements: the controller's
-    prior for the cost of its pass until one is measured; None without a draft model."""
-    drafter = getattr(getattr(engine, "runner", None), "draft_model", None)
-    if drafter is None:
-        return None
-    return round(_weight_elements(drafter.model) / _weight_elements(engine.model), 4)
-
-
-def _weight_elements(m) -> int:
-    """Elements of the matrices a decode step reads: every layer's and the LM head."""
-    hidden = m.config.hidden_size
-    attn = hidden * (m.num_heads * m.head_dim + 2 * m.kv_dim) + m.num_heads * m.head_dim * hidden
-    mlp = 3 * hidden * m.config.intermediate_size
-    return m.num_layers * (attn + mlp) + m.vocab_size * hidden
+    """The draft model's weights read over the target's: the prior the engine's `auto`
+    and the controller take for the cost of its pass until one is measured; None without
+    a draft model."""
+    share = getattr(getattr(getattr(engine, "drafting", None), "policy", None), "model_cost", None)
+    return None if share is None else round(share, 4)
 
 
 def _candidate_keys(text: str | None) -> list[str]:

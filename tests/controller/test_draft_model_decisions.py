@@ -54,12 +54,22 @@ def choose(ev: ModelEvidence, model_cost: float | None, previous=None):
     return choose_bucket(ev, 0, 1, "skip", SKIP_RATES, SKIP_COST, modes, previous, model_cost)
 
 
+def choose_alone(ev: ModelEvidence, model_cost: float | None):
+    """As `choose`, with `auto` (which lets the engine pick per sequence) not allowed."""
+    modes = ("off", "ngram", "skip", "model")
+    return choose_bucket(ev, 0, 1, "skip", SKIP_RATES, SKIP_COST, modes, None, model_cost)
+
+
 def test_the_draft_model_is_chosen_where_it_pays_most():
     ev = evidence(*GOOD)
     cost, _ = ev.relative_costs("model", 1)
-    choice = choose(ev, cost)
+    choice = choose_alone(ev, cost)
     assert choice.mode == "model" and choice.max_draft >= 2
-    assert choice.speedup > choose(ev, None).speedup  # better than the layer draft
+    assert choice.speedup > choose_alone(ev, None).speedup  # better than the layer draft
+    # The layer draft pays too: with `auto` allowed, the engine weighs both per sequence,
+    # valued at the better one's speedup.
+    both = choose(ev, cost)
+    assert both.mode == "auto" and both.speedup == choice.speedup
 
 
 def test_the_draft_model_is_not_chosen_where_it_does_not_pay():

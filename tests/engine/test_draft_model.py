@@ -227,6 +227,16 @@ def test_a_draft_with_a_shorter_context_is_refused_at_load(tiny_pair, tmp_path):
         Engine.from_pretrained(str(target), draft_model=str(short))
 
 
+def test_a_draft_with_the_same_ids_and_another_chat_template_is_refused(tiny_pair, tmp_path):
+    target, _ = tiny_pair
+    other = save_first_layers(target, tmp_path / "template", 2)
+    template = other / "chat_template.jinja"
+    assert template.is_file()
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(ValueError, match="chat template differs from the target's"):
+        Engine.from_pretrained(str(target), draft_model=str(other))
+
+
 def test_mode_model_needs_a_draft_model(bf16_engine):
     with pytest.raises(ValueError, match="draft.mode 'model'.*--draft-model"):
         bf16_engine.generate(["hi"], SamplingParams(max_tokens=2), "model")

@@ -6,8 +6,6 @@ layers, saved as a checkpoint folder of their own."""
 
 from __future__ import annotations
 
-import json
-import shutil
 import urllib.request
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import grpc
 import pytest
 from fleet_helpers import chat, fleet_config, replica_stats, running_fleet
 
+from services.engine.first_layers import save_first_layers
 from services.gen.selfspec.v1 import generation_pb2 as pb
 from services.gen.selfspec.v1 import generation_pb2_grpc as pb_grpc
 from services.serve import local
@@ -22,30 +21,6 @@ from services.serve import local
 pytestmark = pytest.mark.timeout(400)
 
 DRAFT_LAYERS = 6  # of the default model's 30
-
-
-def save_first_layers(source: Path, out: Path, layers: int) -> Path:
-    """`source`'s first `layers` layers with its embeddings, final norm, LM head and
-    tokenizer, as a checkpoint folder of their own. (A copy of tests/engine's; that one
-    is moving into the package.)"""
-    from safetensors.torch import save_file
-
-    from services.engine import checkpoint
-
-    settings = json.loads((source / "config.json").read_text())
-    settings.update(num_hidden_layers=layers)
-    kept = {
-        name: t
-        for name, t in checkpoint.load_tensors(source).items()
-        if not name.startswith("model.layers.") or int(name.split(".")[2]) < layers
-    }
-    out.mkdir(parents=True)
-    save_file(kept, str(out / "model.safetensors"))
-    (out / "config.json").write_text(json.dumps(settings))
-    for f in source.iterdir():
-        if f.is_file() and f.name != "config.json" and f.suffix != ".safetensors":
-            shutil.copy(f, out / f.name)
-    return out
 
 
 @pytest.fixture(scope="module")
