@@ -48,7 +48,8 @@ in L1 for the other rows.
 
 The C++ source is `selfspec_kernels/csrc/quant.cpp`, built with the other CPU kernels
 (`cpu_build`). `available()` says whether it could be built here; it never raises.
-`dequantize` and `Quantized.unpack` are plain PyTorch and need no build.
+`Quantized.unpack` (and `rows`) dequantize in the same C++, with the two roundings of
+gguf's own `dequantize` where the products fuse them: prefill multiplies by these.
 """
 
 from __future__ import annotations
@@ -65,7 +66,6 @@ __all__ = [
     "Format",
     "Quantized",
     "available",
-    "dequantize",
     "format_of",
     "linear_q",
     "linear_q_add",
@@ -125,76 +125,6 @@ def unavailable_reason() -> str | None:
     return CPU.unavailable_reason()
 
 
-def dequantize(data: torch.Tensor, fmt: Format, k: int) -> torch.Tensor:
-    """Rows of blocks, uint8 `[rows, (k / block) * nbytes]`, as float32 `[rows, k]`: the
-    values of `gguf.quants.dequantize`, bit for bit (the same float32 operations)."""
-    rows = data.shape[0]
-    blocks = data.reshape(rows, k // fmt.block, fmt.nbytes)
-    return _DEQUANTIZE.get(fmt.name, _dequantize_32)(blocks, fmt).reshape(rows, k)
-
-
-def _dequantize_32(blocks: torch.Tensor, fmt: Format) -> torch.Tensor:
-    """The 32-weight formats' blocks `[rows, nb, nbytes]` as float32 `[rows, nb, 32]`."""
-    d = _halves(blocks, 0)
-    at = 4 if fmt.has_min else 2
-    if fmt.bits == 8:
-        return d * blocks[..., at:].view(torch.int8).float()
-    qs = blocks[..., -fmt.block // 2 :]
-    q = torch.cat([qs & 0xF, qs >> 4], dim=-1).int()  # byte j: weights j and j + 16
-    if fmt.bits == 5:
-        qh = blocks[..., at : at + 4].int()
-        qh = qh[..., 0] | qh[..., 1] << 8 | qh[..., 2] << 16 | qh[..., 3] << 24
-        q = q | _bits(qh.unsqueeze(-1), torch.arange(fmt.block), 1) << 4
-    if fmt.has_min:
-        return d * q.float() + _halves(blocks, 2)
-    return d * (q - (1 << (fmt.bits - 1))).float()
-
-
-def _dequantize_q45_k(blocks: torch.Tensor, fmt: Format) -> torch.Tensor:
-    """Q4_K's or Q5_K's super-blocks `[rows, nb, nbytes]` as float32 `[rows, nb, 8, 32]`:
-    `d * sc * q - dmin * mn`, the products rounded as gguf rounds them."""
-    s = blocks[..., 4:16].int()  # ggml's get_scale_min_k4: 6 bits each, high bits apart
-    low, mid, high = s[..., 0:4], s[..., 4:8], s[..., 8:12]
-    sc = torch.cat([low & 63, (high & 0xF) | (low >> 2 & 48)], dim=-1)
-    mn = torch.cat([mid & 63, (high >> 4) | (mid >> 2 & 48)], dim=-1)
-    qs = blocks[..., -128:].reshape(*blocks.shape[:2], 4, 1, 32)
-    q = _bits(qs, torch.tensor([[0], [4]]), 0xF).flatten(-3, -2)  # [rows, nb, 8, 32]
-    if fmt.bits == 5:
-        qh = blocks[..., 16:48].unsqueeze(-2)
-        q = q | _bits(qh, torch.arange(8).unsqueeze(-1), 1) << 4
-    d = _halves(blocks, 0) * sc.float()
-    dm = _halves(blocks, 2) * mn.float()
-    return d.unsqueeze(-1) * q.float() - dm.unsqueeze(-1)
-
-
-def _dequantize_q6_k(blocks: torch.Tensor, fmt: Format) -> torch.Tensor:
-    """Q6_K's super-blocks `[rows, nb, 210]` as float32 `[rows, nb, 16, 16]`:
-    `d * sc * (q - 32)`. Each half of 128 weights is 64 bytes of low nibbles (weights
-    0-63, then 64-127 in the high nibbles) and 32 bytes of 2-bit high parts (weights
-    32t..32t+31 at bits 2t)."""
-    lead = blocks.shape[:2]
-    ql = blocks[..., :128].reshape(*lead, 2, 1, 64)
-    low = _bits(ql, torch.tensor([[0], [4]]), 0xF).reshape(*lead, 8, 32)
-    qh = blocks[..., 128:192].reshape(*lead, 2, 1, 32)
-    high = _bits(qh, torch.tensor([[0], [2], [4], [6]]), 3).reshape(*lead, 8, 32)
-    q = ((low | high << 4) - 32).float().reshape(*lead, 16, 16)
-    sc = blocks[..., 192:208].view(torch.int8).float()
-    return (_halves(blocks, 208) * sc).unsqueeze(-1) * q
-
-
-_DEQUANTIZE = {"q4_k": _dequantize_q45_k, "q5_k": _dequantize_q45_k, "q6_k": _dequantize_q6_k}
-
-
-def _bits(packed: torch.Tensor, shifts: torch.Tensor, mask: int) -> torch.Tensor:
-    """`packed >> shifts & mask` as int32, broadcast: the values packed at those bits."""
-    return packed.int() >> shifts.int() & mask
-
-
-def _halves(blocks: torch.Tensor, at: int) -> torch.Tensor:
-    """The float16 at byte `at` of each block, as float32 `[rows, blocks, 1]`."""
-    return blocks[..., at : at + 2].contiguous().view(torch.float16).float()
-
-
 @dataclass(frozen=True)
 class Quantized:
     """A matrix in a GGUF block format: `data` uint8 `[rows, (k / block) * nbytes]`, each
@@ -208,12 +138,13 @@ class Quantized:
     swiglu: bool = False
 
     def unpack(self) -> torch.Tensor:
-        """The matrix, float32 `[rows, k]`, dequantized."""
-        return dequantize(self.data, self.format, self.k)
+        """The matrix, float32 `[rows, k]`, dequantized: the values of gguf's own
+        `dequantize`, bit for bit."""
+        return CPU.ops().unpack_q(self.data, self.format.ggml_type, self.k)
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """Rows `index` (1-D ids into `data`) dequantized, float32 `[len(index), k]`."""
-        return dequantize(self.data[index.long()], self.format, self.k)
+        return CPU.ops().unpack_q(self.data[index.long()], self.format.ggml_type, self.k)
 
 
 def quantized(data: torch.Tensor, fmt: Format, k: int, *, swiglu: bool = False) -> Quantized:

@@ -22,6 +22,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_q", torch::wrap_pybind_function(quant::linear_q));
   m.def("linear_q_add", torch::wrap_pybind_function(quant::linear_q_add));
   m.def("linear_q_swiglu", torch::wrap_pybind_function(quant::linear_q_swiglu));
+  m.def("unpack_q", torch::wrap_pybind_function(quant::unpack_q));
   m.def("paged_attention", torch::wrap_pybind_function(attention::paged_attention));
   m.def("run_layers", torch::wrap_pybind_function(layers::run_layers));
   // selfspec_kernels/cpu_linear.py packs matrices by these.

@@ -93,9 +93,15 @@ static inline void fifth_bits(const uint8_t* qh_bytes, __m256i (&q)[4]) {
   }
 }
 
-// A 32-weight block's weights as float32, 8 to a vector: ggml's values (d * q + m in one
-// FMA).
-template <int F>
+// d * q + m, in one FMA (Fused) or rounded twice as gguf's dequantize does.
+template <bool Fused>
+static inline __m256 scaled(__m256 d, __m256 q, __m256 m) {
+  return Fused ? _mm256_fmadd_ps(d, q, m) : _mm256_add_ps(_mm256_mul_ps(d, q), m);
+}
+
+// A 32-weight block's weights as float32, 8 to a vector: ggml's values (d * q + m, see
+// `scaled`).
+template <int F, bool Fused>
 static inline void dequant_block(const uint8_t* b, __m256 (&w)[4]) {
   const __m128 dm = halves_at(b);  // d, and for the _1 formats m
   const __m256 d = _mm256_broadcastss_ps(dm);
@@ -113,7 +119,7 @@ static inline void dequant_block(const uint8_t* b, __m256 (&w)[4]) {
   if constexpr (five) fifth_bits(b + qs - 4, q);
   if constexpr (has_min) {
     const __m256 m = _mm256_broadcastss_ps(_mm_movehdup_ps(dm));
-    for (int j = 0; j < 4; ++j) w[j] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(q[j]), m);
+    for (int j = 0; j < 4; ++j) w[j] = scaled<Fused>(d, _mm256_cvtepi32_ps(q[j]), m);
   } else {
     const __m256i zero = _mm256_set1_epi32(five ? 16 : 8);  // the stored value of weight 0
     for (int j = 0; j < 4; ++j)
@@ -202,10 +208,10 @@ static inline void widen(__m256i v, __m256i (&q)[4]) {
   }
 }
 
-// Sub-block S of a Q4_K or Q5_K block: d * sc * q - dmin * mn in one FMA. Sub-blocks 2i
-// and 2i + 1 share 32 bytes of q, the low nibbles and the high ones; Q5_K's fifth bits are
-// bit S of its 32 bytes qh.
-template <int F, int S>
+// Sub-block S of a Q4_K or Q5_K block: d * sc * q - dmin * mn (see `scaled`). Sub-blocks
+// 2i and 2i + 1 share 32 bytes of q, the low nibbles and the high ones; Q5_K's fifth bits
+// are bit S of its 32 bytes qh.
+template <int F, int S, bool Fused>
 static inline void dequant_k(const uint8_t* b, const Factors& f, __m256 (&w)[4]) {
   const uint8_t* qs = b + (F == Q5_K ? 48 : 16) + 32 * (S / 2);
   __m256i q[4];
@@ -214,7 +220,9 @@ static inline void dequant_k(const uint8_t* b, const Factors& f, __m256 (&w)[4])
   else
     for (int j = 0; j < 4; ++j) q[j] = moved8<4 * (S & 1), 0>(qs + 8 * j, 0xF);
   const __m256 d = _mm256_broadcast_ss(f.d + S), m = _mm256_broadcast_ss(f.m + S);
-  for (int j = 0; j < 4; ++j) w[j] = _mm256_fmsub_ps(d, _mm256_cvtepi32_ps(q[j]), m);
+  // -m by its sign bit: x - m is x + (-m) exactly, zeros' signs too.
+  const __m256 minus_m = _mm256_xor_ps(m, _mm256_set1_ps(-0.0f));
+  for (int j = 0; j < 4; ++j) w[j] = scaled<Fused>(d, _mm256_cvtepi32_ps(q[j]), minus_m);
 }
 
 // Sub-block S of a Q6_K block: d * sc * (q - 32), sc one per 16 weights. The block is two
@@ -233,15 +241,16 @@ static inline void dequant_q6_k(const uint8_t* b, const Factors& f, __m256 (&w)[
   }
 }
 
-// Sub-block S of the block at b, as float32 in weight order, 8 to a vector.
-template <int F, int S>
+// Sub-block S of the block at b, as float32 in weight order, 8 to a vector: as the
+// products take it (Fused), or as gguf's dequantize gives it (Q6_K's is both).
+template <int F, int S, bool Fused = true>
 static inline void dequant(const uint8_t* b, const Factors& f, __m256 (&w)[4]) {
   if constexpr (F == Q6_K)
     dequant_q6_k<S>(b, f, w);
   else if constexpr (subs(F) > 1)
-    dequant_k<F, S>(b, f, w);
+    dequant_k<F, S, Fused>(b, f, w);
   else
-    dequant_block<F>(b, w);
+    dequant_block<F, Fused>(b, w);
 }
 
 // fn(std::integral_constant<int, S>) for S = 0..N-1, unrolled: each sub-block of a block
@@ -382,14 +391,65 @@ static void run(const Args& a) {
   }
 }
 
-// run<F> for the F in FORMATS that is `format`: each format its own instantiation.
-template <size_t... I>
-static void run_format(const Args& a, int64_t format, std::index_sequence<I...>) {
-  (void)((format == FORMATS[I].format && (run<FORMATS[I].format>(a), true)) || ...);
+// fn(std::integral_constant<int, F>) for the F in FORMATS that is `format`: each format
+// its own instantiation.
+template <typename Fn, size_t... I>
+static void with_format(int64_t format, Fn&& fn, std::index_sequence<I...>) {
+  (void)((format == FORMATS[I].format &&
+          (fn(std::integral_constant<int, FORMATS[I].format>{}), true)) ||
+         ...);
+}
+
+template <typename Fn>
+static void with_format(int64_t format, Fn&& fn) {
+  with_format(format, fn, std::make_index_sequence<std::size(FORMATS)>{});
 }
 
 static void run_format(const Args& a, int64_t format) {
-  run_format(a, format, std::make_index_sequence<std::size(FORMATS)>{});
+  with_format(format, [&](auto f) { run<decltype(f)::value>(a); });
+}
+
+// Weight rows r0..r1 of `w` (nb sub-blocks each) as float32 into `out`, gguf's values.
+template <int F>
+static void unpack_rows(const uint8_t* w, int64_t nb, int64_t r0, int64_t r1, float* out) {
+  constexpr int S = static_cast<int>(subs(F));
+  const int64_t row_bytes = nb / S * block_bytes(F);
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t b = 0; b < nb; b += S) {
+      const uint8_t* block = w + r * row_bytes + b / S * block_bytes(F);
+      float* o = out + (r * nb + b) * QK;
+      Factors f;
+      factors<F>(block, f);
+      each(
+          [&](auto s) {
+            __m256 v[4];
+            dequant<F, decltype(s)::value, false>(block, f, v);
+            for (int j = 0; j < 4; ++j) _mm256_storeu_ps(o + s * QK + 8 * j, v[j]);
+          },
+          std::make_integer_sequence<int, S>{});
+    }
+}
+
+// The matrix as float32 [rows, K], the values of gguf's dequantize: what prefill's GEMM
+// multiplies by, made in C++ because widening a model's weights in PyTorch took a tenth
+// of an end-to-end request on the default model.
+at::Tensor unpack_q(const at::Tensor& w, int64_t format, int64_t k) {
+  const int64_t bytes = block_bytes(format), block = QK * subs(format);
+  TORCH_CHECK(bytes > 0, "cpu_quant: no kernel for ggml type ", format);
+  TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.scalar_type() == at::kByte &&
+                  w.is_contiguous() && k > 0 && k % block == 0 && w.size(1) == k / block * bytes,
+              "cpu_quant: w must be a contiguous uint8 [rows, ", k / block * bytes,
+              "] tensor of GGUF blocks of ggml type ", format, ", got ", w.sizes());
+  const int64_t rows = w.size(0), nb = k / QK;
+  at::Tensor out = at::empty({rows, k}, w.options().dtype(at::kFloat));
+  const uint8_t* data = w.data_ptr<uint8_t>();
+  float* y = out.data_ptr<float>();
+  with_format(format, [&](auto f) {
+    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+      unpack_rows<decltype(f)::value>(data, nb, r0, r1, y);
+    });
+  });
+  return out;
 }
 
 static const float* float_vector(const std::optional<at::Tensor>& t, int64_t size,
