@@ -47,16 +47,19 @@ def test_auto_without_a_draft_model_never_chooses_one():
     assert policy.choose(seq, AUTO, 6, 1).kind is Kind.OFF
 
 
-def test_auto_drafts_with_the_model_and_measures_it(paired):  # noqa: F811
-    """On the real pair, greedy `auto` output is drafting off's; it tried the draft model
-    and timed its passes, which the policy then weighs instead of the prior."""
+def test_auto_drafts_with_the_model_and_measures_it(paired, monkeypatch):  # noqa: F811
+    """On the real pair, greedy `auto` output is drafting off's; with a prior cost low
+    enough to try the draft model, it drafts with it, times its passes and then weighs
+    the measured cost, not the prior."""
     params = SamplingParams(max_tokens=24)
     policy = paired.drafting.policy
     assert 0 < policy.model_cost < 0.5  # 6 of 30 layers and the LM head
+    monkeypatch.setattr(policy, "model_cost", 0.01)
     for prompt in EIGHT_CHATS[:2]:
         [base] = paired.generate([prompt], params, "off", chat=True)
         [out] = paired.generate([prompt], params, AUTO, chat=True)
         assert out.token_ids == base.token_ids
     assert policy.telemetry.decisions.get(("model", 1), 0) > 0
-    assert ("model", 1) in policy.costs.draft_pass
+    measured, _ = policy.costs.relative("model", 1, policy.model_cost)
+    assert measured > 0.05  # a pass of 6 layers and the LM head costs more than 1%
     assert_pools_free(paired)

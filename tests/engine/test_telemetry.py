@@ -133,3 +133,33 @@ def test_acceptance_is_per_position_given_the_tokens_before():
     acc = Acceptance(prior=(0.0, 1e-9))
     acc.update(4, 1)  # the first accepted, the second rejected: the last two untold
     assert [c[1] for c in acc.counts] == [1.0, 1.0]
+
+
+def test_a_new_sequence_starts_from_the_engines_pooled_acceptance():
+    """What drafts in a mode have been doing across sequences is a new sequence's prior,
+    in place of the fixed one: a mode that keeps failing is not tried afresh at the prior's
+    optimism in every request, and one that keeps paying is drafted long from the start."""
+    import torch
+
+    from services.engine import SamplingParams
+    from services.engine.drafting.policy import PRIOR_ACCEPT, AutoPolicy
+    from services.engine.kv_pool import BlockTable, KVPool
+    from services.engine.sequence import Sequence
+
+    pool = KVPool(num_layers=1, kv_dim=8, num_blocks=4, block_size=16, dtype=torch.float32)
+
+    def seq(name: str) -> Sequence:
+        return Sequence(name, [1, 2, 3], SamplingParams(max_tokens=8), BlockTable(pool))
+
+    policy = AutoPolicy()
+    fixed = PRIOR_ACCEPT["ngram"][0] / PRIOR_ACCEPT["ngram"][1]
+    first = seq("a")
+    assert policy.acceptance(first, "ngram").rate(0) == fixed
+    for _ in range(40):  # every n-gram draft of the first sequence rejected
+        policy._update(first, "ngram", 4, 0)
+    later = policy.acceptance(seq("b"), "ngram")
+    assert later.rate(0) < 0.1 < fixed
+    for _ in range(40):  # then all accepted, in another sequence
+        policy._update(seq("c"), "ngram", 4, 4)
+    assert policy.acceptance(seq("d"), "ngram").rate(0) > 0.5
+    assert later.rate(0) > 0.5  # its own counts are none yet: the pool speaks for it

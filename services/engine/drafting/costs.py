@@ -3,14 +3,19 @@ draft pass take, per batch bucket. The `auto` policy weighs drafts with them."""
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from dataclasses import dataclass, field
 
 from services.common.speedup import bucket
 
+WINDOW = 9  # the latest measurements a cost is the median of
+
 
 @dataclass
 class Costs:
-    """Measured step costs per batch bucket, as exponential moving averages (seconds)."""
+    """Measured step costs per batch bucket, each the median of its latest measurements
+    (seconds)."""
 
     decode: dict[int, float] = field(default_factory=dict)  # verify with no drafts
     decode_batch: dict[int, float] = field(default_factory=dict)  # their mean batch size
@@ -18,25 +23,23 @@ class Costs:
     draft_pass: dict[tuple[str, int], float] = field(default_factory=dict)
     # What verifying k drafted tokens for every sequence adds to a plain step, per k.
     verify_extra: dict[tuple[int, int], float] = field(default_factory=dict)
+    _recent: dict[tuple, deque] = field(default_factory=dict, repr=False, compare=False)
 
-    @staticmethod
-    def _ema(table: dict, key, value: float, floor: float = 0.0, weight: float = 0.2) -> None:
-        """Move the average a step towards `value`, clipped to three times the average (or
-        `floor`): one stall (a collection, a noisy neighbour) must not make drafting look
-        so dear that it stops, and with it the measurements that would correct it. A
-        lasting change still comes through, by up to 40% a step."""
-        old = table.get(key)
-        if old is None:
-            table[key] = value
-            return
-        value = min(value, 3.0 * max(old, floor))
-        table[key] = old + weight * (value - old)
+    def _observe(self, table: dict, key, value: float) -> None:
+        """The cost at `key` becomes the median of its latest WINDOW measurements. Stalls
+        (a collection, a noisy neighbour, a first pass's page faults) move it not at all,
+        where they pulled an average up: drafting then looked dear, was chosen less, and
+        so was measured too seldom to come back. A lasting change comes through in half
+        a window."""
+        recent = self._recent.setdefault((id(table), key), deque(maxlen=WINDOW))
+        recent.append(value)
+        table[key] = statistics.median(recent)
 
     def observe_verify(self, batch: int, tokens: int, seconds: float) -> None:
         b = bucket(batch)
         if tokens == batch:
-            self._ema(self.decode, b, seconds)
-            self._ema(self.decode_batch, b, float(batch))
+            self._observe(self.decode, b, seconds)
+            self._observe(self.decode_batch, b, float(batch))
         elif b in self.decode:
             # A bucket's batch sizes differ (sequences finish one by one): set the pass
             # against a plain one of its own size, the bucket's scaled in proportion.
@@ -45,14 +48,13 @@ class Costs:
             # drafting look free.
             plain = self.decode[b] * batch / self.decode_batch.get(b, float(batch))
             extra = max(0.0, seconds - plain)
-            floor = 0.01 * self.decode[b]
-            self._ema(self.per_token, b, extra / (tokens - batch), floor=floor)
+            self._observe(self.per_token, b, extra / (tokens - batch))
             k, uneven = divmod(tokens - batch, batch)
             if not uneven:
-                self._ema(self.verify_extra, (b, k), extra, floor=floor)
+                self._observe(self.verify_extra, (b, k), extra)
 
     def observe_draft(self, mode: str, batch: int, seconds_per_pass: float) -> None:
-        self._ema(self.draft_pass, (mode, bucket(batch)), seconds_per_pass)
+        self._observe(self.draft_pass, (mode, bucket(batch)), seconds_per_pass)
 
     def snapshot(self) -> dict:
         """The measured costs as plain data (seconds), for the fleet's telemetry; copied

@@ -40,6 +40,8 @@ PRIOR_ACCEPT = {
     "model": (1.4, 2.0),
 }
 DECAY = 0.9  # older acceptance counts fade, so a sequence's changing text is followed
+POOLED_WEIGHT = 2.0  # told tokens the engine's pooled acceptance counts for in a new sequence
+POOLED_DECAY = 0.98  # slower: it follows the engine's traffic, not one sequence's text
 DRAFT_COST_PRIOR = 0.6  # a layer draft pass's cost, relative to a plain step, unmeasured
 
 
@@ -52,9 +54,15 @@ class Acceptance:
 
     prior: tuple[float, float]
     counts: list[list[float]] = field(default_factory=list)
+    # The engine's acceptance over every sequence, which stands in for `prior` where given:
+    # a new sequence starts from what drafts in this mode have been doing.
+    pooled: Acceptance | None = None
+    decay: float = DECAY
 
     def rate(self, i: int) -> float:
         a, n = self.prior
+        if self.pooled is not None:
+            a, n = POOLED_WEIGHT * self.pooled.rate(i), POOLED_WEIGHT
         if i < len(self.counts):
             a, n = a + self.counts[i][0], n + self.counts[i][1]
         return a / n
@@ -67,8 +75,8 @@ class Acceptance:
             self.counts.append([0.0, 0.0])
         for i in range(told):
             c = self.counts[start + i]
-            c[0] = c[0] * DECAY + (1.0 if i < accepted else 0.0)
-            c[1] = c[1] * DECAY + 1.0
+            c[0] = c[0] * self.decay + (1.0 if i < accepted else 0.0)
+            c[1] = c[1] * self.decay + 1.0
 
 
 class AutoPolicy:
@@ -87,13 +95,22 @@ class AutoPolicy:
         self._acceptance: weakref.WeakKeyDictionary[Sequence, dict[str, Acceptance]] = (
             weakref.WeakKeyDictionary()
         )
+        self._pooled: dict[str, Acceptance] = {}  # per mode, over every sequence
 
     def acceptance(self, seq: Sequence, mode: str) -> Acceptance:
         """`seq`'s running acceptance per draft position in `mode`."""
         modes = self._acceptance.setdefault(seq, {})
         if mode not in modes:
-            modes[mode] = Acceptance(PRIOR_ACCEPT.get(mode, (1.0, 2.0)))
+            prior = PRIOR_ACCEPT.get(mode, (1.0, 2.0))
+            pooled = self._pooled.setdefault(mode, Acceptance(prior, decay=POOLED_DECAY))
+            modes[mode] = Acceptance(prior, pooled=pooled)
         return modes[mode]
+
+    def _update(self, seq: Sequence, mode: str, drafted: int, accepted: int, start: int = 0):
+        """A verified draft told to the sequence's acceptance and the engine's pooled one."""
+        acc = self.acceptance(seq, mode)
+        acc.update(drafted, accepted, start)
+        acc.pooled.update(drafted, accepted, start)
 
     def choose(self, seq: Sequence, cfg: DraftConfig, room: int, batch: int) -> DraftPlan:
         """The plan with the best expected speedup, with the sequence's n-gram proposal
@@ -144,10 +161,10 @@ class AutoPolicy:
         lead = drafts.prefix[i] if drafts.prefix else 0  # n-gram tokens before the layer's
         mode = plan.layer or plan.kind.value  # `ngram` or `model`
         if lead:
-            self.acceptance(seq, "ngram").update(lead, min(accepted, lead))
+            self._update(seq, "ngram", lead, min(accepted, lead))
             if accepted < lead:
                 return  # verification rejected the n-gram part: the rest is untold
-        self.acceptance(seq, mode).update(len(proposed) - lead, accepted - lead, start=lead)
+        self._update(seq, mode, len(proposed) - lead, accepted - lead, start=lead)
         if seq.params.greedy and drafts.confidence is not None and mode in LAYER_MODES:
             self.telemetry.record_confidence(
                 mode, drafts.confidence[i], accepted - lead, drafts.dropped[i], nxt
