@@ -38,8 +38,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--draft-model",
         default=None,
-        help="a smaller model with the same tokenizer (a checkpoint folder or a .gguf), "
-        "loaded like --model, to draft with (--draft model, then the default)",
+        help="a smaller model, with the target's tokenizer or another (a checkpoint folder "
+        "or a .gguf), loaded like --model, to draft with (--draft model, then the default)",
     )
 
 

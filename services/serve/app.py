@@ -104,7 +104,7 @@ class EngineSettings:
     draft: str | dict | None = None  # default drafting; None: the model's tuned profile
     allow_draft_override: bool = True  # False: a request's `draft` is INVALID_ARGUMENT
     max_draft_configs: int = 4  # distinct drafting configs the engine runs in one step
-    # A second, smaller model with the same tokenizer to draft with (mode `model`, then the
+    # A second, smaller model (any tokenizer) to draft with (mode `model`, then the
     # default mode): a checkpoint folder or GGUF file, loaded like `model`; None or "": none.
     draft_model: str | None = None
     redis_url: str | None = None  # fleet telemetry and configs; None: local adaptation only

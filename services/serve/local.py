@@ -334,9 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft", help="override the app's default drafting mode")
     p.add_argument(
         "--draft-model",
-        help="a smaller model with the same tokenizer (checkpoint folder or GGUF), loaded "
-        "by every replica to draft with (mode model, then the default; the controller may "
-        "choose it per batch bucket)",
+        help="a smaller model, with the same tokenizer or another (checkpoint folder or "
+        "GGUF), loaded by every replica to draft with (mode model, then the default; the "
+        "controller may choose it per batch bucket)",
     )
     p.add_argument(
         "--backend",
