@@ -24,8 +24,6 @@ from safetensors.torch import load_file, save_file
 from test_draft_model import (
     ALPHA,
     DRAFT_LAYERS,
-    SAMPLES,
-    TEMPERATURE,
     assert_pools_free,
     g_test,
     load_draft,
@@ -63,9 +61,9 @@ def shuffle_ids(folder: Path) -> None:
 
 
 def local_text() -> str:
-    """Text on every machine, for training a tokenizer offline."""
-    files = [ROOT / "README.md", ROOT / "benchmarks" / "prompts.jsonl", ROOT / "DESIGN.md"]
-    return "\n".join(f.read_text() for f in files if f.is_file())
+    """Text on every machine, for training a tokenizer offline: the benchmark's prompts,
+    which change seldom (the README would retrain the tokenizer with every edit)."""
+    return (ROOT / "benchmarks" / "prompts.jsonl").read_text()
 
 
 def save_bpe_model(folder: Path, vocab: int = 400, **config) -> Path:
@@ -169,30 +167,38 @@ def test_greedy_batch_8_equals_each_alone(pair, request):
     assert_pools_free(eng)
 
 
-# -- sampling: a tiny target with a BPE of its own, and its first layer shuffled ------------
+# -- sampling: a tiny target with a BPE of its own, drafting for itself in shuffled ids ------
+
+SAMPLED = 0.35  # the temperature: low enough that a few outcomes gather most draws
+# Requests per arm: drafts across tokenizers are accepted less than drafts with the
+# target's ids (a random model writes its text in ids its tokenizer would not choose, which
+# the draft reads back otherwise), so the wrong sampler below needs more to be rejected.
+DRAWS = 8000
 
 
 @pytest.fixture(scope="module")
 def tiny_shuffled_engine(tmp_path_factory):
+    """The target's own layers under shuffled ids: where it reads the text back in the
+    tokens the target wrote, its greedy draft is the mode of the distribution sampled from."""
     root = tmp_path_factory.mktemp("tiny-bpe")
-    target = save_bpe_model(root / "target", num_hidden_layers=4)
+    target = save_bpe_model(root / "target", num_hidden_layers=2)
     draft = save_first_layers(target, root / "draft", 2)
     shuffle_ids(draft)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # passes this small do not share well
     yield Engine.from_pretrained(
-        str(target), draft_model=str(draft), kv_cache_bytes=32 << 20, max_waiting=SAMPLES
+        str(target), draft_model=str(draft), kv_cache_bytes=32 << 20, max_waiting=DRAWS
     )
     torch.set_num_threads(threads)
 
 
 def tokens_1_to_3(eng: Engine, draft, first_seed: int) -> tuple[Counter, int]:
-    """How often each (token 1, token 2, token 3) came over SAMPLES seeded requests, and
+    """How often each (token 1, token 2, token 3) came over DRAWS seeded requests, and
     how many drafted tokens were accepted."""
     prompt = eng.encode("the engine drafts and verifies", chat=False)
     params = [
-        SamplingParams(max_tokens=4, temperature=TEMPERATURE, seed=s, ignore_eos=True)
-        for s in range(first_seed, first_seed + SAMPLES)
+        SamplingParams(max_tokens=4, temperature=SAMPLED, seed=s, ignore_eos=True)
+        for s in range(first_seed, first_seed + DRAWS)
     ]
     seqs = run_together(eng, [Case(prompt, p, draft, chat=False) for p in params])
     assert_pools_free(eng)
@@ -201,12 +207,12 @@ def tokens_1_to_3(eng: Engine, draft, first_seed: int) -> tuple[Counter, int]:
 
 @pytest.fixture(scope="module")
 def tiny_off(tiny_shuffled_engine):
-    return tokens_1_to_3(tiny_shuffled_engine, "off", first_seed=SAMPLES)[0]
+    return tokens_1_to_3(tiny_shuffled_engine, "off", first_seed=DRAWS)[0]
 
 
 def test_sampling_across_tokenizers_keeps_the_distribution(tiny_shuffled_engine, tiny_off):
     drafted, accepted = tokens_1_to_3(tiny_shuffled_engine, MODEL, first_seed=0)
-    assert accepted > SAMPLES // 4  # drafts were proposed and kept: the test tests them
+    assert accepted > DRAWS // 20  # drafts were proposed and kept: the test tests them
     assert g_test(tiny_off, drafted) > ALPHA
 
 
