@@ -66,13 +66,14 @@ class Retokenizer:
         return anchor.ids + _ids(self.draft, _text(self.target, tokens[anchor.tokens :]))
 
     def _advance(self, anchor: _Anchor, tokens: list[int]) -> None:
-        """Move the anchor up to a word's start at least a window before the end, once
-        there is a window's worth to move, so that each step re-reads little."""
-        cut = len(tokens) - WINDOW
-        while cut - anchor.tokens >= WINDOW and not self._starts_word(tokens[cut]):
-            cut -= 1
-        if cut - anchor.tokens < WINDOW:
+        """Move the anchor up to a window before the end, once there is a window's worth
+        to move, so that each step re-reads little: to a word's start within a window
+        before that where there is one (text without spaces has none)."""
+        end = len(tokens) - WINDOW
+        if end - anchor.tokens < WINDOW:
             return
+        starts = (c for c in range(end, end - WINDOW, -1) if self._starts_word(tokens[c]))
+        cut = next(starts, end)
         text = _text(self.target, tokens[anchor.tokens : cut])
         if text.endswith("\ufffd"):
             return  # the cut splits a character's bytes: wait for a later one
