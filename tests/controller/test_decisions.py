@@ -18,8 +18,15 @@ from services.controller.search import Search, neighbours
 MODEL = "m"
 
 
-def window(replica: str, bucket: int, drafted: list[int], accepted: list[int], costs: dict):
-    """A telemetry window as a FleetLink sends it: skip drafts at one batch bucket."""
+def window(
+    replica: str,
+    bucket: int,
+    drafted: list[int],
+    accepted: list[int],
+    costs: dict,
+    mode: str = "skip",
+):
+    """A telemetry window as a FleetLink sends it: `mode`'s drafts at one batch bucket."""
     return {
         "model": MODEL,
         "replica": replica,
@@ -27,7 +34,7 @@ def window(replica: str, bucket: int, drafted: list[int], accepted: list[int], c
         "t0": time.time() - 1,
         "t1": time.time(),
         "modes": {
-            f"skip/{bucket}": {"steps": drafted[0], "drafted": drafted, "accepted": accepted}
+            f"{mode}/{bucket}": {"steps": drafted[0], "drafted": drafted, "accepted": accepted}
         },
         "costs": costs,
         "scores": {},

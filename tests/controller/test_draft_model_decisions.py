@@ -5,11 +5,11 @@ not, and never for a model some of whose replicas have no draft model."""
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 from controller_helpers import add_replica, kill, spawn_controller
 from test_admin import _serving, run
+from test_decisions import window as decisions_window
 from waiting import wait_for
 
 from services.common import redis_schema as rs
@@ -31,16 +31,7 @@ POOR = ([100, 20, 5], [20, 4, 1])  # one in five accepted: it does not
 
 def window(replica: str, drafted: list[int], accepted: list[int], costs: dict = COSTS) -> dict:
     """A telemetry window as a FleetLink sends it: draft-model drafts at batch bucket 1."""
-    return {
-        "model": MODEL,
-        "replica": replica,
-        "version": 0,
-        "t0": time.time() - 1,
-        "t1": time.time(),
-        "modes": {"model/1": {"steps": drafted[0], "drafted": drafted, "accepted": accepted}},
-        "costs": costs,
-        "scores": {},
-    }
+    return decisions_window(replica, 1, drafted, accepted, costs, mode="model")
 
 
 def evidence(drafted: list[int], accepted: list[int], costs: dict = COSTS) -> ModelEvidence:

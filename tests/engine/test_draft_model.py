@@ -70,35 +70,50 @@ def test_the_draft_model_is_the_default_drafting(paired):
     assert abs(tokens[0] - tokens[1]) <= paired.pool.block_size
 
 
-def test_greedy_batch_1_equals_off(paired):
-    params = SamplingParams(max_tokens=24)  # EOS live
+def greedy_alone_is_offs(eng: Engine, draft: DraftConfig) -> list:
+    """Three chat prompts, one at a time with EOS live, drafted by `draft`: each output and
+    its finish reason are drafting off's. Returns the drafted outputs."""
+    params = SamplingParams(max_tokens=24)
+    outs = []
     for prompt in EIGHT_CHATS[:3]:
-        [base] = paired.generate([prompt], params, "off", chat=True)
-        [out] = paired.generate([prompt], params, MODEL, chat=True)
+        [base] = eng.generate([prompt], params, "off", chat=True)
+        [out] = eng.generate([prompt], params, draft, chat=True)
         assert out.token_ids == base.token_ids, prompt
         assert out.finish_reason == base.finish_reason
-        assert out.stats["drafted_tokens"] > 0
-    assert_pools_free(paired)
+        outs.append(out)
+    assert_pools_free(eng)
+    return outs
 
 
-def test_greedy_batch_8_equals_each_alone(paired):
-    """Prompts of different lengths together, with EOS, stop ids and lengths ending them
-    at different steps, equal each alone with drafting off."""
-    period = paired.tokenizer.convert_tokens_to_ids(".")
+def eight_together_are_each_alone(eng: Engine, draft: DraftConfig) -> list:
+    """Prompts of different lengths together, drafted by `draft`, with EOS, stop ids and
+    lengths ending them at different steps, equal each alone with drafting off. Returns
+    the drafted sequences."""
+    period = eng.tokenizer.convert_tokens_to_ids(".")
     params = [
         SamplingParams(max_tokens=20),
         SamplingParams(max_tokens=20, stop_token_ids=(period,)),
         SamplingParams(max_tokens=12, ignore_eos=True),
     ]
     cases = [Case(p, params[i % 3], "off") for i, p in enumerate(EIGHT_CHATS)]
-    alone = [run_together(paired, [c])[0].output for c in cases]
+    alone = [run_together(eng, [c])[0].output for c in cases]
     for c in cases:
-        c.draft = MODEL
-    seqs = run_together(paired, cases)
+        c.draft = draft
+    seqs = run_together(eng, cases)
     assert [s.output for s in seqs] == alone
-    assert sum(s.stats.accepted for s in seqs) > 0
     assert {s.finish_reason for s in seqs} >= {"length", "stop"}
-    assert_pools_free(paired)
+    assert_pools_free(eng)
+    return seqs
+
+
+def test_greedy_batch_1_equals_off(paired):
+    for out in greedy_alone_is_offs(paired, MODEL):
+        assert out.stats["drafted_tokens"] > 0
+
+
+def test_greedy_batch_8_equals_each_alone(paired):
+    seqs = eight_together_are_each_alone(paired, MODEL)
+    assert sum(s.stats.accepted for s in seqs) > 0
 
 
 def test_sampled_choices_and_sessions_free_the_draft_kv(paired):

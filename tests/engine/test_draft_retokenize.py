@@ -25,7 +25,9 @@ from test_draft_model import (
     ALPHA,
     DRAFT_LAYERS,
     assert_pools_free,
+    eight_together_are_each_alone,
     g_test,
+    greedy_alone_is_offs,
     load_draft,
     with_draft,
 )
@@ -131,40 +133,15 @@ def test_the_shuffled_tokenizer_reads_the_same_text_in_other_ids(shuffled_pair, 
 
 @pytest.mark.parametrize("pair", ["shuffled_pair", "bpe_pair"])
 def test_greedy_batch_1_equals_off(pair, request):
-    eng = request.getfixturevalue(pair)
-    params = SamplingParams(max_tokens=24)  # EOS live
-    accepted = 0
-    for prompt in EIGHT_CHATS[:3]:
-        [base] = eng.generate([prompt], params, "off", chat=True)
-        [out] = eng.generate([prompt], params, MODEL, chat=True)
-        assert out.token_ids == base.token_ids, prompt
-        assert out.finish_reason == base.finish_reason
-        accepted += out.stats["accepted_tokens"]
+    outs = greedy_alone_is_offs(request.getfixturevalue(pair), MODEL)
     if pair == "shuffled_pair":  # the same model under other ids: its drafts are real
-        assert accepted > 0
-    assert_pools_free(eng)
+        assert sum(out.stats["accepted_tokens"] for out in outs) > 0
 
 
 @pytest.mark.parametrize("pair", ["shuffled_pair", "bpe_pair"])
 def test_greedy_batch_8_equals_each_alone(pair, request):
-    """Prompts of different lengths together, ended by EOS, a stop id and lengths at
-    different steps, equal each alone with drafting off."""
-    eng = request.getfixturevalue(pair)
-    period = eng.tokenizer.convert_tokens_to_ids(".")
-    params = [
-        SamplingParams(max_tokens=20),
-        SamplingParams(max_tokens=20, stop_token_ids=(period,)),
-        SamplingParams(max_tokens=12, ignore_eos=True),
-    ]
-    cases = [Case(p, params[i % 3], "off") for i, p in enumerate(EIGHT_CHATS)]
-    alone = [run_together(eng, [c])[0].output for c in cases]
-    for c in cases:
-        c.draft = MODEL
-    seqs = run_together(eng, cases)
-    assert [s.output for s in seqs] == alone
+    seqs = eight_together_are_each_alone(request.getfixturevalue(pair), MODEL)
     assert sum(s.stats.drafted for s in seqs) > 0
-    assert {s.finish_reason for s in seqs} >= {"length", "stop"}
-    assert_pools_free(eng)
 
 
 # -- sampling: a tiny target with a BPE of its own, drafting for itself in shuffled ids ------
