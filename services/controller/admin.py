@@ -158,16 +158,19 @@ async def serve(
     certificate chain and key files (PEM); a new pair on disk is served to the next
     connection, without a restart."""
     interceptors = [AccessInterceptor(access)] if access is not None else []
-    server = grpc.aio.server(interceptors=interceptors)
+    server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_ControllerAdminServicer_to_server(Admin(controller), server)
     checker = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     names = (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
-    if tls is None:
-        port = server.add_insecure_port(listen)
-    else:
-        port = server.add_secure_port(listen, ReloadingCertificate(*tls).credentials())
+    try:  # gRPC refuses an address by raising (older releases returned port 0)
+        if tls is None:
+            port = server.add_insecure_port(listen)
+        else:
+            port = server.add_secure_port(listen, ReloadingCertificate(*tls).credentials())
+    except RuntimeError:
+        port = 0
     if port == 0:
         raise OSError(f"cannot listen on {listen}: the port is taken or the address is wrong")
     await server.start()

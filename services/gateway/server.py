@@ -65,6 +65,9 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
+# A port another process holds is refused, not shared (gRPC sets SO_REUSEPORT by default,
+# which would let two servers split one port's connections between them).
+SERVER_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)]
 # Find a Serve proxy that comes (back) up within seconds, not after gRPC's 2-minute backoff.
 UPSTREAM_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.max_reconnect_backoff_ms", 5000)]
 RETRIES = 2  # extra attempts when a replica fails before sending anything
@@ -539,7 +542,7 @@ class GatewayServer:
         self.gateway = Gateway(config.upstream, config.limits)
         self.health = health.aio.HealthServicer()
         interceptors = [AuthInterceptor(config.tokens)] if config.tokens else []
-        self.server = grpc.aio.server(interceptors=interceptors, options=CHANNEL_OPTIONS)
+        self.server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
         self.server.add_generic_rpc_handlers((_handlers(self.gateway),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -549,7 +552,7 @@ class GatewayServer:
         self.watcher: asyncio.Task | None = None
         self.health_server = None
         if config.health_listen:
-            self.health_server = grpc.aio.server()
+            self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
             self.health_port = self.health_server.add_insecure_port(config.health_listen)
         self.http = None
@@ -559,13 +562,17 @@ class GatewayServer:
             self.http = HttpServer(self.gateway, config)
 
     def _bind(self, server: grpc.aio.Server, address: str) -> int:
-        if self.config.tls_cert or self.config.tls_key:
-            if not (self.config.tls_cert and self.config.tls_key):
-                raise ValueError("TLS needs both a certificate and a key file")
-            certificate = tls.ReloadingCertificate(self.config.tls_cert, self.config.tls_key)
-            port = server.add_secure_port(address, certificate.credentials())
-        else:
-            port = server.add_insecure_port(address)
+        tls_files = self.config.tls_cert, self.config.tls_key
+        if any(tls_files) and not all(tls_files):
+            raise ValueError("TLS needs both a certificate and a key file")
+        try:  # gRPC refuses an address by raising (older releases returned port 0)
+            if all(tls_files):
+                credentials = tls.ReloadingCertificate(*tls_files).credentials()
+                port = server.add_secure_port(address, credentials)
+            else:
+                port = server.add_insecure_port(address)
+        except RuntimeError:
+            port = 0
         if port == 0:
             raise ValueError(f"cannot listen on {address}: is the address in use?")
         return port

@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import copy
 import os
+import re
 import shutil
 import signal
 import socket
@@ -27,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -73,7 +74,7 @@ class Fleet:
     """The local fleet's processes; `start` brings them up, `stop` takes them down."""
 
     def __init__(self, options: FleetOptions, say=print) -> None:
-        self.options = options
+        self.options = replace(options)  # its ports of 0 are resolved at start
         self.say = say
         self.config = copy.deepcopy(options.config)
         self.app = self.config["applications"][0]
@@ -201,12 +202,18 @@ class Fleet:
         if http:
             cmd += ["--http-listen", http]
         env = {**self._env(), internal_auth.ENV_FILE: str(self.internal_token_file)}
+        log = self.log_dir / "gateway.log"
+        start = log.stat().st_size if log.exists() else 0  # a restart appends to the log
         self.gateway = subprocess.Popen(
             cmd, env=env, stdout=self._log("gateway"), stderr=subprocess.STDOUT
         )
-        # HTTP starts after gRPC: once it listens, both do.
-        port = int((http or self.options.listen).rsplit(":", 1)[1])
-        wait_for_port(port, 30, self.gateway, "the gateway", self.log_dir / "gateway.log")
+        # The gateway's own lines, not an open port, say it listens: a port may have been
+        # taken meanwhile by another process (Ray starts many), which the gateway, failing
+        # to bind, would leave answering in its place.
+        ports = wait_for_lines(log, start, GATEWAY_READY[: 2 if http else 1], 30, self.gateway)
+        self.options.listen = with_port(self.options.listen, ports[0])  # resolves a port 0
+        if http:
+            self.options.http_listen = http = with_port(http, ports[1])
         line = f"[4/5] gateway     grpc://{self.options.listen}"
         self.say(line + (f", OpenAI API http://{http}/v1" if http else ""))
 
@@ -298,6 +305,33 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# What the gateway prints once it listens (services/gateway/main.py), gRPC then HTTP.
+GATEWAY_READY = (
+    re.compile(r"^gateway listening on \S+ \(port (\d+)\)", re.M),
+    re.compile(r"^OpenAI-compatible API on \S+ \(port (\d+)\)", re.M),
+)
+
+
+def wait_for_lines(log: Path, start: int, patterns, timeout_s: float, proc) -> list[int]:
+    """The first group of each pattern, once all have appeared in `log` after byte `start`;
+    raises with the log's tail if `proc` exits first or the time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = log.read_bytes()[start:].decode(errors="replace") if log.exists() else ""
+        found = [p.search(text) for p in patterns]
+        if all(found):
+            return [int(m.group(1)) for m in found]
+        if proc.poll() is not None:
+            raise RuntimeError(f"{log.stem} exited with code {proc.returncode}\n{text[-2000:]}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{log.stem} did not say it listens within {timeout_s:.0f} s")
+        time.sleep(0.1)
+
+
+def with_port(address: str, port: int) -> str:
+    return f"{address.rsplit(':', 1)[0]}:{port}"
 
 
 def wait_for_port(port: int, timeout_s: float, proc, what: str, log: Path | None = None) -> None:

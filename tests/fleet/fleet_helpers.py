@@ -42,8 +42,10 @@ def running_fleet(config: dict, log_dir, **options):
     """A fleet of `config` with its gateway on free ports (no controller unless asked),
     stopped on the way out."""
     options = {
-        "listen": f"127.0.0.1:{free_port()}",
-        "http_listen": f"127.0.0.1:{free_port()}",
+        # Port 0: the gateway takes a free one when it starts, so nothing started before it
+        # (Ray starts many processes) can have taken it.
+        "listen": "127.0.0.1:0",
+        "http_listen": "127.0.0.1:0",
         "controller": False,
         **options,
     }
