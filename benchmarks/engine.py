@@ -41,7 +41,6 @@ import torch
 
 from benchmarks.kernels import weight_bytes
 from selfspec_kernels import cpu_memory
-from services.common.params import untuned_exit_layer
 from services.engine import DraftConfig, Engine, SamplingParams, checkpoint
 from services.engine.profile import load_profile
 
@@ -131,7 +130,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="a smaller model with the same tokenizer to load beside --model; adds system model",
     )
-    p.add_argument("--exit-layer", type=int, default=None, help="default: 3/4 of the layers")
+    p.add_argument(
+        "--exit-layer",
+        type=int,
+        default=None,
+        help="default: the trained exit's (selfspec train-draft), else 3/4 of the layers",
+    )
     p.add_argument(
         "--peers",
         choices=("auto", "on", "off"),
@@ -198,7 +202,10 @@ def draft_configs(engine: Engine, exit_layer: int) -> dict[str, DraftConfig]:
     configs = {
         "off": DraftConfig(mode="off"),
         "skip": replace(profile, mode="skip"),
-        "early_exit": DraftConfig(mode="early_exit", exit_layer=exit_layer, max_draft=k),
+        # The profile's draft head (its shortlist) too, through the trained exit if any.
+        "early_exit": replace(
+            profile, mode="early_exit", skip_attn=(), skip_mlp=(), exit_layer=exit_layer
+        ),
         "ngram": DraftConfig(mode="ngram", max_draft=k),
         "model": DraftConfig(mode="model", max_draft=k),
         "auto": replace(profile, mode="auto"),  # free to use the draft model when loaded
@@ -633,9 +640,8 @@ def main(argv: list[str] | None = None) -> int:
         weights=args.weights,
         draft_model=args.draft_model,
     )
-    exit_layer = args.exit_layer
-    if exit_layer is None:
-        exit_layer = untuned_exit_layer(engine.model.num_layers)
+    # The model's trained exit (`selfspec train-draft`), else the untuned default.
+    exit_layer = args.exit_layer or engine.draft_config("early_exit").exit_layer
     prompts = load_prompts(args.prompts, engine, args.limit)
     gens = generators(engine, args, exit_layer)
     probe = BandwidthProbe()

@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -139,8 +140,6 @@ def cmd_tune(args) -> int:
 
 def cmd_draft_from_layers(args) -> int:
     """Save a model's first layers as a draft model for it (`--draft-model`)."""
-    from pathlib import Path
-
     from services.engine import checkpoint
     from services.engine.first_layers import save_first_layers
 
@@ -153,6 +152,37 @@ def cmd_draft_from_layers(args) -> int:
         f"it holds layers 0..{args.layers - 1} of {args.model}'s {total}, with its "
         "embeddings, final norm, LM head and tokenizer: "
         + ", ".join(sorted(f.name for f in out.iterdir())),
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_train_draft(args) -> int:
+    """Train the model's exit adapter (`services.engine.exit_training`) and save it."""
+    from services.engine import checkpoint, exit_adapter, exit_training
+
+    engine = _load(args)
+    key = checkpoint.model_key(engine.model_path)
+    layer = args.exit_layer or engine.draft_config("early_exit").exit_layer
+    print(f"train-draft: an exit after layer {layer} of {engine.model.num_layers}", file=sys.stderr)
+    adapter = exit_training.train(
+        engine,
+        key,
+        layer,
+        width=args.width,
+        steps=args.steps,
+        seed=args.seed,
+        answer_tokens=args.answer_tokens,
+        file_tokens=args.text_tokens,
+    )
+    out = Path(args.out) if args.out else engine.model_path / exit_adapter.FILE
+    adapter.save(out)
+    facts = adapter.facts
+    print(json.dumps(facts))
+    print(
+        f"exit adapter written to {out}: on held-out text the exit agrees with the full "
+        f"model {facts['agreement']:.1%} of the time, untrained {facts['agreement_untrained']:.1%} "
+        f"(data {facts['data_s']:.0f} s, training {facts['train_s']:.0f} s)",
         file=sys.stderr,
     )
     return 0
@@ -213,6 +243,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, required=True, help="how many first layers to keep")
     p.add_argument("--out", required=True, help="a new folder for the draft model's checkpoint")
     p.set_defaults(func=cmd_draft_from_layers)
+
+    p = sub.add_parser(
+        "train-draft", help="train the model's early-exit adapter on local text (minutes)"
+    )
+    _engine_args(p)
+    p.add_argument("--exit-layer", type=int, default=None, help="default: the model's exit")
+    p.add_argument("--steps", type=int, default=400, help="training steps")
+    p.add_argument("--width", type=int, default=None, help="adapter width (default 2x hidden)")
+    p.add_argument("--seed", type=int, default=0, help="the same seed repeats a run exactly")
+    p.add_argument(
+        "--answer-tokens", type=int, default=160, help="tokens of each answer trained on"
+    )
+    p.add_argument(
+        "--text-tokens",
+        type=int,
+        default=24_000,
+        help="tokens of this project's documentation and source files trained on",
+    )
+    p.add_argument("--out", default=None, help="default: beside the model, where it is loaded")
+    p.set_defaults(func=cmd_train_draft)
 
     for name, (_, summary) in DELEGATED.items():
         sub.add_parser(name, help=summary, add_help=False)

@@ -211,13 +211,14 @@ class DraftConfig:
                 return "early_exit"
         return None
 
-    def filled(self, num_layers: int) -> DraftConfig:
-        """This config with the layers its mode needs, where it names none, taken from the
-        untuned defaults: a mode name alone works on any model."""
+    def filled(self, num_layers: int, exit_layer: int | None = None) -> DraftConfig:
+        """This config with the layers its mode needs, where it names none: `exit_layer`
+        (the model's trained exit) for `early_exit`, else the untuned defaults. A mode name
+        alone works on any model."""
         if self.mode == "skip" and not self.skip_attn and not self.skip_mlp:
             return replace(self, skip_attn=untuned_skip_attn(num_layers))
         if self.mode == "early_exit" and self.exit_layer is None:
-            return replace(self, exit_layer=untuned_exit_layer(num_layers))
+            return replace(self, exit_layer=exit_layer or untuned_exit_layer(num_layers))
         return self
 
     def check_layers(self, num_layers: int) -> None:

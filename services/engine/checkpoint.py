@@ -98,14 +98,14 @@ def resolve(model: str | os.PathLike) -> Path:
     return path
 
 
-def _content_key(gguf: Path) -> str:
+def _content_key(file: Path) -> str:
     """A key for the file's content, not its path: every venv's copy of one GGUF shares a
     cache entry, and a file changed anywhere gets its own. The whole file is hashed once;
     the key is remembered with the file's size and modification time (`KEYS_FILE`), so a
     later load of the same file reads none of it."""
-    stat = gguf.stat()
+    stat = file.stat()
     stamp = [stat.st_size, stat.st_mtime_ns]
-    where = str(gguf.resolve())
+    where = str(file.resolve())
     keys_file = cache_dir() / KEYS_FILE
     try:
         keys = json.loads(keys_file.read_text())
@@ -113,9 +113,9 @@ def _content_key(gguf: Path) -> str:
         keys = {}
     if keys.get(where, {}).get("stamp") == stamp:
         return keys[where]["key"]
-    log.info("hashing %s (%.0f MB, once per file)", gguf, stat.st_size / 1e6)
+    log.info("hashing %s (%.0f MB, once per file)", file, stat.st_size / 1e6)
     digest = hashlib.sha256()
-    with gguf.open("rb") as f:
+    with file.open("rb") as f:
         while chunk := f.read(1 << 24):
             digest.update(chunk)
     keys = {k: v for k, v in keys.items() if Path(k).exists()}  # forget deleted files
@@ -125,6 +125,15 @@ def _content_key(gguf: Path) -> str:
     tmp.write_text(json.dumps(keys, indent=1))
     tmp.replace(keys_file)  # atomic: replicas loading at once never read half a file
     return keys[where]["key"]
+
+
+def model_key(path: Path) -> str:
+    """A key for the content of the model in folder `path` (`resolve`): a converted GGUF's
+    is in its folder's name; a checkpoint's comes from its safetensors files."""
+    if path.parent == cache_dir():
+        return path.name.rsplit("-", 1)[1]
+    keys = [_content_key(f) for f in sorted(path.glob("*.safetensors"))]
+    return keys[0] if len(keys) == 1 else hashlib.sha256(" ".join(keys).encode()).hexdigest()[:12]
 
 
 def _converted(gguf: Path) -> Path:

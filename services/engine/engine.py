@@ -21,10 +21,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from services.common.params import DraftConfig, SamplingParams
-from services.engine import checkpoint, logprobs, prompts
+from services.engine import checkpoint, exit_adapter, logprobs, prompts
 from services.engine.detokenizer import OutputText
 from services.engine.drafting import draft_model as draft_models
 from services.engine.drafting.step import Speculator, first_token
+from services.engine.exit_adapter import ExitAdapter
 from services.engine.kv_pool import BlockTable, KVPool, OutOfBlocks
 from services.engine.model import Model
 from services.engine.outputs import Completion, completion, notify
@@ -79,6 +80,12 @@ class Engine(Serving):
             drafter = draft_models.DraftModel(drafter_model, self.draft_pool, prefill_chunk, retok)
         self.pool = _pool(kv_cache_bytes, model, block_size)
         self.runner = ModelRunner(model, self.pool, drafter)
+        # The model's trained exit, if it has one; one trained on another model is refused.
+        # (The key of a checkpoint hashes its files, once: only where there is an exit.)
+        trained_exit = model_path / exit_adapter.FILE
+        if trained_exit.is_file():
+            key = checkpoint.model_key(model_path)
+            self.runner.layer_drafter.exit = ExitAdapter.load(trained_exit, key, model.device)
         self.drafting = Speculator(self.runner, model.max_positions)
         if drafter is not None:
             self.drafting.policy.model_cost = draft_models.relative_reads(drafter.model, model)
@@ -150,7 +157,9 @@ class Engine(Serving):
     def draft_config(self, draft: DraftConfig | str | dict | None) -> DraftConfig:
         """A request's drafting: its override over the model's default, with the layers a
         mode named alone needs; raises ValueError for layers the model lacks."""
-        cfg = DraftConfig.parse(draft, self.default_draft).filled(self.model.num_layers)
+        trained = self.runner.layer_drafter.exit
+        trained = trained.layer if trained else None
+        cfg = DraftConfig.parse(draft, self.default_draft).filled(self.model.num_layers, trained)
         cfg.check_layers(self.model.num_layers)
         self._check_draft_model(cfg)
         return cfg

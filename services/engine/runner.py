@@ -8,6 +8,7 @@ exactly what the full model does.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -152,23 +153,45 @@ class ModelRunner:
         `start[i]` on (default: all). None when the pool has too few free blocks. `bulk`:
         the many-row products, as for a long prefill (off: as a verification runs)."""
         start = start or [0] * len(tokens)
+        lengths = [len(t) for t in tokens]
+        try:
+            with self._borrowed(tokens, bulk) as batch:
+                h = self.model.embed_tokens(self._tensor([t for seq in tokens for t in seq]))
+                h = self.model.run_layers(h, batch, self.pool.kv, plan=plan, bulk=bulk)
+        except OutOfBlocks:
+            return None
+        offsets = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+        rows = [r for i, s in enumerate(start) for r in range(offsets[i] + s, offsets[i + 1])]
+        logits = self.model.logits(h[self._tensor(rows)], bulk=bulk)
+        return list(logits.split([n - s for n, s in zip(lengths, start, strict=True)]))
+
+    @torch.inference_mode()
+    def forced_states(
+        self, tokens: list[list[int]], layer: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced over token lists in one pass: after each token, the hidden state
+        after the first `layer` layers and the full model's logits (an exit's training
+        data), the lists' rows one after another. Raises OutOfBlocks when the pool has
+        too few free blocks."""
+        with self._borrowed(tokens, bulk=True) as batch:
+            h = self.model.embed_tokens(self._tensor([t for seq in tokens for t in seq]))
+            below = self.model.run_layers(h, batch, self.pool.kv, 0, layer, bulk=True)
+            h = self.model.run_layers(below, batch, self.pool.kv, layer, bulk=True)
+        return below, self.model.logits(h, bulk=True)
+
+    @contextlib.contextmanager
+    def _borrowed(self, tokens: list[list[int]], bulk: bool):
+        """The attention batch of token lists written from position 0 into KV blocks
+        borrowed from the pool for the block's duration."""
         tables: list[BlockTable] = []
         try:
             for seq in tokens:
                 tables.append(BlockTable(self.pool))
                 tables[-1].reserve(len(seq))
-            lengths = [len(t) for t in tokens]
-            batch = self.model.attention_batch(
-                [t.blocks for t in tables], [0] * len(tables), lengths, self.pool.block_size, bulk
+            blocks, lengths = [t.blocks for t in tables], [len(t) for t in tokens]
+            yield self.model.attention_batch(
+                blocks, [0] * len(tables), lengths, self.pool.block_size, bulk
             )
-            h = self.model.embed_tokens(self._tensor([t for seq in tokens for t in seq]))
-            h = self.model.run_layers(h, batch, self.pool.kv, plan=plan, bulk=bulk)
-            offsets = [0, *torch.tensor(lengths).cumsum(0).tolist()]
-            rows = [r for i, s in enumerate(start) for r in range(offsets[i] + s, offsets[i + 1])]
-            logits = self.model.logits(h[self._tensor(rows)], bulk=bulk)
-            return list(logits.split([n - s for n, s in zip(lengths, start, strict=True)]))
-        except OutOfBlocks:
-            return None
         finally:
             for table in tables:
                 table.free()

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+import contextlib
+from dataclasses import dataclass, field, replace
 
-from services.engine import Engine, SamplingParams
+import torch
+
+from services.engine import Engine, SamplingParams, exit_adapter
 from services.engine.drafting.costs import Costs
 from services.engine.sequence import Sequence
 
@@ -86,3 +89,19 @@ class FreeDrafts(Costs):
 
     def extra_costs(self, batch: int, length: int) -> list[float]:
         return [0.0] * length
+
+
+@contextlib.contextmanager
+def random_exit(eng: Engine, seed: int = 0):
+    """The engine with a random exit adapter (not the identity) at its middle layer, the
+    layer the mode name `early_exit` then exits at: exactness cannot depend on what an
+    adapter has learnt, and a random one changes which tokens are drafted."""
+    d = eng.model.config.hidden_size
+    adapter = exit_adapter.initial(eng.model.num_layers // 2, "test", d, 2 * d, seed)
+    up = torch.randn(d, 2 * d, generator=torch.Generator().manual_seed(seed + 1)) * 0.05
+    drafter = eng.runner.layer_drafter
+    before, drafter.exit = drafter.exit, replace(adapter, up=up)
+    try:
+        yield drafter.exit
+    finally:
+        drafter.exit = before

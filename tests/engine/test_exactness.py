@@ -1,10 +1,11 @@
-"""Drafting never changes greedy output: every mode equals drafting `off`, token for token."""
+"""Drafting never changes greedy output: every mode equals drafting `off`, token for token.
+The early exit goes through an exit adapter (`random_exit`), as a trained one would."""
 
 from __future__ import annotations
 
 import pytest
 from backend_cases import backend_params
-from engine_helpers import FreeDrafts
+from engine_helpers import FreeDrafts, random_exit
 
 from services.engine import DraftConfig, Engine, SamplingParams
 
@@ -26,7 +27,8 @@ def modes(num_layers: int) -> list[DraftConfig]:
     return [
         DraftConfig(mode="skip", skip_attn=(1, last // 2), skip_mlp=(last // 2 + 1,), max_draft=4),
         DraftConfig(mode="skip", skip_attn=(0,), max_draft=3, shortlist=256, threshold=0.3),
-        DraftConfig(mode="early_exit", exit_layer=num_layers // 2, max_draft=5),
+        # At the middle layer, through the engine's exit adapter (`random_exit`).
+        DraftConfig(mode="early_exit", max_draft=5),
         DraftConfig(mode="ngram", max_draft=4),
         DraftConfig(mode="auto", skip_attn=(1,), skip_mlp=(last // 2,), max_draft=4),
     ]
@@ -75,7 +77,8 @@ def _prompts_drafted_equal_off(eng: Engine, prompts: list[str], max_tokens: int)
     for prompt in prompts:
         [base] = eng.generate([prompt], params, "off", chat=True)
         for cfg in _modes_on(eng):
-            [out] = eng.generate([prompt], params, cfg, chat=True)
+            with random_exit(eng):
+                [out] = eng.generate([prompt], params, cfg, chat=True)
             assert out.token_ids == base.token_ids, (cfg, prompt)
     assert eng.pool.num_free == eng.pool.num_blocks
 
@@ -90,7 +93,8 @@ def test_default_model_batch_8_matches_each_alone(fast_engine):
     alone = [eng.generate([p], params, "off", chat=True)[0].token_ids for p in PROMPTS]
     assert len({len(eng.encode(p, chat=True)) for p in PROMPTS}) == len(PROMPTS)
     for cfg in [DraftConfig(mode="off"), *_modes_on(eng)]:
-        outs = eng.generate(PROMPTS, params, cfg, chat=True)
+        with random_exit(eng):
+            outs = eng.generate(PROMPTS, params, cfg, chat=True)
         assert [o.token_ids for o in outs] == alone, cfg
         if cfg.mode != "off":
             assert sum(o.stats["accepted_tokens"] for o in outs) > 0, cfg
@@ -128,6 +132,7 @@ def _drafting_equals_off(eng: Engine, batch: int, max_tokens: int) -> None:
     alone = [eng.generate([p], params, "off")[0].token_ids for p in prompts]
     eng.drafting.policy.costs = FreeDrafts()
     for cfg in modes(eng.model.num_layers):
-        outs = eng.generate(prompts, params, cfg)
+        with random_exit(eng):
+            outs = eng.generate(prompts, params, cfg)
         assert [o.token_ids for o in outs] == alone, cfg
     assert eng.pool.num_free == eng.pool.num_blocks

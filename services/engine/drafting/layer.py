@@ -1,5 +1,6 @@
 """The layer draft: the model itself with sublayers skipped (`skip`) or cut short after
-its first layers (`early_exit`), one pass per drafted position.
+its first layers (`early_exit`, through the model's trained exit where it has one at that
+layer: `exit_adapter`), one pass per drafted position.
 
 For each drafted token the draft keeps the hidden state at the first layer its plan
 changes. Everything below that layer is exactly what the full model computes, so
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 from services.common.params import DraftConfig
 from services.engine.drafting.proposer import Drafts
+from services.engine.exit_adapter import ExitAdapter
 from services.engine.model import FULL, LayerPlan, Linear
 from services.engine.sampler import probabilities, sample
 from services.engine.sequence import Sequence
@@ -39,6 +41,7 @@ class LayerDrafter:
         self.runner = runner
         self.model = runner.model
         self._low_head: tuple[int, Linear] | None = None  # the shortlist's head, cached
+        self.exit: ExitAdapter | None = None  # a trained exit (`exit_adapter`), if any
 
     def propose(
         self, seqs: list[Sequence], cfg: DraftConfig, lengths: list[int], leads: list[list[int]]
@@ -47,6 +50,8 @@ class LayerDrafter:
         through the draft's layers together in its first pass) up to `lengths`."""
         plan, first, end = draft_plan(cfg, self.model.num_layers)
         head = self._draft_head(seqs, cfg.shortlist)
+        trained = self.exit if cfg.layer_mode == "early_exit" else None
+        trained = trained if trained is not None and trained.layer == end else None
         tokens = [list(p) for p in leads]
         done = [0] * len(seqs)  # this step's rows ([last] + tokens) below `first` so far
         hidden: list[list[torch.Tensor]] = [[] for _ in seqs]
@@ -59,9 +64,8 @@ class LayerDrafter:
             passes += 1
             still = []
             h, ends = self._rows(seqs, tokens, done, active, first, hidden, (end, plan))
-            for j, (tok, conf, q) in enumerate(
-                self._pick(head(h[ends]), [seqs[i] for i in active])
-            ):
+            top = h[ends] if trained is None else trained(h[ends])
+            for j, (tok, conf, q) in enumerate(self._pick(head(top), [seqs[i] for i in active])):
                 i = active[j]
                 if conf < cfg.threshold:
                     dropped[i] = (tok, conf)  # processed, not proposed: drafting stops
