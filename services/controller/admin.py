@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common import redis_schema as rs
+from services.common.grpc_ports import EXCLUSIVE, add_port
 from services.common.tls import ReloadingCertificate
 from services.controller.access import SERVICE, Access, AccessInterceptor
 from services.controller.controller import Controller
@@ -158,19 +159,14 @@ async def serve(
     certificate chain and key files (PEM); a new pair on disk is served to the next
     connection, without a restart."""
     interceptors = [AccessInterceptor(access)] if access is not None else []
-    server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(interceptors=interceptors, options=EXCLUSIVE)
     pb_grpc.add_ControllerAdminServicer_to_server(Admin(controller), server)
     checker = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     names = (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
-    try:  # gRPC refuses an address by raising (older releases returned port 0)
-        if tls is None:
-            port = server.add_insecure_port(listen)
-        else:
-            port = server.add_secure_port(listen, ReloadingCertificate(*tls).credentials())
-    except RuntimeError:
-        port = 0
+    credentials = None if tls is None else ReloadingCertificate(*tls).credentials()
+    port = add_port(server, listen, credentials)
     if port == 0:
         raise OSError(f"cannot listen on {listen}: the port is taken or the address is wrong")
     await server.start()

@@ -33,10 +33,6 @@ class ExitAdapter:
         inner = F.silu(F.linear(F.rms_norm(x, x.shape[-1:], self.gain), self.down))
         return (x + F.linear(inner, self.up)).to(h.dtype)
 
-    @property
-    def width(self) -> int:
-        return self.down.shape[0]
-
     def save(self, path: Path) -> Path:
         from safetensors.torch import save_file
 

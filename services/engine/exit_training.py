@@ -226,7 +226,6 @@ def train(
     model = engine.model
     if not 1 <= layer < model.num_layers:
         raise ValueError(f"the exit layer must be between 1 and {model.num_layers - 1}")
-    torch.manual_seed(seed)
     t0 = time.perf_counter()
     pieces = list(pieces or texts(engine, answer_tokens, file_tokens, quiet))
     random.Random(seed).shuffle(pieces)  # held out: a tenth of every kind of text

@@ -50,6 +50,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.common import api, internal_auth, telemetry, tls
 from services.common.addresses import is_loopback
+from services.common.grpc_ports import EXCLUSIVE, add_port
 from services.common.tokens import TokenSource
 from services.gateway import metrics
 from services.gateway.auth import AuthInterceptor
@@ -65,9 +66,7 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
-# A port another process holds is refused, not shared (gRPC sets SO_REUSEPORT by default,
-# which would let two servers split one port's connections between them).
-SERVER_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)]
+SERVER_OPTIONS = [*CHANNEL_OPTIONS, *EXCLUSIVE]  # a port another process holds is refused
 # Find a Serve proxy that comes (back) up within seconds, not after gRPC's 2-minute backoff.
 UPSTREAM_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.max_reconnect_backoff_ms", 5000)]
 RETRIES = 2  # extra attempts when a replica fails before sending anything
@@ -552,7 +551,7 @@ class GatewayServer:
         self.watcher: asyncio.Task | None = None
         self.health_server = None
         if config.health_listen:
-            self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            self.health_server = grpc.aio.server(options=EXCLUSIVE)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
             self.health_port = self.health_server.add_insecure_port(config.health_listen)
         self.http = None
@@ -565,14 +564,10 @@ class GatewayServer:
         tls_files = self.config.tls_cert, self.config.tls_key
         if any(tls_files) and not all(tls_files):
             raise ValueError("TLS needs both a certificate and a key file")
-        try:  # gRPC refuses an address by raising (older releases returned port 0)
-            if all(tls_files):
-                credentials = tls.ReloadingCertificate(*tls_files).credentials()
-                port = server.add_secure_port(address, credentials)
-            else:
-                port = server.add_insecure_port(address)
-        except RuntimeError:
-            port = 0
+        credentials = None
+        if all(tls_files):
+            credentials = tls.ReloadingCertificate(*tls_files).credentials()
+        port = add_port(server, address, credentials)
         if port == 0:
             raise ValueError(f"cannot listen on {address}: is the address in use?")
         return port

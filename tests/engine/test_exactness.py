@@ -76,10 +76,10 @@ def _prompts_drafted_equal_off(eng: Engine, prompts: list[str], max_tokens: int)
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     for prompt in prompts:
         [base] = eng.generate([prompt], params, "off", chat=True)
-        for cfg in _modes_on(eng):
-            with random_exit(eng):
+        with random_exit(eng):
+            for cfg in _modes_on(eng):
                 [out] = eng.generate([prompt], params, cfg, chat=True)
-            assert out.token_ids == base.token_ids, (cfg, prompt)
+                assert out.token_ids == base.token_ids, (cfg, prompt)
     assert eng.pool.num_free == eng.pool.num_blocks
 
 
@@ -92,12 +92,12 @@ def test_default_model_batch_8_matches_each_alone(fast_engine):
     params = SamplingParams(max_tokens=8 if eng.model.backend.rowwise else 20, ignore_eos=True)
     alone = [eng.generate([p], params, "off", chat=True)[0].token_ids for p in PROMPTS]
     assert len({len(eng.encode(p, chat=True)) for p in PROMPTS}) == len(PROMPTS)
-    for cfg in [DraftConfig(mode="off"), *_modes_on(eng)]:
-        with random_exit(eng):
+    with random_exit(eng):
+        for cfg in [DraftConfig(mode="off"), *_modes_on(eng)]:
             outs = eng.generate(PROMPTS, params, cfg, chat=True)
-        assert [o.token_ids for o in outs] == alone, cfg
-        if cfg.mode != "off":
-            assert sum(o.stats["accepted_tokens"] for o in outs) > 0, cfg
+            assert [o.token_ids for o in outs] == alone, cfg
+            if cfg.mode != "off":
+                assert sum(o.stats["accepted_tokens"] for o in outs) > 0, cfg
     assert eng.pool.num_free == eng.pool.num_blocks
 
 
@@ -131,8 +131,8 @@ def _drafting_equals_off(eng: Engine, batch: int, max_tokens: int) -> None:
     prompts = [[(7 * i + 3 * j) % 500 + 1 for j in range(5 + 9 * i)] for i in range(batch)]
     alone = [eng.generate([p], params, "off")[0].token_ids for p in prompts]
     eng.drafting.policy.costs = FreeDrafts()
-    for cfg in modes(eng.model.num_layers):
-        with random_exit(eng):
+    with random_exit(eng):
+        for cfg in modes(eng.model.num_layers):
             outs = eng.generate(prompts, params, cfg)
-        assert [o.token_ids for o in outs] == alone, cfg
+            assert [o.token_ids for o in outs] == alone, cfg
     assert eng.pool.num_free == eng.pool.num_blocks

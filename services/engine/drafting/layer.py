@@ -50,8 +50,9 @@ class LayerDrafter:
         through the draft's layers together in its first pass) up to `lengths`."""
         plan, first, end = draft_plan(cfg, self.model.num_layers)
         head = self._draft_head(seqs, cfg.shortlist)
-        trained = self.exit if cfg.layer_mode == "early_exit" else None
-        trained = trained if trained is not None and trained.layer == end else None
+        adapter = self.exit  # drafted through where this is an early exit at its layer
+        at_exit = adapter and cfg.layer_mode == "early_exit" and adapter.layer == end
+        trained = adapter if at_exit else None
         tokens = [list(p) for p in leads]
         done = [0] * len(seqs)  # this step's rows ([last] + tokens) below `first` so far
         hidden: list[list[torch.Tensor]] = [[] for _ in seqs]
