@@ -6,6 +6,8 @@ import contextlib
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 from waiting import wait_for
 
@@ -13,11 +15,12 @@ from services.common import internal_auth
 from services.gen.selfspec.v1 import generation_pb2 as pb
 from services.serve.local import (
     DEFAULT_CONFIG,
+    GATEWAY_READY,
     Fleet,
     FleetOptions,
     free_port,
     load_config,
-    wait_for_port,
+    wait_for_lines,
 )
 
 REPLICAS = 2
@@ -88,18 +91,20 @@ def wait_until(predicate, timeout_s: float = 20.0, what: str = "condition"):
     return wait_for(predicate, timeout_s, every=0.2, what=what)
 
 
+def launch_gateway(fleet: Fleet, *args: str, env: dict | None = None, http: bool = False):
+    """A second gateway on the same fleet, with its own options, listening on ports the
+    system gives it (with `http`, for the OpenAI API too), read from its log in the
+    fleet's; returns (process, [gRPC port, HTTP port])."""
+    cmd = [sys.executable, "-m", "services.cli", "gateway", "--listen", "127.0.0.1:0"]
+    cmd += ["--upstream", fleet.upstream, *(["--http-listen", "127.0.0.1:0"] if http else [])]
+    env = {**os.environ, internal_auth.ENV_FILE: str(fleet.internal_token_file), **(env or {})}
+    log = Path(tempfile.mkstemp(prefix="gateway-", suffix=".log", dir=fleet.log_dir)[1])
+    with log.open("wb") as out:  # a file, not a pipe nobody reads, which could fill
+        proc = subprocess.Popen([*cmd, *args], env=env, stdout=out, stderr=subprocess.STDOUT)
+    return proc, wait_for_lines(log, 0, GATEWAY_READY[: 2 if http else 1], 30, proc)
+
+
 def start_gateway(fleet: Fleet, *args: str, env: dict | None = None) -> tuple:
-    """A second gateway on the same fleet, with its own options; returns (process, address)."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "services.cli", "gateway", "--listen", f"127.0.0.1:{port}"]
-    cmd += ["--upstream", fleet.upstream, *args]
-    internal = {internal_auth.ENV_FILE: str(fleet.internal_token_file)}  # as the fleet's own
-    proc = subprocess.Popen(
-        cmd,
-        env={**os.environ, **internal, **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    wait_for_port(port, 30, proc, "the gateway")
+    """A second gateway on the same fleet (`launch_gateway`); returns (process, address)."""
+    proc, (port,) = launch_gateway(fleet, *args, env=env)
     return proc, f"127.0.0.1:{port}"

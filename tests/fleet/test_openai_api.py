@@ -22,16 +22,16 @@ from fleet_helpers import (
     REPLICAS,
     chat,
     fleet_config,
+    launch_gateway,
     replica_stats,
     running_fleet,
-    start_gateway,
     wait_until,
 )
 
 from services.gateway.server import GatewayConfig, GatewayServer, Upstream
 from services.gen.selfspec.v1 import generation_pb2 as pb
 from services.gen.selfspec.v1 import generation_pb2_grpc as pb_grpc
-from services.serve.local import free_port, wait_for_port
+from services.serve.local import free_port
 
 TOKEN = "http-s3cret"
 MODEL = "default"
@@ -495,9 +495,7 @@ def test_no_replica_is_503(http_fleet):
 
 def http_gateway(fleet, *args: str) -> tuple[subprocess.Popen, str]:
     """A gateway of its own on the fleet, without a token, serving HTTP; (process, base URL)."""
-    port = free_port()
-    proc, _ = start_gateway(fleet, "--http-listen", f"127.0.0.1:{port}", *args)
-    wait_for_port(port, 30, proc, "the gateway's HTTP")
+    proc, (_, port) = launch_gateway(fleet, *args, http=True)
     return proc, f"http://127.0.0.1:{port}"
 
 
