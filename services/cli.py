@@ -203,6 +203,7 @@ BENCHMARKS = {
     "kernels": ("benchmarks.kernels", "GPU kernels against the weight-read bound"),
     "serve": ("benchmarks.serve", "load through the gateway against the engine direct"),
     "controller": ("benchmarks.controller", "the fleet controller adapting drafting over time"),
+    "frontier": ("benchmarks.draft_frontier", "how much layer drafts can pay: agreement and cost"),
 }
 
 

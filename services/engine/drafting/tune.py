@@ -48,15 +48,14 @@ class Score:
 
 
 class Tuner:
-    def __init__(self, engine, max_tokens: int) -> None:
+    def __init__(self, engine, max_tokens: int, prompts: list[list[int]] | None = None) -> None:
+        """`prompts`: token ids to calibrate on (default: `CALIBRATION`, chat-formatted)."""
         self.engine = engine
         self.model = engine.model
         params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-        outs = engine.generate(CALIBRATION, params, "off", chat=True)
-        self.sequences = [
-            (engine.encode(p, chat=True), o.token_ids)
-            for p, o in zip(CALIBRATION, outs, strict=True)
-        ]
+        prompts = prompts or [engine.encode(p, chat=True) for p in CALIBRATION]
+        outs = engine.generate(prompts, params, "off")
+        self.sequences = [(p, o.token_ids) for p, o in zip(prompts, outs, strict=True)]
         self.sizes = sublayer_sizes(engine)
         self.verify = self._verify_costs(max_k=8)
         print(
@@ -158,7 +157,7 @@ class Tuner:
         """Real tokens per second of generating the calibration prompts with `cfg`."""
         params = SamplingParams(max_tokens=len(self.sequences[0][1]), ignore_eos=True)
         t0 = time.perf_counter()
-        outs = self.engine.generate(CALIBRATION, params, cfg, chat=True)
+        outs = self.engine.generate([p for p, _ in self.sequences], params, cfg)
         return sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t0)
 
 
