@@ -182,13 +182,8 @@ class Frontier:
         ranked = []
         for kind in ("attn", "mlp"):
             for i in range(L):
-                plan = LayerPlan(
-                    *(
-                        (frozenset({i}), frozenset())
-                        if kind == "attn"
-                        else (frozenset(), frozenset({i}))
-                    )
-                )
+                one, none = frozenset({i}), frozenset()
+                plan = LayerPlan(one, none) if kind == "attn" else LayerPlan(none, one)
                 ranked.append((-self.tuner.agreement(plan), kind, i))
             progress(f"every {kind} sublayer skipped alone")
         ranked.sort()
@@ -219,6 +214,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--target", type=float, default=1.3, help="the speedup looked for")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/draft-frontier"))
     return p.parse_args(argv)
+
+
+def bad_args(args, layers: int) -> str | None:
+    """What is wrong with the layers and sizes asked for, on a model of `layers` layers."""
+    exits = [n for n in args.exit_layers + args.train_layers if not 1 <= n < layers]
+    if exits:
+        return f"exit layers must be between 1 and {layers - 1}; got {exits}"
+    sizes = [n for n in args.skip_sizes if not 1 <= n < 2 * layers]
+    if sizes:
+        return f"skip sizes must be between 1 and {2 * layers - 1} sublayers; got {sizes}"
+    return None
 
 
 def _ints(text: str) -> list[int]:
@@ -293,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     engine = Engine.from_pretrained(args.model, weights=args.weights, backend=args.backend)
+    problem = bad_args(args, engine.model.num_layers)
+    if problem:
+        print(f"selfspec bench frontier: {problem}", file=sys.stderr)
+        return 2
     prompts = load_prompts(args.prompts, engine, args.limit)
     progress(f"{len(prompts)} prompts; the full model's answers and verification's cost")
     frontier = Frontier(engine, [p.ids for p in prompts], args.max_tokens)

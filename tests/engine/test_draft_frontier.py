@@ -82,3 +82,11 @@ def test_a_tiny_model_is_measured_and_charged_by_its_sizes(tiny_checkpoint, tmp_
         assert 0 < r["shared"] + r["step"] <= 4 * layer + 1e-4
     assert report["best"]["oracle"] == max(r["oracle"] for r in rows)
     assert len(report["verify_cost"]) == 9 and report["verify_cost"][0] == 1.0
+
+
+def test_layers_and_sizes_outside_the_model_are_refused():
+    args = draft_frontier.parse_args(["--exit-layers", "0,8", "--train-layers", "30"])
+    assert "between 1 and 29; got [0, 30]" in draft_frontier.bad_args(args, 30)
+    args = draft_frontier.parse_args(["--exit-layers", "8", "--skip-sizes", "2,60"])
+    assert "between 1 and 59 sublayers; got [60]" in draft_frontier.bad_args(args, 30)
+    assert draft_frontier.bad_args(draft_frontier.parse_args([]), 30) is None
