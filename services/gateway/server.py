@@ -553,7 +553,12 @@ class GatewayServer:
         if config.health_listen:
             self.health_server = grpc.aio.server(options=EXCLUSIVE)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
-            self.health_port = self.health_server.add_insecure_port(config.health_listen)
+            self.health_port = add_port(self.health_server, config.health_listen)
+            if self.health_port == 0:
+                raise ValueError(
+                    f"cannot listen for health probes on {config.health_listen}: "
+                    "is the address in use?"
+                )
         self.http = None
         if config.http_listen:
             from services.gateway.openai_api import HttpServer  # FastAPI only when asked for

@@ -27,6 +27,10 @@ def test_a_port_another_grpc_server_holds_is_refused_not_shared():
         try:
             with pytest.raises(ValueError, match="in use"):
                 GatewayServer(GatewayConfig(f"127.0.0.1:{port}", Upstream("127.0.0.1:1")))
+            held = f"127.0.0.1:{port}"  # the plaintext health port, as probes use
+            config = GatewayConfig("127.0.0.1:0", Upstream("127.0.0.1:1"), health_listen=held)
+            with pytest.raises(ValueError, match=f"cannot listen for health probes on {held}"):
+                GatewayServer(config)
         finally:
             await holder.stop(None)
 
