@@ -179,10 +179,16 @@ def cmd_train_draft(args) -> int:
     adapter.save(out)
     facts = adapter.facts
     print(json.dumps(facts))
+    answers = (
+        f"; on its held-out answers {facts['agreement_answers']:.1%}, untrained "
+        f"{facts['agreement_answers_untrained']:.1%}"
+        if "agreement_answers" in facts
+        else ""
+    )
     print(
         f"exit adapter written to {out}: on held-out text the exit agrees with the full "
-        f"model {facts['agreement']:.1%} of the time, untrained {facts['agreement_untrained']:.1%} "
-        f"(data {facts['data_s']:.0f} s, training {facts['train_s']:.0f} s)",
+        f"model {facts['agreement']:.1%} of the time, untrained {facts['agreement_untrained']:.1%}"
+        f"{answers} (data {facts['data_s']:.0f} s, training {facts['train_s']:.0f} s)",
         file=sys.stderr,
     )
     return 0

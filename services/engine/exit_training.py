@@ -8,8 +8,9 @@ after the exit layer and the full model's next-token distribution, of which the 
 `TOP` probabilities are kept. The adapter is then trained to give, through the model's
 own final norm and LM head, the full model's distribution (cross-entropy against it),
 with AdamW in float32. Everything random is drawn from the seed, so a run is repeated
-exactly on the same machine. A tenth of the pieces, drawn by the seed, is held out: the
-agreement reported, before and after, is there.
+exactly on the same machine. A tenth of the answers and a tenth of the other text, drawn
+by the seed, are held out: the agreement reported, before and after, is there, over all
+of it and over the answers alone, which say more of serving (source code is easier).
 """
 
 from __future__ import annotations
@@ -74,12 +75,12 @@ class Data:
     top_p: torch.Tensor  # [N, TOP] float32
     pieces: list[int]
 
-    def split(self, held_out: float) -> tuple[Data, Data]:
-        n = len(self.pieces)
-        cut = self.pieces[min(n - 1, max(1, round(n * (1 - held_out))))]
-        head = Data(self.hidden[:cut], self.top_ids[:cut], self.top_p[:cut], self.pieces[:1])
-        tail = Data(self.hidden[cut:], self.top_ids[cut:], self.top_p[cut:], [0])
-        return head, tail
+    def split(self, piece: int) -> tuple[Data, Data]:
+        """The positions of the pieces before `piece`, and those from it on."""
+        cut = self.pieces[piece]
+        head = Data(self.hidden[:cut], self.top_ids[:cut], self.top_p[:cut], self.pieces[:piece])
+        tail = [p - cut for p in self.pieces[piece:]]
+        return head, Data(self.hidden[cut:], self.top_ids[cut:], self.top_p[cut:], tail)
 
 
 class Progress:
@@ -164,14 +165,33 @@ class Head:
         return F.linear(normalize(h, self.n_eps), self.weight)
 
 
-def agreement(head: Head, adapter: ExitAdapter, data: Data, batch: int = 512) -> float:
-    """How often the exit's top token is the full model's."""
+def agreement(
+    head: Head, adapter: ExitAdapter, data: Data, rows: int | None = None, batch: int = 512
+) -> float:
+    """How often the exit's top token is the full model's (in the first `rows` rows)."""
+    n = len(data.hidden) if rows is None else rows
     same = 0
     with torch.no_grad():
-        for i in range(0, len(data.hidden), batch):
-            logits = head(adapter(data.hidden[i : i + batch]))
-            same += int((logits.argmax(-1) == data.top_ids[i : i + batch, 0]).sum())
-    return same / max(1, len(data.hidden))
+        for i in range(0, n, batch):
+            j = min(n, i + batch)
+            logits = head(adapter(data.hidden[i:j]))
+            same += int((logits.argmax(-1) == data.top_ids[i:j, 0]).sum())
+    return same / max(1, n)
+
+
+def held_out(count: int, answers: int, seed: int) -> tuple[list[int], list[int], int]:
+    """Indices of `count` pieces, the first `answers` of them the model's answers, to train
+    on and to hold out: a tenth of the answers and a tenth of the rest, drawn from `seed`;
+    and how many held-out pieces (the first) are answers."""
+    rng = random.Random(seed)
+    train, held = [], []
+    for group in (list(range(answers)), list(range(answers, count))):
+        rng.shuffle(group)
+        cut = min(len(group) - 1, max(1, round(len(group) * (1 - HELD_OUT))))
+        cut = cut if len(group) > 1 else len(group)  # one piece alone is trained on
+        train += group[:cut]
+        held += group[cut:]
+    return train, held, sum(i < answers for i in held)
 
 
 def fit(
@@ -227,17 +247,26 @@ def train(
     if not 1 <= layer < model.num_layers:
         raise ValueError(f"the exit layer must be between 1 and {model.num_layers - 1}")
     t0 = time.perf_counter()
+    answers = 0 if pieces else len(INSTRUCTIONS)  # `texts` gives the answers first
     pieces = list(pieces or texts(engine, answer_tokens, file_tokens, quiet))
-    random.Random(seed).shuffle(pieces)  # held out: a tenth of every kind of text
     if len(pieces) < 2:
         raise ValueError("training needs at least two pieces of text: one is held out")
-    train_set, held = gather(engine, layer, pieces, quiet).split(HELD_OUT)
+    train_ids, held_ids, held_answers = held_out(len(pieces), answers, seed)
+    pieces = [pieces[i] for i in train_ids + held_ids]
+    train_set, held = gather(engine, layer, pieces, quiet).split(len(train_ids))
     t_data = time.perf_counter() - t0
     head = Head(model)
     hidden = model.config.hidden_size
     start = exit_adapter.initial(layer, model_key, hidden, width or 2 * hidden, seed)
     before = agreement(head, start, held)
     adapter = fit(head, start, train_set, steps, seed=seed, quiet=quiet)
+    # The answers are the text a draft meets when serving; the source files are easier.
+    rows = held.pieces[held_answers] if held_answers < len(held.pieces) else len(held.hidden)
+    on_answers = {
+        "answer_positions": rows,
+        "agreement_answers_untrained": round(agreement(head, start, held, rows), 4),
+        "agreement_answers": round(agreement(head, adapter, held, rows), 4),
+    }
     facts = {
         "seed": seed,
         "steps": steps,
@@ -248,6 +277,7 @@ def train(
         "train_s": round(time.perf_counter() - t0 - t_data, 1),
         "agreement_untrained": round(before, 4),
         "agreement": round(agreement(head, adapter, held), 4),
+        **(on_answers if held_answers else {}),
         "weights": str(model.backend),
     }
     return ExitAdapter(layer, model_key, adapter.gain, adapter.down, adapter.up, facts)

@@ -140,7 +140,23 @@ def test_selfspec_train_draft_on_the_default_model(tmp_path):
     assert r.returncode == 0, r.stderr
     facts = json.loads(r.stdout)
     assert facts["steps"] == 20 and facts["positions"] > 1000
+    # Two of the 24 answers are held out, and reported apart.
+    assert 0 < facts["answer_positions"] < facts["held_out_positions"]
+    assert 0 <= facts["agreement_answers"] <= 1 and 0 <= facts["agreement_answers_untrained"] <= 1
     assert "train-draft: training 20/20" in r.stderr and "agrees with the full model" in r.stderr
+    assert "on its held-out answers" in r.stderr
     key = checkpoint.model_key(checkpoint.resolve("default"))
     adapter = exit_adapter.ExitAdapter.load(out, key)
     assert adapter.layer == 8 and adapter.facts == facts
+
+
+def test_a_tenth_of_each_kind_of_text_is_held_out():
+    train, held, answers = exit_training.held_out(124, 24, seed=0)
+    assert sorted(train + held) == list(range(124))
+    assert answers == 2 and all(i < 24 for i in held[:2]) and all(i >= 24 for i in held[2:])
+    assert len(held) == 2 + 10
+    assert exit_training.held_out(124, 24, seed=1)[1] != held  # drawn from the seed
+    # Without answers, one group: the same draw as a shuffle of all the pieces.
+    order = list(range(50))
+    random.Random(3).shuffle(order)
+    assert exit_training.held_out(50, 0, seed=3) == (order[:45], order[45:], 0)
