@@ -41,7 +41,7 @@ import torch
 
 from benchmarks.engine import DEFAULT_PROMPTS, load_prompts, machine_info
 from services.engine import Engine, checkpoint, exit_training
-from services.engine.drafting.forced import sublayer_sizes
+from services.engine.drafting import forced
 from services.engine.drafting.tune import Tuner
 from services.engine.model import LayerPlan
 
@@ -129,7 +129,7 @@ class Frontier:
     def __init__(self, engine: Engine, prompts: list[list[int]], max_tokens: int) -> None:
         self.engine, self.model = engine, engine.model
         self.tuner = Tuner(engine, max_tokens, prompts)  # answers and verification's curve
-        self.sizes = sublayer_sizes(engine)
+        self.sizes = forced.sublayer_sizes(engine)
         self.layer = self.sizes["attn"] + self.sizes["mlp"]
 
     def exit_hits(self, layer: int, adapter=None) -> list[list[bool]]:
@@ -149,13 +149,11 @@ class Frontier:
     def plan_hits(self, plan: LayerPlan) -> list[list[bool]]:
         tokens = [p + a for p, a in self.tuner.sequences]
         start = [len(p) - 1 for p, _ in self.tuner.sequences]
-        logits = self.engine.runner.forced(tokens, plan, start)
-        if logits is None:
+        answers = [a for _, a in self.tuner.sequences]
+        got = forced.hits(self.engine.runner, tokens, answers, start, plan)
+        if got is None:
             raise RuntimeError("the KV pool has no room for the teacher-forced passes")
-        return [
-            (x[: len(a)].argmax(-1) == torch.tensor(a, device=x.device)).tolist()
-            for x, (_, a) in zip(logits, self.tuner.sequences, strict=True)
-        ]
+        return [h.tolist() for h in got]
 
     def exit(self, layer: int, adapter=None) -> Candidate:
         hits = self.exit_hits(layer, adapter)
@@ -306,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     prompts = load_prompts(args.prompts, engine, args.limit)
     progress(f"{len(prompts)} prompts; the full model's answers and verification's cost")
     frontier = Frontier(engine, [p.ids for p in prompts], args.max_tokens)
-    text = exit_training.texts(engine, 160, 24_000, quiet=True) if args.train_layers else []
+    tokens = exit_training.ANSWER_TOKENS, exit_training.TEXT_TOKENS  # train-draft's text
+    text = exit_training.texts(engine, *tokens, quiet=True) if args.train_layers else []
     found = candidates(frontier, args, text, progress)
     rows = [row(c, frontier.tuner.verify) for c in found]
     report = write(args, frontier, rows, [p.id for p in prompts], argv)

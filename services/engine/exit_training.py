@@ -32,6 +32,8 @@ from services.engine.layers import normalize
 
 TOP = 32  # teacher probabilities kept per position
 PIECE = 256  # tokens per piece of text
+ANSWER_TOKENS = 160  # of each instruction's answer (`selfspec train-draft --answer-tokens`)
+TEXT_TOKENS = 24_000  # of documentation and source files (`--text-tokens`)
 PASS_ROWS = 1024  # tokens per teacher-forced pass: its logits take 4 * vocab bytes each
 HELD_OUT = 0.1  # the share of pieces kept for the agreement reported
 ROOT = Path(__file__).resolve().parents[2]
@@ -235,8 +237,8 @@ def train(
     width: int | None = None,
     steps: int = 400,
     seed: int = 0,
-    answer_tokens: int = 160,
-    file_tokens: int = 24_000,
+    answer_tokens: int = ANSWER_TOKENS,
+    file_tokens: int = TEXT_TOKENS,
     pieces: list[list[int]] | None = None,
     quiet: bool = False,
 ) -> ExitAdapter:

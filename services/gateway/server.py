@@ -532,6 +532,15 @@ class GatewayConfig:
                 )
 
 
+def _listen(server: grpc.aio.Server, address: str, what: str, credentials=None) -> int:
+    """The port `server` owns at `address` (`add_port`); ValueError saying what to check
+    where another process holds it."""
+    port = add_port(server, address, credentials)
+    if port == 0:
+        raise ValueError(f"cannot listen{what} on {address}: is the address in use?")
+    return port
+
+
 class GatewayServer:
     """The gRPC server around a `Gateway`, with health, reflection and draining, and the
     OpenAI-compatible HTTP API in the same event loop when `http_listen` is set."""
@@ -553,12 +562,9 @@ class GatewayServer:
         if config.health_listen:
             self.health_server = grpc.aio.server(options=EXCLUSIVE)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
-            self.health_port = add_port(self.health_server, config.health_listen)
-            if self.health_port == 0:
-                raise ValueError(
-                    f"cannot listen for health probes on {config.health_listen}: "
-                    "is the address in use?"
-                )
+            self.health_port = _listen(
+                self.health_server, config.health_listen, " for health probes"
+            )
         self.http = None
         if config.http_listen:
             from services.gateway.openai_api import HttpServer  # FastAPI only when asked for
@@ -572,10 +578,7 @@ class GatewayServer:
         credentials = None
         if all(tls_files):
             credentials = tls.ReloadingCertificate(*tls_files).credentials()
-        port = add_port(server, address, credentials)
-        if port == 0:
-            raise ValueError(f"cannot listen on {address}: is the address in use?")
-        return port
+        return _listen(server, address, "", credentials)
 
     async def start(self) -> None:
         # One probe before listening, so that a gateway in front of a ready fleet serves its

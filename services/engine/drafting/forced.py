@@ -38,6 +38,34 @@ def full_choices(
 
 
 @torch.inference_mode()
+def hits(
+    runner: ModelRunner,
+    tokens: list[list[int]],
+    targets: list[torch.Tensor | list[int]],
+    start: list[int],
+    plan: LayerPlan,
+    shortlist: int = 0,
+) -> list[torch.Tensor] | None:
+    """Teacher-forced, in one pass: per sequence, whether the draft `plan` picks the target
+    at each position scored. `targets[i][j]`: the full model's token after token
+    `start[i] + j` of sequence i. `shortlist`: the draft's head covers the ids below it
+    and the sequence's own (all of it: a slight superset of what the draft saw). None
+    when the KV pool has no room to spare."""
+    logits = runner.forced(tokens, plan, start)
+    if logits is None:
+        return None
+    out = []
+    for x, seq, target in zip(logits, tokens, targets, strict=True):
+        x = x[: len(target)]
+        if shortlist:
+            allowed = torch.zeros(x.shape[-1], dtype=torch.bool, device=x.device)
+            allowed[:shortlist] = True
+            allowed[torch.tensor(seq, device=x.device)] = True
+            x = x.masked_fill(~allowed, float("-inf"))
+        out.append(x.argmax(-1) == torch.as_tensor(target, device=x.device))
+    return out
+
+
 def agreement(
     runner: ModelRunner,
     tokens: list[list[int]],
@@ -46,21 +74,8 @@ def agreement(
     plan: LayerPlan,
     shortlist: int = 0,
 ) -> tuple[int, int] | None:
-    """Teacher-forced, in one pass: (positions where the draft `plan` picks the target,
-    positions scored). `targets[i][j]`: the full model's token after token `start[i] + j`
-    of sequence i. `shortlist`: the draft's head covers the ids below it and the
-    sequence's own (all of it: a slight superset of what the draft saw). None when the
-    KV pool has no room to spare."""
-    logits = runner.forced(tokens, plan, start)
-    if logits is None:
+    """`hits` counted: (positions where the draft picks the target, positions scored)."""
+    got = hits(runner, tokens, targets, start, plan, shortlist)
+    if got is None:
         return None
-    hits = 0
-    for x, seq, target in zip(logits, tokens, targets, strict=True):
-        x = x[: len(target)]
-        if shortlist:
-            allowed = torch.zeros(x.shape[-1], dtype=torch.bool, device=x.device)
-            allowed[:shortlist] = True
-            allowed[torch.tensor(seq, device=x.device)] = True
-            x = x.masked_fill(~allowed, float("-inf"))
-        hits += int((x.argmax(-1) == torch.as_tensor(target, device=x.device)).sum())
-    return hits, sum(len(t) for t in targets)
+    return sum(int(h.sum()) for h in got), sum(len(t) for t in targets)
